@@ -1,0 +1,28 @@
+"""fnmlp: pure-functional multilayer perceptrons with explicit backward rules, on PyTorch.
+
+Public API::
+
+    model = fnmlp.MLP(6, [fnmlp.Dense(32, "tanh"), fnmlp.Dense(3)])
+    params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+    loss, grads = model.value_and_grad(params, x, y)
+    result = fnmlp.fit(model, params, x, y, epochs=32, batch_size=333, optimizer=fnmlp.sgd(0.01))
+"""
+
+from fnmlp import metrics
+from fnmlp._activations import Activation, Identity, ReLU, Sigmoid, Softmax, Tanh
+from fnmlp._dense import DenseParams, dense_backward, dense_forward
+from fnmlp._fit import FitResult, History, NonFiniteLossError, fit
+from fnmlp._losses import MSE, Loss, mse
+from fnmlp._model import MLP, Dense
+from fnmlp._optim import SGD, SGDState, sgd
+from fnmlp._tree import pytree_dataclass
+from fnmlp._twin import from_torch, to_torch
+
+__all__ = [
+    "MLP", "Dense", "DenseParams", "dense_forward", "dense_backward",
+    "Activation", "Identity", "ReLU", "Sigmoid", "Tanh", "Softmax",
+    "Loss", "MSE", "mse", "SGD", "SGDState", "sgd",
+    "fit", "FitResult", "History", "NonFiniteLossError",
+    "to_torch", "from_torch", "metrics", "pytree_dataclass",
+]
+__version__ = "0.1.0"

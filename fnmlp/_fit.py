@@ -1,0 +1,130 @@
+"""The training loop: epochs of minibatch steps at the edge of the pure core."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from fnmlp import _validate
+from fnmlp._losses import Loss, mse
+from fnmlp._model import MLP, Params, _check_loss, forward, value_and_grad
+from fnmlp._tree import tree_leaves
+
+
+@dataclasses.dataclass
+class History:
+    """One float per epoch: mean of the batch losses, and the loss on ``valid`` (if given)."""
+
+    train_loss: list[float] = dataclasses.field(default_factory=list)
+    valid_loss: list[float] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    params: Params
+    opt_state: object
+    history: History
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf. Carries the last finite parameters and the history so far."""
+
+    def __init__(self, message, *, epoch, batch, params, opt_state, history):
+        super().__init__(message)
+        self.epoch, self.batch = epoch, batch
+        self.params, self.opt_state, self.history = params, opt_state, history
+
+
+def fit(
+    model: MLP,
+    params: Params,
+    x,
+    y,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer,
+    loss: Loss = mse,
+    valid: tuple | None = None,
+    shuffle: bool = False,
+    generator: torch.Generator | None = None,
+    opt_state=None,
+    verbose: bool = False,
+) -> FitResult:
+    """Train ``params`` for ``epochs`` passes over (x, y) in minibatches of ``batch_size``.
+
+    Batches are taken in order (the last one may be smaller) unless ``shuffle=True``, which draws
+    a permutation per epoch from ``generator``. ``valid=(x_valid, y_valid)`` adds a validation
+    loss per epoch. ``opt_state`` continues from an earlier result. Returns a ``FitResult``.
+    """
+    _check_loss(loss)
+    _validate.check_positive_int(epochs, "epochs", allow_zero=True)
+    _validate.check_positive_int(batch_size, "batch_size")
+    if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
+                        f"got {optimizer!r}")
+    if shuffle and generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    x, y = model.check_data(params, x, y)
+    if valid is not None:
+        if not (isinstance(valid, (tuple, list)) and len(valid) == 2):
+            raise TypeError("valid must be a pair (x_valid, y_valid)")
+        x_valid, y_valid = valid
+        like = tree_leaves(params)[0]
+        x_valid = _validate.as_data(x_valid, "x_valid", like)
+        y_valid = _validate.as_data(y_valid, "y_valid", like)
+        _validate.check_matrix(x_valid, "x_valid", model.in_features, "features")
+        _validate.check_rows(x_valid, y_valid, "x_valid", "y_valid")
+        _validate.check_matrix(y_valid, "y_valid", model.out_features, "columns")
+        _validate.check_finite(x_valid, "x_valid")
+        _validate.check_finite(y_valid, "y_valid")
+    if shuffle and generator is None:
+        generator = torch.Generator()
+        generator.seed()
+
+    with torch.no_grad():
+        if opt_state is None:
+            opt_state = optimizer.init(params)
+        history = History()
+        previous = (params, opt_state)
+        n = x.shape[0]
+        for epoch in range(epochs):
+            if shuffle:
+                order = torch.randperm(n, generator=generator, device=generator.device)
+                x_epoch, y_epoch = x[order.to(x.device)], y[order.to(x.device)]
+            else:
+                x_epoch, y_epoch = x, y
+            batch_losses = []
+            for batch, start in enumerate(range(0, n, batch_size)):
+                xb, yb = x_epoch[start:start + batch_size], y_epoch[start:start + batch_size]
+                value, grads = value_and_grad(model, params, xb, yb, loss)
+                value = value.item()
+                if not math.isfinite(value):
+                    if not _all_finite(params):  # the previous update overflowed: step back
+                        params, opt_state = previous
+                    raise NonFiniteLossError(
+                        f"the loss became {value} in epoch {epoch}, batch {batch}; the error "
+                        "carries the last finite parameters (.params) and the history so far; "
+                        "try a smaller learning rate",
+                        epoch=epoch, batch=batch, params=params, opt_state=opt_state,
+                        history=history,
+                    )
+                previous = (params, opt_state)
+                params, opt_state = optimizer.update(params, grads, opt_state)
+                batch_losses.append(value)
+            history.train_loss.append(sum(batch_losses) / len(batch_losses))
+            if valid is not None:
+                history.valid_loss.append(loss(forward(model, params, x_valid), y_valid).item())
+            if verbose:
+                line = f"Epoch: {epoch} - L: {history.train_loss[-1]:.4f}"
+                if valid is not None:
+                    line += f" - L_v {history.valid_loss[-1]:.4f}"
+                print(line)
+    return FitResult(params=params, opt_state=opt_state, history=history)
+
+
+def _all_finite(tree) -> bool:
+    return all(bool(torch.isfinite(leaf).all()) for leaf in tree_leaves(tree))

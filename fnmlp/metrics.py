@@ -1,0 +1,50 @@
+"""Metrics on predictions; each returns a Python float."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _pair(prediction, target) -> tuple[Tensor, Tensor]:
+    prediction = torch.as_tensor(prediction)
+    target = torch.as_tensor(target, device=prediction.device)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction has shape {tuple(prediction.shape)} but target has "
+                         f"{tuple(target.shape)}")
+    if prediction.numel() == 0:
+        raise ValueError("prediction and target are empty")
+    dtype = torch.promote_types(torch.promote_types(prediction.dtype, target.dtype),
+                                torch.float32)
+    return prediction.detach().to(dtype), target.detach().to(dtype)
+
+
+def mape(prediction, target) -> float:
+    """Mean absolute percentage error as the seed notebook computes it: a fraction, not percent.
+
+    mean(|(target - prediction) / target|); 0 where both are 0 (identical values agree fully).
+    """
+    prediction, target = _pair(prediction, target)
+    error = (target - prediction).abs()
+    ratio = torch.where(error == 0, torch.zeros_like(error), error / target.abs())
+    return ratio.mean().item()
+
+
+def mse(prediction, target) -> float:
+    """Mean squared error over all elements."""
+    prediction, target = _pair(prediction, target)
+    return (prediction - target).pow(2).mean().item()
+
+
+def r2(prediction, target) -> float:
+    """Coefficient of determination, averaged uniformly over output columns (scikit-learn's
+    default): 1 - SS_res / SS_tot per column."""
+    prediction, target = _pair(prediction, target)
+    if target.dim() == 1:
+        prediction, target = prediction[:, None], target[:, None]
+    if target.shape[0] < 2:
+        raise ValueError("r2 needs at least 2 samples")
+    residual = (target - prediction).pow(2).sum(dim=0)
+    total = (target - target.mean(dim=0)).pow(2).sum(dim=0)
+    score = torch.where(total == 0, (residual == 0).to(target.dtype), 1 - residual / total)
+    return score.mean().item()
