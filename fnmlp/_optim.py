@@ -41,6 +41,10 @@ class SGD:
         new_params = tree_map(lambda p, g: torch.addcmul(p, g, neg_lr), params, grads)
         return new_params, state
 
+    def to_torch(self, parameters) -> torch.optim.SGD:
+        """The matching ``torch.optim.SGD`` over ``parameters`` (for the ``nn.Module`` twin)."""
+        return torch.optim.SGD(parameters, lr=self.lr)
+
     def with_learning_rate(self, state: SGDState, lr: float | Tensor) -> SGDState:
         """A state whose learning rate is ``lr``; no recompile of a compiled step follows."""
         check_learning_rate(lr)
