@@ -1,0 +1,74 @@
+"""Shared test helpers: the seed workload, the twin's step, and relative differences."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from sklearn.datasets import make_regression
+from torch import nn
+
+import fnmlp
+
+SEED_LAYERS = [("tanh", 32), ("softmax", 32), ("sigmoid", 32), ("relu", 32), ("identity", 3)]
+
+
+def mlp(in_features: int, layers) -> fnmlp.MLP:
+    return fnmlp.MLP(in_features, [fnmlp.Dense(units, act) for act, units in layers])
+
+
+def seed_model() -> fnmlp.MLP:
+    return mlp(6, SEED_LAYERS)
+
+
+def seed_data(dtype=torch.float64, device="cpu", seed=0):
+    """The notebook's data: make_regression 6 -> 3, 1000 train and 9100 valid samples."""
+    x, y = make_regression(n_samples=10_100, n_features=6, n_targets=3, n_informative=5,
+                           bias=random.Random(seed).random(), noise=1, random_state=seed)
+    x = torch.tensor(x, dtype=dtype, device=device)
+    y = torch.tensor(y, dtype=dtype, device=device)
+    return x[:1000], y[:1000], x[1000:], y[1000:]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b| (0 when both are 0)."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    scale = b.abs().max().item()
+    diff = (a - b).abs().max().item()
+    return diff / scale if scale > 0 else diff
+
+
+def leaves(params) -> list[torch.Tensor]:
+    return [t for layer in params for t in (layer.weight, layer.bias)]
+
+
+def twin_step(module: nn.Module, x, y, lr: float):
+    """One autograd + torch.optim.SGD step on ``module`` (mutated); returns (loss, grads)."""
+    optimizer = torch.optim.SGD(module.parameters(), lr=lr)
+    optimizer.zero_grad()
+    loss = nn.MSELoss()(module(x), y)
+    loss.backward()
+    grads = [p.grad.clone() for p in module.parameters()]
+    optimizer.step()
+    return loss.detach(), grads
+
+
+def fnmlp_step(model, params, x, y, lr: float):
+    optimizer = fnmlp.sgd(lr)
+    loss, grads = model.value_and_grad(params, x, y)
+    new_params, _ = optimizer.update(params, grads, optimizer.init(params))
+    return loss, grads, new_params
+
+
+def step_differences(model, params, x, y, lr: float) -> dict[str, float]:
+    """Largest relative difference of loss, gradients and updated parameters after one step
+    of fnmlp and of its twin from the same parameters."""
+    twin = fnmlp.to_torch(model, params)
+    twin_loss, twin_grads = twin_step(twin, x, y, lr)
+    loss, grads, new_params = fnmlp_step(model, params, x, y, lr)
+    return {
+        "loss": relative(loss, twin_loss),
+        "grads": max(relative(a, b) for a, b in zip(leaves(grads), twin_grads)),
+        "params": max(relative(a, b.detach()) for a, b in zip(leaves(new_params),
+                                                               twin.parameters())),
+    }

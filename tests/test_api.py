@@ -1,0 +1,210 @@
+"""The public API's behaviour: pytrees, purity, immutability, the twin's conversions, metrics."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+import fnmlp
+from helpers import leaves, mlp, seed_data, seed_model
+
+
+@pytest.fixture
+def setup():
+    model = seed_model()
+    params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+    x, y, xv, yv = seed_data()
+    return model, params, x[:50], y[:50]
+
+
+def test_params_are_frozen_pytrees(setup):
+    model, params, _, _ = setup
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params[0].weight = torch.zeros(1)
+    flat, _ = tree_flatten(params)
+    assert len(flat) == 10 and all(isinstance(t, torch.Tensor) for t in flat)
+    doubled = tree_map(lambda t: t * 2, params)
+    assert isinstance(doubled[0], fnmlp.DenseParams)
+    assert torch.equal(doubled[0].weight, params[0].weight * 2)
+
+
+def test_vmap_sees_through_params(setup):
+    model, params, x, _ = setup
+    stacked = tree_map(lambda t: torch.stack([t, t * 0.5]), params)
+    out = torch.func.vmap(lambda p: fnmlp._model.forward(model, p, x))(stacked)
+    assert out.shape == (2, 50, 3)
+    torch.testing.assert_close(out[0], model.apply(params, x))
+
+
+def test_spec_is_hashable_and_infers_shapes():
+    a, b = seed_model(), seed_model()
+    assert a == b and hash(a) == hash(b)
+    assert a.shapes == [(6, 32), (32, 32), (32, 32), (32, 32), (32, 3)]
+    assert a.out_features == 3
+    assert fnmlp.Dense(3, "linear") == fnmlp.Dense(3)
+
+
+def test_value_and_grad_matches_the_twins_autograd_gradients(setup):
+    model, params, x, y = setup
+    twin = fnmlp.to_torch(model, params)
+    nn.MSELoss()(twin(x), y).backward()
+    _, grads = model.value_and_grad(params, x, y)
+    assert all(torch.equal(a, b.grad) for a, b in zip(leaves(grads), twin.parameters()))
+
+
+def test_library_is_autograd_free(setup, monkeypatch):
+    model, params, x, y = setup
+    params = tree_map(lambda t: t.clone().requires_grad_(True), params)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("autograd was used")
+
+    monkeypatch.setattr(torch.autograd, "backward", forbidden)
+    monkeypatch.setattr(torch.autograd, "grad", forbidden)
+    monkeypatch.setattr(torch.Tensor, "backward", forbidden)
+    loss, grads = model.value_and_grad(params, x, y)
+    assert loss.grad_fn is None and all(g.grad_fn is None for g in leaves(grads))
+    with torch.inference_mode():
+        optimizer = fnmlp.sgd(0.01)
+        loss, grads = model.value_and_grad(params, x, y)
+        new, _ = optimizer.update(params, grads, optimizer.init(params))
+        result = fnmlp.fit(model, params, x, y, epochs=2, batch_size=16, optimizer=optimizer)
+    for t in [loss, *leaves(grads), *leaves(new), *leaves(result.params)]:
+        assert t.grad_fn is None
+
+
+def test_no_public_function_modifies_its_inputs(setup):
+    model, params, x, y = setup
+    originals = [t.clone() for t in leaves(params)] + [x.clone(), y.clone()]
+    optimizer = fnmlp.sgd(0.01)
+    state = optimizer.init(params)
+    lr_before = state.learning_rate.clone()
+    model.apply(params, x)
+    _, grads = model.value_and_grad(params, x, y)
+    grads_before = [g.clone() for g in leaves(grads)]
+    new, _ = optimizer.update(params, grads, state)
+    fnmlp.fit(model, params, x, y, epochs=2, batch_size=7, optimizer=optimizer,
+              valid=(x, y), shuffle=True, generator=torch.Generator().manual_seed(0))
+    fnmlp.to_torch(model, params)
+    for before, after in zip(originals, leaves(params) + [x, y]):
+        assert torch.equal(before, after)
+    assert all(torch.equal(a, b) for a, b in zip(grads_before, leaves(grads)))
+    assert torch.equal(state.learning_rate, lr_before)
+    assert not torch.equal(new[0].weight, params[0].weight)
+
+
+def test_fit_history_and_numpy_inputs(setup):
+    model, params, x, y = setup
+    optimizer = fnmlp.sgd(0.01)
+    a = fnmlp.fit(model, params, x, y, epochs=3, batch_size=20, optimizer=optimizer,
+                  valid=(x, y))
+    b = fnmlp.fit(model, params, x.numpy(), y.numpy(), epochs=3, batch_size=20,
+                  optimizer=optimizer, valid=(x.numpy(), y.numpy()))
+    assert len(a.history.train_loss) == 3 and len(a.history.valid_loss) == 3
+    assert a.history.train_loss == b.history.train_loss
+    # the train loss is the mean of the batch losses (20, 20, 10), as in the notebook
+    p, losses, state = params, [], optimizer.init(params)
+    for start in range(0, 50, 20):
+        loss, grads = model.value_and_grad(p, x[start:start + 20], y[start:start + 20])
+        p, state = optimizer.update(p, grads, state)
+        losses.append(loss.item())
+    assert a.history.train_loss[0] == sum(losses) / 3
+    assert fnmlp.fit(model, params, x, y, epochs=0, batch_size=5,
+                     optimizer=optimizer).history.train_loss == []
+
+
+def test_fit_shuffles_reproducibly_from_the_generator(setup):
+    model, params, x, y = setup
+    kwargs = dict(epochs=2, batch_size=8, optimizer=fnmlp.sgd(0.01), shuffle=True)
+    a = fnmlp.fit(model, params, x, y, generator=torch.Generator().manual_seed(1), **kwargs)
+    b = fnmlp.fit(model, params, x, y, generator=torch.Generator().manual_seed(1), **kwargs)
+    c = fnmlp.fit(model, params, x, y, epochs=2, batch_size=8, optimizer=fnmlp.sgd(0.01))
+    assert a.history.train_loss == b.history.train_loss != c.history.train_loss
+
+
+def test_fit_continues_from_opt_state_and_prints_when_verbose(setup, capsys):
+    model, params, x, y = setup
+    first = fnmlp.fit(model, params, x, y, epochs=1, batch_size=50,
+                      optimizer=fnmlp.sgd(0.01), verbose=True)
+    assert "Epoch: 0 - L:" in capsys.readouterr().out
+    second = fnmlp.fit(model, first.params, x, y, epochs=1, batch_size=50,
+                       optimizer=fnmlp.sgd(0.01), opt_state=first.opt_state)
+    assert capsys.readouterr().out == ""
+    both = fnmlp.fit(model, params, x, y, epochs=2, batch_size=50, optimizer=fnmlp.sgd(0.01))
+    assert both.history.train_loss == first.history.train_loss + second.history.train_loss
+
+
+def test_learning_rate_as_a_tensor(setup):
+    model, params, x, y = setup
+    a = fnmlp.fit(model, params, x, y, epochs=1, batch_size=10, optimizer=fnmlp.sgd(0.01))
+    b = fnmlp.fit(model, params, x, y, epochs=1, batch_size=10,
+                  optimizer=fnmlp.sgd(torch.tensor(0.01, dtype=torch.float64)))
+    assert a.history.train_loss == b.history.train_loss
+    optimizer = fnmlp.sgd(0.01)
+    state = optimizer.with_learning_rate(optimizer.init(params), 0.5)
+    assert state.learning_rate.item() == 0.5
+
+
+def test_non_finite_loss_stops_fit_with_the_last_finite_parameters(setup):
+    model, params, x, y = setup
+    with pytest.raises(fnmlp.NonFiniteLossError, match=r"epoch \d+, batch \d+") as info:
+        fnmlp.fit(model, params, x * 1e3, y * 1e6, epochs=50, batch_size=10,
+                  optimizer=fnmlp.sgd(1e3), valid=(x, y))
+    error = info.value
+    assert all(torch.isfinite(t).all() for t in leaves(error.params))
+    assert len(error.history.train_loss) == error.epoch
+    assert error.opt_state is not None
+
+
+def test_to_torch_and_from_torch_round_trip(setup):
+    model, params, x, _ = setup
+    twin = fnmlp.to_torch(model, params)
+    assert [type(m).__name__ for m in twin] == [
+        "Linear", "Tanh", "Linear", "Softmax", "Linear", "Sigmoid", "Linear", "ReLU", "Linear"]
+    with torch.no_grad():
+        assert torch.equal(twin(x), model.apply(params, x))
+    model2, params2 = fnmlp.from_torch(twin)
+    assert model2 == model
+    assert all(torch.equal(a, b) for a, b in zip(leaves(params2), leaves(params)))
+    with torch.no_grad():  # copies, not views of the module's parameters
+        twin[0].weight.add_(1)
+    assert torch.equal(params2[0].weight, params[0].weight)
+
+
+def test_from_torch_accepts_identity_and_consecutive_linears():
+    module = nn.Sequential(nn.Linear(4, 3), nn.Identity(), nn.Linear(3, 2), nn.ReLU(),
+                           nn.Identity())
+    model, params = fnmlp.from_torch(module)
+    assert [layer.activation.name for layer in model.layers] == ["identity", "relu"]
+
+
+@pytest.mark.parametrize("module, message", [
+    (nn.Sequential(nn.Linear(4, 3), nn.Conv1d(1, 1, 1)), "Conv1d.*supported modules: nn.Linear"),
+    (nn.Sequential(nn.Tanh(), nn.Linear(4, 3)), "before any nn.Linear"),
+    (nn.Sequential(nn.Linear(4, 3, bias=False)), "without bias"),
+    (nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.ReLU()), "second activation"),
+    (nn.Sequential(nn.Linear(4, 3), nn.Softmax(dim=0)), "row-wise"),
+    (nn.Sequential(nn.Linear(4, 3), nn.Linear(2, 2)), "expects 2 inputs"),
+    (nn.Linear(4, 3), "nn.Sequential"),
+])
+def test_from_torch_rejects_what_it_cannot_express(module, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        fnmlp.from_torch(module)
+
+
+def test_metrics():
+    from fnmlp import metrics
+    a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
+    assert metrics.mape(a, a) == 0.0 and metrics.mape(2.0, 2.0) == 0.0
+    assert metrics.mape(a * 1.1, a) == pytest.approx(0.1)
+    assert metrics.mse(a + 1, a) == 1.0
+    assert metrics.r2(a, a) == 1.0
+    from sklearn.metrics import r2_score
+    b = a + torch.tensor([[0.3, -0.2], [0.1, 0.4]], dtype=torch.float64)
+    assert metrics.r2(b, a) == pytest.approx(r2_score(a.numpy(), b.numpy()))
+    with pytest.raises(ValueError, match="shape"):
+        metrics.mse(a, a[0])
+    assert metrics.mape(np.ones(3), np.ones(3)) == 0.0

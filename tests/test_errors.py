@@ -1,0 +1,126 @@
+"""Bad input gets a clear error that names the problem, before any work is done."""
+
+import numpy as np
+import pytest
+import torch
+
+import fnmlp
+from helpers import seed_model
+
+
+@pytest.fixture
+def setup():
+    model = seed_model()
+    params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 6, generator=g, dtype=torch.float64)
+    y = torch.randn(20, 3, generator=g, dtype=torch.float64)
+    return model, params, x, y
+
+
+def _fit(model, params, x, y, **overrides):
+    kwargs = dict(epochs=1, batch_size=5, optimizer=fnmlp.sgd(0.01))
+    kwargs.update(overrides)
+    return fnmlp.fit(model, params, x, y, **kwargs)
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (lambda x, y: (x[:, :5], y), ValueError, "x has 5 features but the model expects 6"),
+    (lambda x, y: (x, y[:19]), ValueError, "x has 20 rows but y has 19"),
+    (lambda x, y: (x, y[:, :2]), ValueError, "y has 2 columns but the model outputs 3"),
+    (lambda x, y: (x.float(), y), TypeError, "x has dtype torch.float32 but the parameters are "
+                                             "torch.float64"),
+    (lambda x, y: (x, y.to(torch.float16)), TypeError, "y has dtype torch.float16"),
+    (lambda x, y: (x.to("meta"), y), ValueError, "x is on meta but the parameters are on cpu"),
+    (lambda x, y: (x.index_put((torch.tensor([3]), torch.tensor([2])),
+                               torch.tensor(float("nan"), dtype=x.dtype)), y),
+     ValueError, r"x contains NaN or inf \(first in row 3\)"),
+    (lambda x, y: (x, y.index_fill(0, torch.tensor([0]), float("inf"))), ValueError,
+     r"y contains NaN or inf \(first in row 0\)"),
+    (lambda x, y: (x[:0], y[:0]), ValueError, "x is empty"),
+    (lambda x, y: (x[0], y[0]), ValueError, r"x must be 2-D .* x.reshape\(1, -1\)"),
+    (lambda x, y: ("data", y), TypeError, "x must be a torch.Tensor or a NumPy array"),
+])
+def test_bad_data(setup, change, error, message):
+    model, params, x, y = setup
+    bad_x, bad_y = change(x, y)
+    for call in (lambda: model.value_and_grad(params, bad_x, bad_y),
+                 lambda: _fit(model, params, bad_x, bad_y)):
+        with pytest.raises(error, match=message):
+            call()
+
+
+def test_bad_data_in_apply_and_valid(setup):
+    model, params, x, y = setup
+    with pytest.raises(ValueError, match="x has 5 features"):
+        model.apply(params, x[:, :5])
+    with pytest.raises(ValueError, match="x_valid has 4 features"):
+        _fit(model, params, x, y, valid=(x[:, :4], y))
+    with pytest.raises(ValueError, match="x_valid has 20 rows but y_valid has 3"):
+        _fit(model, params, x, y, valid=(x, y[:3]))
+    with pytest.raises(TypeError, match="valid must be a pair"):
+        _fit(model, params, x, y, valid=x)
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(batch_size=0), ValueError, "batch_size must be an integer >= 1, got 0"),
+    (dict(batch_size=2.5), ValueError, "batch_size must be an integer"),
+    (dict(epochs=-1), ValueError, "epochs must be an integer >= 0, got -1"),
+    (dict(optimizer="sgd"), TypeError, "optimizer must be an fnmlp optimizer"),
+    (dict(loss="mse"), TypeError, "loss must be an fnmlp loss"),
+])
+def test_bad_fit_arguments(setup, overrides, error, message):
+    model, params, x, y = setup
+    with pytest.raises(error, match=message):
+        _fit(model, params, x, y, **overrides)
+
+
+@pytest.mark.parametrize("lr, error, message", [
+    (0.0, ValueError, "lr must be finite and > 0, got 0.0"),
+    (-0.1, ValueError, "lr must be finite and > 0"),
+    (float("nan"), ValueError, "lr must be finite"),
+    (float("inf"), ValueError, "lr must be finite"),
+    (torch.tensor([0.1, 0.2]), ValueError, "0-d"),
+    ("0.1", TypeError, "lr must be a float"),
+])
+def test_bad_learning_rate(lr, error, message):
+    with pytest.raises(error, match=message):
+        fnmlp.sgd(lr)
+
+
+def test_bad_spec_and_params(setup):
+    model, params, x, y = setup
+    with pytest.raises(ValueError, match="unknown activation 'tanhh'; supported: identity, relu"):
+        fnmlp.Dense(3, "tanhh")
+    with pytest.raises(ValueError, match="units must be an integer >= 1"):
+        fnmlp.Dense(0)
+    with pytest.raises(ValueError, match="in_features must be"):
+        fnmlp.MLP(0, [fnmlp.Dense(1)])
+    with pytest.raises(ValueError, match="at least one Dense"):
+        fnmlp.MLP(3, [])
+    with pytest.raises(TypeError, match="floating"):
+        model.init(dtype=torch.int64)
+    with pytest.raises(ValueError, match="unknown init 'xavier"):
+        model.init(init="xavier")
+    with pytest.raises(TypeError, match="tuple of 5 DenseParams"):
+        model.apply(params[:4], x)
+    wrong = fnmlp.MLP(6, [fnmlp.Dense(4), fnmlp.Dense(3)]).init(dtype=torch.float64)
+    with pytest.raises(TypeError, match="tuple of 5"):
+        model.apply(wrong, x)
+    mixed = (fnmlp.DenseParams(params[0].weight.float(), params[0].bias.float()),) + params[1:]
+    with pytest.raises(ValueError, match=r"params\[1\].weight is torch.float64 .* all parameters"):
+        model.apply(mixed, x.float())
+
+
+def test_numpy_data_is_converted_not_rejected(setup):
+    model, params, x, y = setup
+    loss_np, _ = model.value_and_grad(params, x.numpy().astype(np.float32), y.numpy())
+    assert loss_np.dtype == torch.float64
+
+
+def test_nothing_changes_when_an_error_is_raised(setup):
+    model, params, x, y = setup
+    before = [t.clone() for t in (params[0].weight, x, y)]
+    with pytest.raises(ValueError):
+        _fit(model, params, x, y[:10])
+    assert all(torch.equal(a, b) for a, b in zip(before, (params[0].weight, x, y)))
