@@ -15,6 +15,7 @@ from fnmlp._fit import FitResult, History, NonFiniteLossError, fit
 from fnmlp._losses import MSE, Loss, mse
 from fnmlp._model import MLP, Dense
 from fnmlp._optim import SGD, SGDState, sgd
+from fnmlp._step import CompileVerificationError, TrainStep, train_step
 from fnmlp._tree import pytree_dataclass
 from fnmlp._twin import from_torch, to_torch
 
@@ -22,7 +23,7 @@ __all__ = [
     "MLP", "Dense", "DenseParams", "dense_forward", "dense_backward",
     "Activation", "Identity", "ReLU", "Sigmoid", "Tanh", "Softmax",
     "Loss", "MSE", "mse", "SGD", "SGDState", "sgd",
-    "fit", "FitResult", "History", "NonFiniteLossError",
+    "train_step", "TrainStep", "CompileVerificationError", "fit", "FitResult", "History", "NonFiniteLossError",
     "to_torch", "from_torch", "metrics", "pytree_dataclass",
 ]
 __version__ = "0.1.0"

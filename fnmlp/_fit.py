@@ -10,7 +10,8 @@ from torch import Tensor
 
 from fnmlp import _validate
 from fnmlp._losses import Loss, mse
-from fnmlp._model import MLP, Params, _check_loss, forward, value_and_grad
+from fnmlp._model import MLP, Params, _check_loss, forward
+from fnmlp._step import pad_rows, train_step
 from fnmlp._tree import tree_leaves
 
 
@@ -53,12 +54,17 @@ def fit(
     generator: torch.Generator | None = None,
     opt_state=None,
     verbose: bool = False,
+    compile: bool = False,
+    verify: bool = False,
 ) -> FitResult:
     """Train ``params`` for ``epochs`` passes over (x, y) in minibatches of ``batch_size``.
 
     Batches are taken in order (the last one may be smaller) unless ``shuffle=True``, which draws
     a permutation per epoch from ``generator``. ``valid=(x_valid, y_valid)`` adds a validation
-    loss per epoch. ``opt_state`` continues from an earlier result. Returns a ``FitResult``.
+    loss per epoch. ``opt_state`` continues from an earlier result. ``compile=True`` trains with
+    the compiled step (``fnmlp.train_step``; one graph for every batch, the short last one
+    padded and masked); ``verify=True`` checks its first step against the eager step.
+    Returns a ``FitResult``.
     """
     _check_loss(loss)
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
@@ -84,6 +90,7 @@ def fit(
     if shuffle and generator is None:
         generator = torch.Generator()
         generator.seed()
+    step = train_step(model, loss, optimizer, compile=compile, verify=verify)
 
     with torch.no_grad():
         if opt_state is None:
@@ -98,9 +105,9 @@ def fit(
             else:
                 x_epoch, y_epoch = x, y
             batch_losses = []
-            for batch, start in enumerate(range(0, n, batch_size)):
-                xb, yb = x_epoch[start:start + batch_size], y_epoch[start:start + batch_size]
-                value, grads = value_and_grad(model, params, xb, yb, loss)
+            for batch, (xb, yb, rows) in enumerate(_batches(x_epoch, y_epoch, batch_size,
+                                                            pad=compile)):
+                new_params, new_state, value = step.run(params, opt_state, xb, yb, rows)
                 value = value.item()
                 if not math.isfinite(value):
                     if not _all_finite(params):  # the previous update overflowed: step back
@@ -113,7 +120,7 @@ def fit(
                         history=history,
                     )
                 previous = (params, opt_state)
-                params, opt_state = optimizer.update(params, grads, opt_state)
+                params, opt_state = new_params, new_state
                 batch_losses.append(value)
             history.train_loss.append(sum(batch_losses) / len(batch_losses))
             if valid is not None:
@@ -124,6 +131,18 @@ def fit(
                     line += f" - L_v {history.valid_loss[-1]:.4f}"
                 print(line)
     return FitResult(params=params, opt_state=opt_state, history=history)
+
+
+def _batches(x: Tensor, y: Tensor, batch_size: int, *, pad: bool):
+    """(x_batch, y_batch, valid_rows) in order; with ``pad``, a short last batch is zero-padded
+    to ``batch_size`` so that a compiled step sees one shape."""
+    n = x.shape[0]
+    for start in range(0, n, batch_size):
+        xb, yb = x[start:start + batch_size], y[start:start + batch_size]
+        rows = xb.shape[0]
+        if pad and rows < batch_size and n > batch_size:
+            xb, yb = pad_rows(xb, batch_size), pad_rows(yb, batch_size)
+        yield xb, yb, rows
 
 
 def _all_finite(tree) -> bool:

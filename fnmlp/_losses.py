@@ -5,16 +5,24 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
 
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-    """Base class. ``forward(pred, y) -> (value, residual)``; ``backward(residual) -> dpred``."""
+    """Base class. ``forward(pred, y, valid_rows=None) -> (value, residual)``;
+    ``backward(residual) -> dpred``.
+
+    ``valid_rows`` (a 0-d integer tensor) says that only the leading rows count: the compiled
+    step pads a short last batch to the full batch size, so one graph serves every batch.
+    Padded rows get a zero gradient and do not enter the mean.
+    """
 
     name: ClassVar[str]
 
-    def forward(self, pred: Tensor, target: Tensor) -> tuple[Tensor, object]:
+    def forward(self, pred: Tensor, target: Tensor, valid_rows: Tensor | None = None
+                ) -> tuple[Tensor, object]:
         raise NotImplementedError
 
     def backward(self, residual) -> Tensor:
@@ -33,15 +41,26 @@ class MSE(Loss):
 
     name: ClassVar[str] = "mse"
 
-    def forward(self, pred, target):
+    def forward(self, pred, target, valid_rows=None):
         diff = pred - target
-        return diff.pow(2).mean(), diff
+        if valid_rows is None:
+            return diff.pow(2).mean(), (diff, 2 / diff.numel())
+        diff = torch.where(leading_rows(diff, valid_rows), diff, 0.0)
+        count = (valid_rows * diff.shape[1]).to(diff.dtype)
+        return diff.pow(2).sum() / count, (diff, 2 / count)
 
-    def backward(self, diff):
-        return diff * (2 / diff.numel())
+    def backward(self, residual):
+        diff, scale = residual
+        return diff * scale
 
     def to_torch(self):
         return nn.MSELoss()
 
 
 mse = MSE()
+
+
+def leading_rows(values: Tensor, valid_rows: Tensor) -> Tensor:
+    """A (m, 1) boolean mask that is True for the first ``valid_rows`` rows of ``values``."""
+    rows = torch.arange(values.shape[0], device=values.device)
+    return (rows < valid_rows).unsqueeze(1)

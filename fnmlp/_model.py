@@ -132,8 +132,10 @@ class MLP:
             raise TypeError(f"parameters must be floating point, got {first.dtype}")
         return first
 
-    def check_data(self, params: Params, x, y=None) -> tuple[Tensor, Tensor | None]:
-        """Validated (x, y) as tensors on the parameters' dtype and device."""
+    def check_data(self, params: Params, x, y=None, *, finite: bool = True
+                   ) -> tuple[Tensor, Tensor | None]:
+        """Validated (x, y) as tensors on the parameters' dtype and device; with ``finite``,
+        also free of NaN and inf."""
         like = self.check_params(params)
         x = _validate.as_data(x, "x", like)
         _validate.check_matrix(x, "x", self.in_features, "features")
@@ -144,9 +146,10 @@ class MLP:
                                  "use y.reshape(-1, 1)")
             _validate.check_rows(x, y)
             _validate.check_matrix(y, "y", self.out_features, "columns")
-        _validate.check_finite(x, "x")
-        if y is not None:
-            _validate.check_finite(y, "y")
+        if finite:
+            _validate.check_finite(x, "x")
+            if y is not None:
+                _validate.check_finite(y, "y")
         return x, y
 
     # --- pure functions ---------------------------------------------------------------------
@@ -182,15 +185,19 @@ def forward(model: MLP, params: Params, x: Tensor) -> Tensor:
     return x
 
 
-def value_and_grad(model: MLP, params: Params, x: Tensor, y: Tensor, loss: Loss):
-    """Loss and gradients without checks: the manual forward, then the manual backward."""
+def value_and_grad(model: MLP, params: Params, x: Tensor, y: Tensor, loss: Loss,
+                   valid_rows: Tensor | None = None):
+    """Loss and gradients without checks: the manual forward, then the manual backward.
+
+    ``valid_rows``: only the leading rows count (see ``Loss``); None means all of them.
+    """
     inputs, residuals = [], []
     a = x
     for layer, p in zip(model.layers, params):
         inputs.append(a)
         a, residual = layer.activation.forward(dense_forward(p, a))
         residuals.append(residual)
-    value, loss_residual = loss.forward(a, y)
+    value, loss_residual = loss.forward(a, y, valid_rows)
     da = loss.backward(loss_residual)
     grads = [None] * len(params)
     for i in reversed(range(len(params))):

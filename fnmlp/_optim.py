@@ -30,6 +30,11 @@ class SGD:
     def __post_init__(self):
         check_learning_rate(self.lr)
 
+    @property
+    def structure(self) -> tuple:
+        """What a compiled update depends on (the learning rate is in the state, not here)."""
+        return (type(self),)
+
     def init(self, params) -> SGDState:
         like = tree_leaves(params)[0]
         return SGDState(learning_rate=_scalar(self.lr, like))

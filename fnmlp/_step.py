@@ -1,0 +1,209 @@
+"""The training step as one pure function, optionally compiled into one graph.
+
+``train_step(model, loss, optimizer)`` returns ``step(params, opt_state, x, y) -> (params,
+opt_state, loss)``: the manual forward, the manual backward and the optimizer update. Compiled,
+it is a single ``torch.compile(fullgraph=True)`` graph over flat tensors:
+
+- batches shorter than the first one are zero-padded to its size and masked in the loss, so the
+  short last batch of an epoch reuses the same graph (dynamo specializes sizes 0 and 1);
+- the learning rate lives in the optimizer state as a 0-d tensor, so changing it never
+  recompiles;
+- on CPU the graph is traced once (``make_fx``) and compiled by inductor directly, skipping
+  dynamo's per-call guard evaluation (tens of µs, a large share of a small step); fnmlp checks
+  what the graph was specialized on (shapes, dtypes, devices, contiguity) itself, and compiles a
+  new graph when that changes. ``compiler="dynamo"`` uses ``torch.compile(fullgraph=True)``
+  instead, with its guards;
+- on CUDA the graph is captured as a CUDA graph (``mode="reduce-overhead"``): a step costs about
+  one graph launch. Its outputs live in the graph's memory pool and are overwritten two steps
+  later; ``fit`` returns copies. Pass ``cuda_graphs=False`` to keep every output.
+"""
+
+from __future__ import annotations
+
+import itertools
+import types
+
+import torch
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from fnmlp._losses import Loss
+from fnmlp._model import MLP, value_and_grad
+
+_unique = itertools.count()
+
+
+class CompileVerificationError(RuntimeError):
+    """The compiled step disagreed with the eager step (a compiler bug); use compile=False."""
+
+
+def _step_function(model: MLP, loss: Loss, optimizer, treedef):
+    """The pure step over flat tensors: (*leaves, x, y, valid_rows) -> (*leaves, loss)."""
+
+    def fnmlp_train_step(*args):
+        *leaves, x, y, valid_rows = args
+        params, opt_state = pytree.tree_unflatten(leaves, treedef)
+        value, grads = value_and_grad(model, params, x, y, loss, valid_rows)
+        params, opt_state = optimizer.update(params, grads, opt_state)
+        return (*pytree.tree_leaves((params, opt_state)), value)
+
+    # A code object of its own gives each step its own dynamo cache, so steps for different
+    # models never count as recompiles of one another.
+    code = fnmlp_train_step.__code__
+    code = code.replace(co_name=f"{code.co_name}_{next(_unique)}")
+    return types.FunctionType(code, fnmlp_train_step.__globals__, code.co_name,
+                              None, fnmlp_train_step.__closure__)
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return {torch.float64: 1e-9, torch.float32: 1e-4}.get(dtype, 1e-2)
+
+
+class TrainStep:
+    """``step(params, opt_state, x, y) -> (params, opt_state, loss)``; see ``train_step``."""
+
+    def __init__(self, model: MLP, loss: Loss, optimizer, *, compile: bool = True,
+                 verify: bool = False, cuda_graphs: bool | None = None, compiler: str = "auto"):
+        if compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
+        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.compile, self.verify, self.cuda_graphs = compile, verify, cuda_graphs
+        self.compiler = compiler
+        self._compiled = {}  # (treedef, device type) -> compiled flat function
+        self._batch_rows: int | None = None
+        self._valid_rows: dict[tuple[int, torch.device], Tensor] = {}
+        self._verified = not verify
+
+    def __call__(self, params, opt_state, x: Tensor, y: Tensor, valid_rows: int | None = None):
+        """One step on (x, y). With ``valid_rows``, only the leading rows of x and y count.
+
+        Checks shapes, dtypes and devices (not values: NaN checks would sync every step;
+        ``fit`` checks the data once).
+        """
+        x, y = self.model.check_data(params, x, y, finite=False)
+        if valid_rows is not None and not 0 < valid_rows <= x.shape[0]:
+            raise ValueError(f"valid_rows must be in 1..{x.shape[0]}, got {valid_rows}")
+        return self.run(params, opt_state, x, y, valid_rows)
+
+    def run(self, params, opt_state, x: Tensor, y: Tensor, valid_rows: int | None = None):
+        """``__call__`` without its checks, for callers that validated the data already."""
+        leaves, treedef = pytree.tree_flatten((params, opt_state))
+        rows = x.shape[0]
+        if not self.compile:
+            if valid_rows is not None and valid_rows != rows:
+                x, y = x[:valid_rows], y[:valid_rows]
+            value, grads = value_and_grad(self.model, params, x, y, self.loss)
+            params, opt_state = self.optimizer.update(params, grads, opt_state)
+            return params, opt_state, value
+        if valid_rows is None:  # a direct call: pad short batches to the first batch's size
+            valid_rows = rows
+            if self._batch_rows is None:
+                self._batch_rows = rows
+            elif rows < self._batch_rows:
+                x, y = pad_rows(x, self._batch_rows), pad_rows(y, self._batch_rows)
+        outputs = self._run(treedef, leaves, x, y, valid_rows)
+        if not self._verified:
+            self._verify(params, opt_state, x[:valid_rows], y[:valid_rows], outputs, treedef)
+        *leaves, value = outputs
+        params, opt_state = pytree.tree_unflatten(leaves, treedef)
+        return params, opt_state, value
+
+    def uses_cuda_graphs(self, device: torch.device) -> bool:
+        if not self.compile or device.type != "cuda" or self._compiler_for(device) != "dynamo":
+            return False
+        return self.cuda_graphs is not False
+
+    def _compiler_for(self, device: torch.device) -> str:
+        if self.compiler != "auto":
+            return self.compiler
+        return "inductor" if device.type == "cpu" else "dynamo"
+
+    def _run(self, treedef, leaves, x, y, valid_rows: int):
+        count = self._valid_rows.get((valid_rows, x.device))
+        if count is None:
+            count = self._valid_rows[(valid_rows, x.device)] = torch.tensor(valid_rows,
+                                                                            device=x.device)
+        args = [leaf.contiguous() for leaf in leaves]
+        args += [x.contiguous(), y.contiguous(), count]
+        # What a directly compiled graph is specialized on; dynamo checks the same by its guards.
+        key = (treedef, *[(arg.shape, arg.dtype, arg.device) for arg in args])
+        function = self._compiled.get(key)
+        with torch.no_grad():
+            if function is None:
+                function = self._compiled[key] = self._compile(treedef, args)
+            outputs = function(*args)
+            if self.uses_cuda_graphs(x.device):
+                outputs = _copy_out_of_graph_pool(outputs)
+            return outputs
+
+    def _compile(self, treedef, args: list[Tensor]):
+        function = _step_function(self.model, self.loss, self.optimizer, treedef)
+        device = args[0].device
+        if self._compiler_for(device) == "inductor":
+            from torch.fx.experimental.proxy_tensor import make_fx
+
+            graph = make_fx(function)(*args)
+            return torch._inductor.compile(graph, args)
+        mode = "reduce-overhead" if self.uses_cuda_graphs(device) else None
+        return torch.compile(function, fullgraph=True, dynamic=False, mode=mode)
+
+    def _verify(self, params, opt_state, x, y, outputs, treedef):
+        value, grads = value_and_grad(self.model, params, x, y, self.loss)
+        reference = [*pytree.tree_leaves(self.optimizer.update(params, grads, opt_state)), value]
+        for index, (got, expected) in enumerate(zip(outputs, reference)):
+            scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+            difference = ((got - expected).abs().max() / scale).item()
+            if not difference <= _tolerance(expected.dtype):
+                raise CompileVerificationError(
+                    f"the compiled step disagrees with the eager step: output {index} differs "
+                    f"by {difference:.3g} relative; this is a compiler bug, train with "
+                    "compile=False and report it")
+        self._verified = True
+
+
+def _copy_out_of_graph_pool(outputs) -> list[Tensor]:
+    """Fresh tensors for a CUDA graph's outputs, which its next replays overwrite.
+
+    One concatenation (one kernel) instead of a copy per tensor; the results are views of it.
+    """
+    flat = torch.cat([output.reshape(-1) for output in outputs])
+    pieces = flat.split([output.numel() for output in outputs])
+    return [piece.view(output.shape) for piece, output in zip(pieces, outputs)]
+
+
+def pad_rows(values: Tensor, rows: int) -> Tensor:
+    """``values`` (m, ...) zero-padded to (rows, ...)."""
+    padded = values.new_zeros((rows, *values.shape[1:]))
+    padded[: values.shape[0]] = values
+    return padded
+
+
+COMPILERS = ("auto", "inductor", "dynamo")
+_CACHE: dict[tuple, TrainStep] = {}
+
+
+def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verify: bool = False,
+               cuda_graphs: bool | None = None, compiler: str = "auto") -> TrainStep:
+    """A pure training step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
+
+    Arguments:
+        model, loss, optimizer: the network spec, an fnmlp loss and an fnmlp optimizer.
+        compile: one ``torch.compile`` graph (True) or the eager functions (False).
+        verify: run the first step eagerly too and raise ``CompileVerificationError`` if the
+            compiled step disagrees (protects against compiler bugs).
+        cuda_graphs: capture a CUDA graph on CUDA devices (default: yes).
+        compiler: "inductor" (trace once, compile with inductor, no per-call guards),
+            "dynamo" (``torch.compile(fullgraph=True)``), or "auto": inductor on CPU, dynamo
+            (with CUDA graphs) on CUDA.
+
+    Steps for the same (model, loss, optimizer structure, options) are shared, so a second
+    ``fit`` with the same spec, dtype and device reuses the compiled graph.
+    """
+    if not compile:
+        return TrainStep(model, loss, optimizer, compile=False)
+    key = (model, loss, optimizer.structure, verify, cuda_graphs, compiler)
+    step = _CACHE.get(key)
+    if step is None:
+        step = _CACHE[key] = TrainStep(model, loss, optimizer, verify=verify,
+                                       cuda_graphs=cuda_graphs, compiler=compiler)
+    return step
