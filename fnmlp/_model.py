@@ -132,11 +132,11 @@ class MLP:
             raise TypeError(f"parameters must be floating point, got {first.dtype}")
         return first
 
-    def check_data(self, params: Params, x, y=None, *, finite: bool = True
-                   ) -> tuple[Tensor, Tensor | None]:
+    def check_data(self, params: Params, x, y=None, *, finite: bool = True,
+                   params_checked: bool = False) -> tuple[Tensor, Tensor | None]:
         """Validated (x, y) as tensors on the parameters' dtype and device; with ``finite``,
-        also free of NaN and inf."""
-        like = self.check_params(params)
+        also free of NaN and inf. ``params_checked`` skips re-checking known-good params."""
+        like = params[0].weight if params_checked else self.check_params(params)
         x = _validate.as_data(x, "x", like)
         _validate.check_matrix(x, "x", self.in_features, "features")
         if y is not None:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fnmlp._losses import Loss
 from fnmlp._model import MLP, value_and_grad
+from fnmlp._tree import flatten, unflatten
 
 _unique = itertools.count()
 
@@ -37,15 +38,16 @@ class CompileVerificationError(RuntimeError):
     """The compiled step disagreed with the eager step (a compiler bug); use compile=False."""
 
 
-def _step_function(model: MLP, loss: Loss, optimizer, treedef):
+def _step_function(model: MLP, loss: Loss, optimizer, spec):
     """The pure step over flat tensors: (*leaves, x, y, valid_rows) -> (*leaves, loss)."""
 
     def fnmlp_train_step(*args):
         *leaves, x, y, valid_rows = args
-        params, opt_state = pytree.tree_unflatten(leaves, treedef)
+        params, opt_state = unflatten(leaves, spec)
         value, grads = value_and_grad(model, params, x, y, loss, valid_rows)
         params, opt_state = optimizer.update(params, grads, opt_state)
-        return (*pytree.tree_leaves((params, opt_state)), value)
+        leaves, _ = flatten((params, opt_state))
+        return (*leaves, value)
 
     # A code object of its own gives each step its own dynamo cache, so steps for different
     # models never count as recompiles of one another.
@@ -69,10 +71,11 @@ class TrainStep:
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.compile, self.verify, self.cuda_graphs = compile, verify, cuda_graphs
         self.compiler = compiler
-        self._compiled = {}  # (treedef, device type) -> compiled flat function
+        self._compiled = {}  # what a graph is specialized on -> compiled flat function
         self._batch_rows: int | None = None
         self._valid_rows: dict[tuple[int, torch.device], Tensor] = {}
         self._verified = not verify
+        self._last_params = None  # the parameters this step returned last (known valid)
 
     def __call__(self, params, opt_state, x: Tensor, y: Tensor, valid_rows: int | None = None):
         """One step on (x, y). With ``valid_rows``, only the leading rows of x and y count.
@@ -80,14 +83,14 @@ class TrainStep:
         Checks shapes, dtypes and devices (not values: NaN checks would sync every step;
         ``fit`` checks the data once).
         """
-        x, y = self.model.check_data(params, x, y, finite=False)
+        x, y = self.model.check_data(params, x, y, finite=False,
+                                     params_checked=params is self._last_params)
         if valid_rows is not None and not 0 < valid_rows <= x.shape[0]:
             raise ValueError(f"valid_rows must be in 1..{x.shape[0]}, got {valid_rows}")
         return self.run(params, opt_state, x, y, valid_rows)
 
     def run(self, params, opt_state, x: Tensor, y: Tensor, valid_rows: int | None = None):
         """``__call__`` without its checks, for callers that validated the data already."""
-        leaves, treedef = pytree.tree_flatten((params, opt_state))
         rows = x.shape[0]
         if not self.compile:
             if valid_rows is not None and valid_rows != rows:
@@ -101,12 +104,13 @@ class TrainStep:
                 self._batch_rows = rows
             elif rows < self._batch_rows:
                 x, y = pad_rows(x, self._batch_rows), pad_rows(y, self._batch_rows)
-        outputs = self._run(treedef, leaves, x, y, valid_rows)
+        leaves, spec = flatten((params, opt_state))
+        outputs = self._run(leaves, spec, x, y, valid_rows)
         if not self._verified:
-            self._verify(params, opt_state, x[:valid_rows], y[:valid_rows], outputs, treedef)
-        *leaves, value = outputs
-        params, opt_state = pytree.tree_unflatten(leaves, treedef)
-        return params, opt_state, value
+            self._verify(params, opt_state, x[:valid_rows], y[:valid_rows], outputs)
+        params, opt_state = unflatten(outputs[:-1], spec)
+        self._last_params = params
+        return params, opt_state, outputs[-1]
 
     def uses_cuda_graphs(self, device: torch.device) -> bool:
         if not self.compile or device.type != "cuda" or self._compiler_for(device) != "dynamo":
@@ -118,26 +122,28 @@ class TrainStep:
             return self.compiler
         return "inductor" if device.type == "cpu" else "dynamo"
 
-    def _run(self, treedef, leaves, x, y, valid_rows: int):
-        count = self._valid_rows.get((valid_rows, x.device))
+    def _run(self, leaves, spec, x, y, valid_rows: int):
+        device = x.device
+        count = self._valid_rows.get((valid_rows, device))
         if count is None:
-            count = self._valid_rows[(valid_rows, x.device)] = torch.tensor(valid_rows,
-                                                                            device=x.device)
-        args = [leaf.contiguous() for leaf in leaves]
-        args += [x.contiguous(), y.contiguous(), count]
-        # What a directly compiled graph is specialized on; dynamo checks the same by its guards.
-        key = (treedef, *[(arg.shape, arg.dtype, arg.device) for arg in args])
+            count = self._valid_rows[(valid_rows, device)] = torch.tensor(valid_rows,
+                                                                          device=device)
+        args = [*leaves, x, y, count]
+        if not all(arg.is_contiguous() for arg in args):
+            args = [arg.contiguous() for arg in args]
+        # What a directly compiled graph is specialized on; dynamo checks the same by guards.
+        key = (spec, *[(arg.shape, arg.dtype) for arg in args], device)
         function = self._compiled.get(key)
         with torch.no_grad():
             if function is None:
-                function = self._compiled[key] = self._compile(treedef, args)
+                function = self._compiled[key] = self._compile(spec, args)
             outputs = function(*args)
-            if self.uses_cuda_graphs(x.device):
-                outputs = _copy_out_of_graph_pool(outputs)
-            return outputs
+        if self.uses_cuda_graphs(device):
+            outputs = _copy_out_of_graph_pool(outputs)
+        return outputs
 
-    def _compile(self, treedef, args: list[Tensor]):
-        function = _step_function(self.model, self.loss, self.optimizer, treedef)
+    def _compile(self, spec, args: list[Tensor]):
+        function = _step_function(self.model, self.loss, self.optimizer, spec)
         device = args[0].device
         if self._compiler_for(device) == "inductor":
             from torch.fx.experimental.proxy_tensor import make_fx
@@ -147,9 +153,9 @@ class TrainStep:
         mode = "reduce-overhead" if self.uses_cuda_graphs(device) else None
         return torch.compile(function, fullgraph=True, dynamic=False, mode=mode)
 
-    def _verify(self, params, opt_state, x, y, outputs, treedef):
+    def _verify(self, params, opt_state, x, y, outputs):
         value, grads = value_and_grad(self.model, params, x, y, self.loss)
-        reference = [*pytree.tree_leaves(self.optimizer.update(params, grads, opt_state)), value]
+        reference = [*flatten(self.optimizer.update(params, grads, opt_state))[0], value]
         for index, (got, expected) in enumerate(zip(outputs, reference)):
             scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
             difference = ((got - expected).abs().max() / scale).item()

@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import TypeVar
 
+import torch
 import torch.utils._pytree as pytree
 
 T = TypeVar("T")
+_DATACLASS_FIELDS: dict[type, tuple[str, ...]] = {}  # pytree dataclass -> its field names
 
 
 def pytree_dataclass(cls: type[T]) -> type[T]:
@@ -29,6 +31,7 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
     def unflatten(children, _context):
         return cls(*children)
 
+    _DATACLASS_FIELDS[cls] = names
     pytree.register_pytree_node(
         cls,
         flatten,
@@ -46,3 +49,46 @@ def tree_map(fn, *trees):
 
 def tree_leaves(tree) -> list:
     return pytree.tree_leaves(tree)
+
+
+def flatten(tree) -> tuple[list, object]:
+    """``(leaves, spec)`` of a tree of tensors, None, tuples, lists and pytree dataclasses.
+
+    A few times faster than ``torch.utils._pytree.tree_flatten`` for the small trees of a
+    training step; ``spec`` is hashable. Other node types go through torch's pytree.
+    """
+    leaves: list = []
+    return leaves, _flatten_into(tree, leaves)
+
+
+def _flatten_into(tree, leaves: list):
+    kind = type(tree)
+    if kind is torch.Tensor or tree is None:
+        leaves.append(tree)
+        return None
+    fields = _DATACLASS_FIELDS.get(kind)
+    if fields is not None:
+        return (kind, tuple(_flatten_into(getattr(tree, name), leaves) for name in fields))
+    if kind is tuple or kind is list:
+        return (kind, tuple(_flatten_into(child, leaves) for child in tree))
+    children, spec = pytree.tree_flatten(tree)
+    leaves.extend(children)
+    return ("pytree", spec, len(children))
+
+
+def unflatten(leaves, spec):
+    """The tree of ``spec`` (from ``flatten``) holding ``leaves``."""
+    iterator = iter(leaves)
+    return _unflatten_from(spec, iterator)
+
+
+def _unflatten_from(spec, iterator):
+    if spec is None:
+        return next(iterator)
+    kind = spec[0]
+    if kind == "pytree":
+        return pytree.tree_unflatten([next(iterator) for _ in range(spec[2])], spec[1])
+    children = [_unflatten_from(child, iterator) for child in spec[1]]
+    if kind is tuple or kind is list:
+        return kind(children)
+    return kind(*children)

@@ -1,0 +1,42 @@
+"""Time the first call of fnmlp's compiled step in this process (cold or warm caches).
+
+Run by bench/run.py in fresh processes: once with an empty TORCHINDUCTOR_CACHE_DIR (cold) and
+once more with the same directory (warm). Prints the seconds as JSON.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+import fnmlp  # noqa: E402
+from workloads import WORKLOADS  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--workload", default="seed", choices=sorted(WORKLOADS))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    workload = WORKLOADS[args.workload]
+    model, params, x, y = workload.build(args.device, quick=True)
+    optimizer = fnmlp.sgd(workload.lr)
+    step = fnmlp.train_step(model, fnmlp.mse, optimizer)
+    state = optimizer.init(params)
+    xb, yb = x[:workload.batch_size], y[:workload.batch_size]
+    start = time.perf_counter()
+    _, _, loss = step(params, state, xb, yb)
+    loss.item()
+    print(json.dumps({"first_call_seconds": time.perf_counter() - start}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""bench/run.py --quick runs end to end, so the benchmark never rots (timings not asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=900, check=True).stdout
+    figures = json.loads(out.read_text())
+    assert [r["workload"] for r in figures["results"]] == ["seed", "wide"]
+    for result in figures["results"]:
+        names = [row["contender"] for row in result["rows"]]
+        for expected in ["fnmlp eager", "fnmlp compiled", "PyTorch eager", "PyTorch compiled",
+                         "GEMM floor"]:
+            assert expected in names
+        assert any(name.startswith("scikit-learn") for name in names)
+        for row in result["rows"]:
+            assert row["step_median_s"] > 0 and row["ratio_to_gemm_floor"] > 0
+        tolerance = 1e-12 if result["dtype"] == "float64" else 1e-4
+        assert result["parity"]["eager"] <= tolerance
+        assert result["parity"]["compiled"] <= tolerance
+    assert "fnmlp compiled" in printed and "parity" in printed
