@@ -4,8 +4,9 @@
 opt_state, loss)``: the manual forward, the manual backward and the optimizer update. Compiled,
 it is a single ``torch.compile(fullgraph=True)`` graph over flat tensors:
 
-- batches shorter than the first one are zero-padded to its size and masked in the loss, so the
-  short last batch of an epoch reuses the same graph (dynamo specializes sizes 0 and 1);
+- a batch is zero-padded to the smallest batch size already compiled that holds it, and the
+  padding is masked in the loss, so the short last batch of an epoch reuses the full batch's
+  graph (dynamo would specialize sizes 0 and 1 anyway);
 - the learning rate lives in the optimizer state as a 0-d tensor, so changing it never
   recompiles;
 - on CPU the graph is traced once (``make_fx``) and compiled by inductor directly, skipping
@@ -14,17 +15,18 @@ it is a single ``torch.compile(fullgraph=True)`` graph over flat tensors:
   new graph when that changes. ``compiler="dynamo"`` uses ``torch.compile(fullgraph=True)``
   instead, with its guards;
 - on CUDA the graph is captured as a CUDA graph (``mode="reduce-overhead"``): a step costs about
-  one graph launch. Its outputs live in the graph's memory pool and are overwritten two steps
-  later; ``fit`` returns copies. Pass ``cuda_graphs=False`` to keep every output.
+  one graph launch. Its outputs live in the graph's memory pool, which later replays overwrite,
+  so the step copies them out with one kernel: returned parameters stay valid, as a pure
+  function's must. ``cuda_graphs=False`` turns the capture off.
 """
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import types
 
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
 
 from fnmlp._losses import Loss
@@ -72,7 +74,7 @@ class TrainStep:
         self.compile, self.verify, self.cuda_graphs = compile, verify, cuda_graphs
         self.compiler = compiler
         self._compiled = {}  # what a graph is specialized on -> compiled flat function
-        self._batch_rows: int | None = None
+        self._batch_sizes: list[int] = []  # sorted; direct calls are padded up to one of these
         self._valid_rows: dict[tuple[int, torch.device], Tensor] = {}
         self._verified = not verify
         self._last_params = None  # the parameters this step returned last (known valid)
@@ -98,12 +100,14 @@ class TrainStep:
             value, grads = value_and_grad(self.model, params, x, y, self.loss)
             params, opt_state = self.optimizer.update(params, grads, opt_state)
             return params, opt_state, value
-        if valid_rows is None:  # a direct call: pad short batches to the first batch's size
+        if valid_rows is None:  # a direct call: pad to the smallest batch size that holds it
             valid_rows = rows
-            if self._batch_rows is None:
-                self._batch_rows = rows
-            elif rows < self._batch_rows:
-                x, y = pad_rows(x, self._batch_rows), pad_rows(y, self._batch_rows)
+            index = bisect.bisect_left(self._batch_sizes, rows)
+            if index == len(self._batch_sizes):
+                self._batch_sizes.append(rows)
+            elif self._batch_sizes[index] != rows:
+                target = self._batch_sizes[index]
+                x, y = pad_rows(x, target), pad_rows(y, target)
         leaves, spec = flatten((params, opt_state))
         outputs = self._run(leaves, spec, x, y, valid_rows)
         if not self._verified:
@@ -111,6 +115,10 @@ class TrainStep:
         params, opt_state = unflatten(outputs[:-1], spec)
         self._last_params = params
         return params, opt_state, outputs[-1]
+
+    def request_verification(self) -> None:
+        """Check the next compiled step against the eager step (see ``train_step``)."""
+        self._verified = not self.compile
 
     def uses_cuda_graphs(self, device: torch.device) -> bool:
         if not self.compile or device.type != "cuda" or self._compiler_for(device) != "dynamo":
@@ -134,22 +142,20 @@ class TrainStep:
         # What a directly compiled graph is specialized on; dynamo checks the same by guards.
         key = (spec, *[(arg.shape, arg.dtype) for arg in args], device)
         function = self._compiled.get(key)
+        graphs = self.uses_cuda_graphs(device)
         with torch.no_grad():
             if function is None:
                 function = self._compiled[key] = self._compile(spec, args)
+            if graphs:
+                torch.compiler.cudagraph_mark_step_begin()
             outputs = function(*args)
-        if self.uses_cuda_graphs(device):
-            outputs = _copy_out_of_graph_pool(outputs)
-        return outputs
+        return _copy_out_of_graph_pool(outputs) if graphs else outputs
 
     def _compile(self, spec, args: list[Tensor]):
         function = _step_function(self.model, self.loss, self.optimizer, spec)
         device = args[0].device
         if self._compiler_for(device) == "inductor":
-            from torch.fx.experimental.proxy_tensor import make_fx
-
-            graph = make_fx(function)(*args)
-            return torch._inductor.compile(graph, args)
+            return _compile_with_inductor(function, args)
         mode = "reduce-overhead" if self.uses_cuda_graphs(device) else None
         return torch.compile(function, fullgraph=True, dynamic=False, mode=mode)
 
@@ -165,6 +171,23 @@ class TrainStep:
                     f"by {difference:.3g} relative; this is a compiler bug, train with "
                     "compile=False and report it")
         self._verified = True
+
+
+def _compile_with_inductor(function, args: list[Tensor]):
+    """Trace ``function`` once on fake copies of ``args`` and compile it with inductor.
+
+    Tracing under a fake mode with a shape environment (static shapes) lets inductor's on-disk
+    FX graph cache serve a second process; without one it bypasses the cache.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+    fake_args = [fake_mode.from_tensor(arg, static_shapes=True) for arg in args]
+    with fake_mode:
+        graph = make_fx(function)(*fake_args)
+    return torch._inductor.compile(graph, fake_args)
 
 
 def _copy_out_of_graph_pool(outputs) -> list[Tensor]:
@@ -203,13 +226,17 @@ def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verif
             (with CUDA graphs) on CUDA.
 
     Steps for the same (model, loss, optimizer structure, options) are shared, so a second
-    ``fit`` with the same spec, dtype and device reuses the compiled graph.
+    ``fit`` with the same spec, dtype and device reuses the compiled graph. A direct call with
+    a batch smaller than one already compiled is zero-padded to it and masked, so a short last
+    batch costs no new graph.
     """
     if not compile:
         return TrainStep(model, loss, optimizer, compile=False)
-    key = (model, loss, optimizer.structure, verify, cuda_graphs, compiler)
+    key = (model, loss, optimizer.structure, cuda_graphs, compiler)
     step = _CACHE.get(key)
     if step is None:
-        step = _CACHE[key] = TrainStep(model, loss, optimizer, verify=verify,
-                                       cuda_graphs=cuda_graphs, compiler=compiler)
+        step = _CACHE[key] = TrainStep(model, loss, optimizer, cuda_graphs=cuda_graphs,
+                                       compiler=compiler)
+    if verify:
+        step.request_verification()
     return step
