@@ -48,26 +48,22 @@ class TorchContender:
     """nn.Sequential + autograd + torch.optim.SGD (foreach), the notebook's training loop.
 
     ``compile=True``: the best setup of torch.compile found for this loop: the forward and
-    loss compiled together (AOTAutograd compiles the backward too), and the optimizer step
-    compiled as torch's "compiled optimizer" recipe describes, with the learning rate a tensor.
+    loss compiled together (AOTAutograd compiles the backward too) and the foreach optimizer
+    left eager. Also compiling ``optimizer.step`` (torch's "compiled optimizer" recipe, with
+    a tensor learning rate) measured slower here (seed workload, 2026-11-28), and compiling
+    the whole step with ``backward()`` inside breaks the graph (pytorch#120814).
     """
 
     def __init__(self, name, model, params, x, y, lr, batch_size, *, compile: bool):
         self.name, self.x, self.y, self.batch_size = name, x, y, batch_size
         self.module = fnmlp.to_torch(model, params)
-        if compile:
-            lr = torch.tensor(lr, dtype=params[0].weight.dtype, device=x.device)
         self.optimizer = torch.optim.SGD(self.module.parameters(), lr=lr, foreach=True)
         loss_fn = nn.MSELoss()
 
         def forward_loss(xb, yb):
             return loss_fn(self.module(xb), yb)
 
-        def optimizer_step():
-            self.optimizer.step()
-
         self.forward_loss = torch.compile(forward_loss) if compile else forward_loss
-        self.optimizer_step = torch.compile(optimizer_step) if compile else optimizer_step
         self.xb, self.yb = x[:batch_size], y[:batch_size]
         start = time.perf_counter()
         self.step()
@@ -78,7 +74,7 @@ class TorchContender:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.forward_loss(xb, yb)
         loss.backward()
-        self.optimizer_step()
+        self.optimizer.step()
         return loss
 
     def step(self):

@@ -96,10 +96,13 @@ def compile_times(workload: str, device: str, threads: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache)
         for label in ("cold", "warm"):
-            out = subprocess.run(
+            run = subprocess.run(
                 [sys.executable, str(HERE / "compile_time.py"), "--workload", workload,
                  "--device", device, "--threads", str(threads)],
-                env=env, capture_output=True, text=True, check=True).stdout
+                env=env, capture_output=True, text=True)
+            if run.returncode != 0:
+                raise RuntimeError(f"bench/compile_time.py failed:\n{run.stderr[-2000:]}")
+            out = run.stdout
             figures = json.loads(out.strip().splitlines()[-1])
             result[label] = figures["first_call_seconds"]
             result[f"{label}_compiler_import"] = figures["compiler_import_seconds"]

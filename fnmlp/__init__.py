@@ -9,10 +9,12 @@ Public API::
 """
 
 from fnmlp import metrics
-from fnmlp._activations import Activation, Identity, ReLU, Sigmoid, Softmax, Tanh
+from fnmlp._activations import (ELU, GELU, Activation, Identity, LeakyReLU, LogSoftmax, ReLU,
+                                SiLU, Sigmoid, Softmax, Softplus, Tanh)
 from fnmlp._dense import DenseParams, dense_backward, dense_forward
 from fnmlp._fit import FitResult, History, NonFiniteLossError, fit
-from fnmlp._losses import MSE, Loss, mse
+from fnmlp._losses import (L1, MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Huber, Loss,
+                           binary_cross_entropy_with_logits, cross_entropy, huber, l1, mse)
 from fnmlp._model import MLP, Dense
 from fnmlp._optim import SGD, SGDState, sgd
 from fnmlp._step import CompileVerificationError, TrainStep, train_step
@@ -21,8 +23,10 @@ from fnmlp._twin import from_torch, to_torch
 
 __all__ = [
     "MLP", "Dense", "DenseParams", "dense_forward", "dense_backward",
-    "Activation", "Identity", "ReLU", "Sigmoid", "Tanh", "Softmax",
-    "Loss", "MSE", "mse", "SGD", "SGDState", "sgd",
+    "Activation", "Identity", "ReLU", "Sigmoid", "Tanh", "Softmax", "LeakyReLU", "ELU", "GELU",
+    "SiLU", "Softplus", "LogSoftmax",
+    "Loss", "MSE", "mse", "L1", "l1", "Huber", "huber", "CrossEntropy", "cross_entropy",
+    "BinaryCrossEntropyWithLogits", "binary_cross_entropy_with_logits", "SGD", "SGDState", "sgd",
     "train_step", "TrainStep", "CompileVerificationError", "fit", "FitResult", "History", "NonFiniteLossError",
     "to_torch", "from_torch", "metrics", "pytree_dataclass",
 ]

@@ -10,6 +10,7 @@ allows (see README, "Parity").
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -122,10 +123,137 @@ class Softmax(Activation):
         return nn.Softmax(dim=1)
 
 
+@dataclasses.dataclass(frozen=True)
+class LeakyReLU(Activation):
+    """a = z if z > 0 else slope·z;  dz = da where z > 0, else slope·da."""
+
+    negative_slope: float = 0.01
+    name: ClassVar[str] = "leaky_relu"
+
+    def forward(self, z):
+        return torch.nn.functional.leaky_relu(z, self.negative_slope), z
+
+    def backward(self, z, da):
+        return torch.where(z > 0, da, da * self.negative_slope)
+
+    def to_torch(self):
+        return nn.LeakyReLU(self.negative_slope)
+
+
+@dataclasses.dataclass(frozen=True)
+class ELU(Activation):
+    """a = z if z > 0 else α(exp(z) - 1);  dz = da where z > 0, else da·α·exp(z)."""
+
+    alpha: float = 1.0
+    name: ClassVar[str] = "elu"
+
+    def forward(self, z):
+        return torch.nn.functional.elu(z, self.alpha), z
+
+    def backward(self, z, da):
+        return torch.where(z > 0, da, da * self.alpha * torch.exp(z))
+
+    def to_torch(self):
+        return nn.ELU(self.alpha)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+_INV_SQRT_2 = 1 / math.sqrt(2)
+_INV_SQRT_2PI = 1 / math.sqrt(2 * math.pi)
+
+
+@dataclasses.dataclass(frozen=True)
+class GELU(Activation):
+    """Exact: a = z·Φ(z), dz = da·(Φ(z) + z·φ(z)).
+    approximate="tanh": a = z/2·(1 + t), t = tanh(k(z + 0.044715 z³)), k = sqrt(2/π);
+    dz = da·(½(1 + t) + ½z(1 - t²)·k(1 + 3·0.044715 z²))."""
+
+    approximate: str = "none"
+    name: ClassVar[str] = "gelu"
+
+    def __post_init__(self):
+        if self.approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU approximate must be 'none' or 'tanh', got "
+                             f"{self.approximate!r}")
+
+    def forward(self, z):
+        return torch.nn.functional.gelu(z, approximate=self.approximate), z
+
+    def backward(self, z, da):
+        if self.approximate == "tanh":
+            inner = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
+            t = torch.tanh(inner)
+            d_inner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * z * z)
+            return da * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * d_inner)
+        cdf = 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
+        pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
+        return da * (cdf + z * pdf)
+
+    def to_torch(self):
+        return nn.GELU(approximate=self.approximate)
+
+
+@dataclasses.dataclass(frozen=True)
+class SiLU(Activation):
+    """a = z·σ(z);  dz = da·σ(z)·(1 + z(1 - σ(z)))."""
+
+    name: ClassVar[str] = "silu"
+
+    def forward(self, z):
+        return torch.nn.functional.silu(z), z
+
+    def backward(self, z, da):
+        s = torch.sigmoid(z)
+        return da * s * (1 + z * (1 - s))
+
+    def to_torch(self):
+        return nn.SiLU()
+
+
+@dataclasses.dataclass(frozen=True)
+class Softplus(Activation):
+    """a = log(1 + exp(βz))/β, or z where βz > threshold;
+    dz = da·e/(e + 1) with e = exp(βz), or da where βz > threshold."""
+
+    beta: float = 1.0
+    threshold: float = 20.0
+    name: ClassVar[str] = "softplus"
+
+    def forward(self, z):
+        return torch.nn.functional.softplus(z, self.beta, self.threshold), z
+
+    def backward(self, z, da):
+        scaled = z * self.beta
+        e = torch.exp(torch.clamp(scaled, max=self.threshold))  # no overflow past threshold
+        return torch.where(scaled > self.threshold, da, da * e / (e + 1))
+
+    def to_torch(self):
+        return nn.Softplus(self.beta, self.threshold)
+
+
+@dataclasses.dataclass(frozen=True)
+class LogSoftmax(Activation):
+    """Row-wise a = z - log sum_j exp(z_j);  dz = da - exp(a)·sum_j da_j."""
+
+    name: ClassVar[str] = "log_softmax"
+
+    def forward(self, z):
+        a = torch.log_softmax(z, dim=1)
+        return a, a
+
+    def backward(self, a, da):
+        return da - torch.exp(a) * row_sum(da)
+
+    def to_torch(self):
+        return nn.LogSoftmax(dim=1)
+
+
 _BY_NAME: dict[str, Activation] = {
-    act.name: act for act in (Identity(), ReLU(), Sigmoid(), Tanh(), Softmax())
+    act.name: act for act in (Identity(), ReLU(), Sigmoid(), Tanh(), Softmax(), LeakyReLU(),
+                              ELU(), GELU(), SiLU(), Softplus(), LogSoftmax())
 }
-_ALIASES = {"linear": "identity", "none": "identity"}
+_BY_NAME["gelu_tanh"] = GELU("tanh")
+_ALIASES = {"linear": "identity", "none": "identity", "swish": "silu"}
 
 
 def get_activation(activation: str | Activation | None) -> Activation:

@@ -74,19 +74,12 @@ def fit(
                         f"got {optimizer!r}")
     if shuffle and generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    x, y = model.check_data(params, x, y)
+    x, y = model.check_data(params, x, y, loss=loss)
     if valid is not None:
         if not (isinstance(valid, (tuple, list)) and len(valid) == 2):
             raise TypeError("valid must be a pair (x_valid, y_valid)")
-        x_valid, y_valid = valid
-        like = tree_leaves(params)[0]
-        x_valid = _validate.as_data(x_valid, "x_valid", like)
-        y_valid = _validate.as_data(y_valid, "y_valid", like)
-        _validate.check_matrix(x_valid, "x_valid", model.in_features, "features")
-        _validate.check_rows(x_valid, y_valid, "x_valid", "y_valid")
-        _validate.check_matrix(y_valid, "y_valid", model.out_features, "columns")
-        _validate.check_finite(x_valid, "x_valid")
-        _validate.check_finite(y_valid, "y_valid")
+        x_valid, y_valid = model.check_data(params, *valid, loss=loss,
+                                            names=("x_valid", "y_valid"))
     if shuffle and generator is None:
         generator = torch.Generator()
         generator.seed()

@@ -132,24 +132,23 @@ class MLP:
             raise TypeError(f"parameters must be floating point, got {first.dtype}")
         return first
 
-    def check_data(self, params: Params, x, y=None, *, finite: bool = True,
-                   params_checked: bool = False) -> tuple[Tensor, Tensor | None]:
-        """Validated (x, y) as tensors on the parameters' dtype and device; with ``finite``,
-        also free of NaN and inf. ``params_checked`` skips re-checking known-good params."""
+    def check_data(self, params: Params, x, y=None, *, loss: Loss = mse, finite: bool = True,
+                   params_checked: bool = False, names: tuple[str, str] = ("x", "y")
+                   ) -> tuple[Tensor, Tensor | None]:
+        """Validated (x, y) as tensors on the parameters' device (x in their dtype, y as
+        ``loss`` wants it); with ``finite``, also checked value by value (NaN, inf, label
+        ranges). ``params_checked`` skips re-checking known-good params."""
         like = params[0].weight if params_checked else self.check_params(params)
-        x = _validate.as_data(x, "x", like)
-        _validate.check_matrix(x, "x", self.in_features, "features")
+        x_name, y_name = names
+        x = _validate.as_data(x, x_name, like)
+        _validate.check_matrix(x, x_name, self.in_features, "features")
         if y is not None:
-            y = _validate.as_data(y, "y", like)
-            if y.dim() == 1 and self.out_features == 1:
-                raise ValueError(f"y must be 2-D (samples, 1), got shape {tuple(y.shape)}; "
-                                 "use y.reshape(-1, 1)")
-            _validate.check_rows(x, y)
-            _validate.check_matrix(y, "y", self.out_features, "columns")
+            y = loss.check_target(y, self.out_features, like, y_name)
+            _validate.check_rows(x, y, x_name, y_name)
         if finite:
-            _validate.check_finite(x, "x")
+            _validate.check_finite(x, x_name)
             if y is not None:
-                _validate.check_finite(y, "y")
+                loss.check_target_values(y, self.out_features, y_name)
         return x, y
 
     # --- pure functions ---------------------------------------------------------------------
@@ -166,14 +165,14 @@ class MLP:
         Computed by the explicit backward rules; no autograd is involved.
         """
         _check_loss(loss)
-        x, y = self.check_data(params, x, y)
+        x, y = self.check_data(params, x, y, loss=loss)
         with torch.no_grad():
             return value_and_grad(self, params, x, y, loss)
 
     def evaluate(self, params: Params, x, y, loss: Loss = mse) -> float:
         """The loss of the predictions on (x, y), as a Python float."""
         _check_loss(loss)
-        x, y = self.check_data(params, x, y)
+        x, y = self.check_data(params, x, y, loss=loss)
         with torch.no_grad():
             return loss(forward(self, params, x), y).item()
 

@@ -85,7 +85,7 @@ class TrainStep:
         Checks shapes, dtypes and devices (not values: NaN checks would sync every step;
         ``fit`` checks the data once).
         """
-        x, y = self.model.check_data(params, x, y, finite=False,
+        x, y = self.model.check_data(params, x, y, loss=self.loss, finite=False,
                                      params_checked=params is self._last_params)
         if valid_rows is not None and not 0 < valid_rows <= x.shape[0]:
             raise ValueError(f"valid_rows must be in 1..{x.shape[0]}, got {valid_rows}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fnmlp._activations import Activation, Identity, ReLU, Sigmoid, Softmax, Tanh
+from fnmlp._activations import (ELU, GELU, Activation, Identity, LeakyReLU, LogSoftmax, ReLU,
+                                SiLU, Sigmoid, Softmax, Softplus, Tanh)
 from fnmlp._dense import DenseParams
 from fnmlp._model import MLP, Dense, Params
 
@@ -26,11 +27,14 @@ def to_torch(model: MLP, params: Params) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
-def _softmax_from_torch(module: nn.Softmax) -> Activation:
-    if module.dim not in (1, -1):
-        raise ValueError(f"nn.Softmax(dim={module.dim}) is not supported: fnmlp's softmax is "
-                         "row-wise, use nn.Softmax(dim=1)")
-    return Softmax()
+def _row_wise(activation: type[Activation]):
+    def convert(module) -> Activation:
+        if module.dim not in (1, -1):
+            name = type(module).__name__
+            raise ValueError(f"nn.{name}(dim={module.dim}) is not supported: fnmlp's "
+                             f"{activation.name} is row-wise, use nn.{name}(dim=1)")
+        return activation()
+    return convert
 
 
 _FROM_TORCH = {
@@ -38,7 +42,13 @@ _FROM_TORCH = {
     nn.ReLU: lambda module: ReLU(),
     nn.Sigmoid: lambda module: Sigmoid(),
     nn.Tanh: lambda module: Tanh(),
-    nn.Softmax: _softmax_from_torch,
+    nn.Softmax: _row_wise(Softmax),
+    nn.LogSoftmax: _row_wise(LogSoftmax),
+    nn.LeakyReLU: lambda module: LeakyReLU(module.negative_slope),
+    nn.ELU: lambda module: ELU(module.alpha),
+    nn.GELU: lambda module: GELU(module.approximate),
+    nn.SiLU: lambda module: SiLU(),
+    nn.Softplus: lambda module: Softplus(module.beta, module.threshold),
 }
 
 

@@ -152,3 +152,25 @@ def test_backward_is_bit_identical_to_autograd_on_cpu(name, dtype):
         (expected,) = torch.autograd.grad(module(z) if module else z, z, da)
         got = activation.backward(activation.forward(z.detach())[1], da)
         assert torch.equal(got, expected), (name, dtype, shape)
+
+
+@pytest.mark.parametrize("activation, values", [
+    (fnmlp.ReLU(), [-1.0, 0.0, 1e-300, 2.0]),
+    (fnmlp.LeakyReLU(0.2), [-1.0, 0.0, 3.0]),
+    (fnmlp.ELU(0.7), [-30.0, -1.0, 0.0, 2.0]),
+    (fnmlp.Softplus(2.0, 5.0), [2.4, 2.5, 2.6, -50.0, 100.0, 1000.0]),
+    (fnmlp.Softplus(), [19.9, 20.0, 20.1, 800.0]),
+    (fnmlp.GELU(), [-40.0, -3.0, 0.0, 3.0]),
+    (fnmlp.GELU("tanh"), [-40.0, -3.0, 0.0, 3.0]),
+    (fnmlp.SiLU(), [-800.0, -1.0, 0.0, 800.0]),
+    (fnmlp.Sigmoid(), [-800.0, 0.0, 800.0]),
+    (fnmlp.LogSoftmax(), [-1000.0, 0.0, 1000.0]),
+])
+def test_backward_at_awkward_values_matches_autograd(activation, values):
+    """Kinks, thresholds and extremes: the explicit rule agrees with autograd, finitely."""
+    z = torch.tensor([values], dtype=torch.float64, requires_grad=True)
+    da = torch.linspace(-1, 2, len(values), dtype=torch.float64).reshape(1, -1)
+    (expected,) = torch.autograd.grad(activation.to_torch()(z), z, da)
+    got = activation.backward(activation.forward(z.detach())[1], da)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-15)
