@@ -16,7 +16,10 @@ from fnmlp._fit import FitResult, History, NonFiniteLossError, fit
 from fnmlp._losses import (L1, MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Huber, Loss,
                            binary_cross_entropy_with_logits, cross_entropy, huber, l1, mse)
 from fnmlp._model import MLP, Dense
-from fnmlp._optim import SGD, SGDState, sgd
+from fnmlp import schedules
+from fnmlp._optim import (SGD, Adagrad, AdagradState, Adam, AdamState, ClipByGlobalNorm,
+                          Optimizer, RMSprop, RMSpropState, SGDState, adagrad, adam, adamw,
+                          clip_by_global_norm, rmsprop, sgd)
 from fnmlp._step import CompileVerificationError, TrainStep, train_step
 from fnmlp._tree import pytree_dataclass
 from fnmlp._twin import from_torch, to_torch

@@ -1,68 +1,409 @@
 """Functional optimizers: ``init(params) -> state`` and ``update(params, grads, state) ->
-(params, state)``. Nothing is mutated; hyper-parameters that may change during training (the
-learning rate) live in the state as 0-d tensors, so a compiled step never recompiles for them.
+(params, state)``, each following its ``torch.optim`` counterpart's arithmetic.
+
+Nothing is mutated. What changes during training lives in the state as tensors: the step count,
+the learning rate (0-d), per-parameter buffers shaped like the parameters. A compiled step thus
+never recompiles for a new learning rate or a schedule. ``lr`` is a float, a 0-d tensor, or a
+schedule from ``fnmlp.schedules`` (then the state's rate is the schedule's base).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
-from fnmlp._tree import pytree_dataclass, tree_leaves, tree_map
+from fnmlp._tree import pytree_dataclass, tree_leaves
 from fnmlp._validate import check_learning_rate
+from fnmlp.schedules import Schedule
 
 
-@pytree_dataclass
-class SGDState:
-    """``learning_rate``: 0-d tensor on the parameters' device."""
-
-    learning_rate: Tensor
-
-
-@dataclasses.dataclass(frozen=True)
-class SGD:
-    """Plain stochastic gradient descent, p ← p - lr · g, as ``torch.optim.SGD`` computes it."""
-
-    lr: float | Tensor
-
-    def __post_init__(self):
-        check_learning_rate(self.lr)
-
-    @property
-    def structure(self) -> tuple:
-        """What a compiled update depends on (the learning rate is in the state, not here)."""
-        return (type(self),)
-
-    def init(self, params) -> SGDState:
-        like = tree_leaves(params)[0]
-        return SGDState(learning_rate=_scalar(self.lr, like))
-
-    def update(self, params, grads, state: SGDState):
-        neg_lr = -state.learning_rate
-        # addcmul is one fused multiply-add like torch.optim's add(alpha=-lr), and avoids the
-        # add-with-alpha form that inductor has miscompiled (see PITFALLS: alpha dropped).
-        new_params = tree_map(lambda p, g: torch.addcmul(p, g, neg_lr), params, grads)
-        return new_params, state
-
-    def to_torch(self, parameters) -> torch.optim.SGD:
-        """The matching ``torch.optim.SGD`` over ``parameters`` (for the ``nn.Module`` twin)."""
-        return torch.optim.SGD(parameters, lr=self.lr)
-
-    def with_learning_rate(self, state: SGDState, lr: float | Tensor) -> SGDState:
-        """A state whose learning rate is ``lr``; no recompile of a compiled step follows."""
-        check_learning_rate(lr)
-        return SGDState(learning_rate=_scalar(lr, state.learning_rate))
+def _leafwise(fn, params, *trees):
+    """Apply ``fn(p, *others) -> tuple`` leaf by leaf; return one tree per output."""
+    leaves, spec = pytree.tree_flatten(params)
+    others = [pytree.tree_leaves(tree) if tree is not None else [None] * len(leaves)
+              for tree in trees]
+    results = [fn(leaf, *(other[i] for other in others)) for i, leaf in enumerate(leaves)]
+    return tuple(pytree.tree_unflatten([r[k] for r in results], spec)
+                 for k in range(len(results[0])))
 
 
-def sgd(lr: float | Tensor) -> SGD:
-    """SGD with learning rate ``lr`` (a positive float or a 0-d tensor)."""
-    return SGD(lr)
+def _zeros_like(params, fill: float = 0.0):
+    return pytree.tree_map(lambda t: torch.full_like(t, fill), params)
 
 
-def _scalar(value: float | Tensor, like: Tensor) -> Tensor:
+def _scalar(value, like: Tensor) -> Tensor:
     dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
     if isinstance(value, Tensor):
         return value.detach().to(dtype=dtype, device=like.device).clone()
     return torch.tensor(value, dtype=dtype, device=like.device)
+
+
+def _check_range(name: str, value, low: float, high: float = math.inf, *,
+                 low_open: bool = False, high_open: bool = True) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = ok and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    if not ok:
+        left, right = "(" if low_open else "[", ")" if high_open else "]"
+        raise ValueError(f"{name} must be a number in {left}{low}, {high}{right}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+    """Base class. ``lr``: a positive float, a 0-d tensor or an ``fnmlp.schedules`` schedule."""
+
+    lr: float | Tensor | Schedule
+
+    def __post_init__(self):
+        if not isinstance(self.lr, Schedule):
+            check_learning_rate(self.lr)
+
+    @property
+    def schedule(self) -> Schedule | None:
+        return self.lr if isinstance(self.lr, Schedule) else None
+
+    @property
+    def base_lr(self) -> float | Tensor:
+        return self.lr.base if isinstance(self.lr, Schedule) else self.lr
+
+    @property
+    def structure(self) -> tuple:
+        """What a compiled update depends on: the type, the hyper-parameters and the schedule
+        (the learning rate itself is in the state)."""
+        fields = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
+                  if f.name != "lr"]
+        return (type(self), self.schedule, *fields)
+
+    def learning_rate(self, state) -> Tensor:
+        """The rate for the next update: the state's rate, times the schedule's factor."""
+        if self.schedule is None:
+            return state.learning_rate
+        return state.learning_rate * self.schedule.factor(state.step)
+
+    def with_learning_rate(self, state, lr: float | Tensor):
+        """A state whose (base) learning rate is ``lr``; no recompile of a compiled step."""
+        check_learning_rate(lr)
+        return dataclasses.replace(state, learning_rate=_scalar(lr, state.learning_rate))
+
+    def _counters(self, params) -> dict:
+        like = tree_leaves(params)[0]
+        return {"step": _scalar(0.0, like), "learning_rate": _scalar(self.base_lr, like)}
+
+    def torch_class(self):
+        raise NotImplementedError
+
+    def torch_options(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lr"}
+
+    def to_torch(self, parameters) -> torch.optim.Optimizer:
+        """The matching ``torch.optim`` optimizer over ``parameters`` (for the twin); with a
+        schedule, pair it with ``self.schedule.to_torch(optimizer)``."""
+        lr = self.base_lr
+        lr = float(lr) if isinstance(lr, Tensor) else lr
+        return self.torch_class()(parameters, lr=lr, **self.torch_options())
+
+
+@pytree_dataclass
+class SGDState:
+    step: Tensor
+    learning_rate: Tensor
+    momentum_buffer: object  # like params, or None without momentum
+
+
+@dataclasses.dataclass(frozen=True)
+class SGD(Optimizer):
+    """``torch.optim.SGD``: g += wd·p; b = g at the first step, else μ·b + (1 - τ)·g;
+    g = g + μ·b (nesterov) or b; p -= lr·g."""
+
+    momentum: float = 0.0
+    dampening: float = 0.0
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_range("momentum", self.momentum, 0.0)
+        _check_range("dampening", self.dampening, 0.0, 1.0, high_open=False)
+        _check_range("weight_decay", self.weight_decay, 0.0)
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise ValueError("nesterov momentum requires momentum > 0 and dampening 0")
+
+    def init(self, params) -> SGDState:
+        buffer = _zeros_like(params) if self.momentum else None
+        return SGDState(momentum_buffer=buffer, **self._counters(params))
+
+    def update(self, params, grads, state: SGDState):
+        neg_lr = -self.learning_rate(state)
+        first = state.step == 0
+
+        def one(p, g, buffer):
+            if self.weight_decay:
+                g = g + p * self.weight_decay
+            if self.momentum:
+                buffer = torch.where(first, g, buffer * self.momentum
+                                     + g * (1 - self.dampening))
+                g = g + buffer * self.momentum if self.nesterov else buffer
+            # addcmul is one fused multiply-add like torch.optim's add(alpha=-lr), and avoids
+            # the add-with-alpha form that inductor has miscompiled (PITFALLS: alpha dropped).
+            return torch.addcmul(p, g, neg_lr), buffer
+
+        new_params, buffers = _leafwise(one, params, grads, state.momentum_buffer)
+        return new_params, SGDState(step=state.step + 1, learning_rate=state.learning_rate,
+                                    momentum_buffer=buffers if self.momentum else None)
+
+    def torch_class(self):
+        return torch.optim.SGD
+
+
+@pytree_dataclass
+class AdamState:
+    step: Tensor
+    learning_rate: Tensor
+    exp_avg: object
+    exp_avg_sq: object
+    max_exp_avg_sq: object  # like params with amsgrad, else None
+
+
+@dataclasses.dataclass(frozen=True)
+class Adam(Optimizer):
+    """``torch.optim.Adam`` (``AdamW`` with ``decoupled=True``): m ← lerp(m, g, 1 - β1),
+    v ← β2·v + (1 - β2)·g², p -= lr/(1 - β1^t) · m / (sqrt(v̂)/sqrt(1 - β2^t) + ε), v̂ = v or
+    its running max (amsgrad). Weight decay adds wd·p to g, or with ``decoupled`` scales
+    p by 1 - lr·wd first."""
+
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    decoupled: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
+        _check_range("beta1", self.betas[0], 0.0, 1.0)
+        _check_range("beta2", self.betas[1], 0.0, 1.0)
+        _check_range("eps", self.eps, 0.0, low_open=True)
+        _check_range("weight_decay", self.weight_decay, 0.0)
+
+    def init(self, params) -> AdamState:
+        return AdamState(exp_avg=_zeros_like(params), exp_avg_sq=_zeros_like(params),
+                         max_exp_avg_sq=_zeros_like(params) if self.amsgrad else None,
+                         **self._counters(params))
+
+    def update(self, params, grads, state: AdamState):
+        lr = self.learning_rate(state)
+        step = state.step + 1
+        beta1, beta2 = self.betas
+        step_size = lr / (1 - beta1 ** step)
+        correction2_sqrt = torch.sqrt(1 - beta2 ** step)
+
+        def one(p, g, m, v, v_max):
+            if self.weight_decay and self.decoupled:
+                p = p * (1 - lr * self.weight_decay)
+            elif self.weight_decay:
+                g = g + p * self.weight_decay
+            m = torch.lerp(m, g, 1 - beta1)
+            v = torch.addcmul(v * beta2, g, g, value=1 - beta2)
+            if self.amsgrad:
+                v_max = torch.maximum(v_max, v)
+            denom = torch.sqrt(v_max if self.amsgrad else v) / correction2_sqrt + self.eps
+            return p - step_size * (m / denom), m, v, v_max
+
+        new_params, m, v, v_max = _leafwise(one, params, grads, state.exp_avg, state.exp_avg_sq,
+                                            state.max_exp_avg_sq)
+        return new_params, AdamState(step=step, learning_rate=state.learning_rate, exp_avg=m,
+                                     exp_avg_sq=v, max_exp_avg_sq=v_max if self.amsgrad else None)
+
+    def torch_class(self):
+        return torch.optim.AdamW if self.decoupled else torch.optim.Adam
+
+    def torch_options(self):
+        return {"betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
+                "amsgrad": self.amsgrad}
+
+
+@pytree_dataclass
+class RMSpropState:
+    step: Tensor
+    learning_rate: Tensor
+    square_avg: object
+    grad_avg: object  # with centered, else None
+    momentum_buffer: object  # with momentum, else None
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSprop(Optimizer):
+    """``torch.optim.RMSprop``: s ← α·s + (1 - α)·g²; centered subtracts the squared running
+    mean of g; d = sqrt(s) + ε; p -= lr·g/d, or through a momentum buffer b ← μ·b + g/d."""
+
+    alpha: float = 0.99
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+    centered: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_range("alpha", self.alpha, 0.0, 1.0, high_open=False)
+        _check_range("eps", self.eps, 0.0, low_open=True)
+        _check_range("weight_decay", self.weight_decay, 0.0)
+        _check_range("momentum", self.momentum, 0.0)
+
+    def init(self, params) -> RMSpropState:
+        return RMSpropState(square_avg=_zeros_like(params),
+                            grad_avg=_zeros_like(params) if self.centered else None,
+                            momentum_buffer=_zeros_like(params) if self.momentum else None,
+                            **self._counters(params))
+
+    def update(self, params, grads, state: RMSpropState):
+        lr = self.learning_rate(state)
+
+        def one(p, g, s, mean, buffer):
+            if self.weight_decay:
+                g = g + p * self.weight_decay
+            s = torch.addcmul(s * self.alpha, g, g, value=1 - self.alpha)
+            if self.centered:
+                mean = torch.lerp(mean, g, 1 - self.alpha)
+                avg = torch.sqrt(torch.addcmul(s, mean, mean, value=-1))
+            else:
+                avg = torch.sqrt(s)
+            avg = avg + self.eps
+            if self.momentum:
+                buffer = buffer * self.momentum + g / avg
+                return p - lr * buffer, s, mean, buffer
+            return p - lr * (g / avg), s, mean, buffer
+
+        new_params, s, mean, buffer = _leafwise(one, params, grads, state.square_avg,
+                                                state.grad_avg, state.momentum_buffer)
+        return new_params, RMSpropState(
+            step=state.step + 1, learning_rate=state.learning_rate, square_avg=s,
+            grad_avg=mean if self.centered else None,
+            momentum_buffer=buffer if self.momentum else None)
+
+    def torch_class(self):
+        return torch.optim.RMSprop
+
+
+@pytree_dataclass
+class AdagradState:
+    step: Tensor
+    learning_rate: Tensor
+    sum: object
+
+
+@dataclasses.dataclass(frozen=True)
+class Adagrad(Optimizer):
+    """``torch.optim.Adagrad``: s ← s + g²; p -= lr/(1 + (t - 1)·decay) · g/(sqrt(s) + ε)."""
+
+    lr_decay: float = 0.0
+    weight_decay: float = 0.0
+    initial_accumulator_value: float = 0.0
+    eps: float = 1e-10
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_range("lr_decay", self.lr_decay, 0.0)
+        _check_range("weight_decay", self.weight_decay, 0.0)
+        _check_range("initial_accumulator_value", self.initial_accumulator_value, 0.0)
+        _check_range("eps", self.eps, 0.0, low_open=True)
+
+    def init(self, params) -> AdagradState:
+        return AdagradState(sum=_zeros_like(params, self.initial_accumulator_value),
+                            **self._counters(params))
+
+    def update(self, params, grads, state: AdagradState):
+        step = state.step + 1
+        clr = self.learning_rate(state) / (1 + (step - 1) * self.lr_decay)
+
+        def one(p, g, s):
+            if self.weight_decay:
+                g = g + p * self.weight_decay
+            s = torch.addcmul(s, g, g)
+            return p - clr * (g / (torch.sqrt(s) + self.eps)), s
+
+        new_params, s = _leafwise(one, params, grads, state.sum)
+        return new_params, AdagradState(step=step, learning_rate=state.learning_rate, sum=s)
+
+    def torch_class(self):
+        return torch.optim.Adagrad
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipByGlobalNorm:
+    """Scale all gradients by min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ the norm over all of them
+    (``torch.nn.utils.clip_grad_norm_``), then apply ``inner``."""
+
+    inner: Optimizer
+    max_norm: float
+
+    def __post_init__(self):
+        if not isinstance(self.inner, (Optimizer, ClipByGlobalNorm)):
+            raise TypeError(f"clip_by_global_norm wraps an fnmlp optimizer, got {self.inner!r}")
+        _check_range("max_norm", self.max_norm, 0.0, low_open=True)
+
+    @property
+    def structure(self) -> tuple:
+        return (type(self), self.inner.structure, self.max_norm)
+
+    def init(self, params):
+        return self.inner.init(params)
+
+    def update(self, params, grads, state):
+        leaves = pytree.tree_leaves(grads)
+        norms = torch.stack([torch.linalg.vector_norm(g) for g in leaves])
+        total = torch.linalg.vector_norm(norms)
+        scale = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
+        return self.inner.update(params, pytree.tree_map(lambda g: g * scale, grads), state)
+
+    def with_learning_rate(self, state, lr):
+        return self.inner.with_learning_rate(state, lr)
+
+    def learning_rate(self, state) -> Tensor:
+        return self.inner.learning_rate(state)
+
+    @property
+    def schedule(self):
+        return self.inner.schedule
+
+    def to_torch(self, parameters):
+        return self.inner.to_torch(parameters)
+
+
+def _pair(values):
+    return tuple(values) if isinstance(values, (list, tuple)) else values
+
+
+def sgd(lr, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+        nesterov: bool = False) -> SGD:
+    """SGD with learning rate ``lr`` (a positive float, a 0-d tensor or a schedule)."""
+    return SGD(lr, momentum, dampening, weight_decay, nesterov)
+
+
+def adam(lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+         amsgrad: bool = False) -> Adam:
+    return Adam(lr, _pair(betas), eps, weight_decay, amsgrad, decoupled=False)
+
+
+def adamw(lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
+          amsgrad: bool = False) -> Adam:
+    return Adam(lr, _pair(betas), eps, weight_decay, amsgrad, decoupled=True)
+
+
+def rmsprop(lr=1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
+            momentum: float = 0.0, centered: bool = False) -> RMSprop:
+    return RMSprop(lr, alpha, eps, weight_decay, momentum, centered)
+
+
+def adagrad(lr=1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
+            initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> Adagrad:
+    return Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)
+
+
+def clip_by_global_norm(optimizer, max_norm: float) -> ClipByGlobalNorm:
+    """``optimizer`` applied to gradients clipped to global norm ``max_norm``."""
+    return ClipByGlobalNorm(optimizer, max_norm)

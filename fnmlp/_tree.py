@@ -52,7 +52,8 @@ def tree_leaves(tree) -> list:
 
 
 def flatten(tree) -> tuple[list, object]:
-    """``(leaves, spec)`` of a tree of tensors, None, tuples, lists and pytree dataclasses.
+    """``(leaves, spec)`` of a tree of tensors, tuples, lists and pytree dataclasses; None
+    holds no leaf.
 
     A few times faster than ``torch.utils._pytree.tree_flatten`` for the small trees of a
     training step; ``spec`` is hashable. Other node types go through torch's pytree.
@@ -63,9 +64,11 @@ def flatten(tree) -> tuple[list, object]:
 
 def _flatten_into(tree, leaves: list):
     kind = type(tree)
-    if kind is torch.Tensor or tree is None:
+    if kind is torch.Tensor:
         leaves.append(tree)
         return None
+    if tree is None:  # an absent buffer: no leaf
+        return "none"
     fields = _DATACLASS_FIELDS.get(kind)
     if fields is not None:
         return (kind, tuple(_flatten_into(getattr(tree, name), leaves) for name in fields))
@@ -85,6 +88,8 @@ def unflatten(leaves, spec):
 def _unflatten_from(spec, iterator):
     if spec is None:
         return next(iterator)
+    if spec == "none":
+        return None
     kind = spec[0]
     if kind == "pytree":
         return pytree.tree_unflatten([next(iterator) for _ in range(spec[2])], spec[1])

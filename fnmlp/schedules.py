@@ -1,0 +1,142 @@
+"""Learning-rate schedules: pure functions of the optimizer's step count.
+
+A schedule is ``lr(step) = base · factor(step)``, computed with tensor math from the 0-d step
+count kept in the optimizer state, so a compiled step never recompiles as the rate changes.
+``step`` counts the updates already made: the first update uses ``factor(0)``, as a
+``torch.optim.lr_scheduler`` stepped once after every ``optimizer.step()``.
+
+    optimizer = fnmlp.adam(fnmlp.schedules.cosine(1e-3, total_steps=1000))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+from torch import Tensor
+
+from fnmlp._validate import check_learning_rate, check_positive_int
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """Base class: ``base`` learning rate times ``factor(step)``."""
+
+    base: float
+
+    def __post_init__(self):
+        check_learning_rate(self.base, "base learning rate")
+
+    def factor(self, step: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, step: Tensor) -> Tensor:
+        return self.base * self.factor(step)
+
+    def to_torch(self, optimizer: torch.optim.Optimizer):
+        """The matching ``torch.optim.lr_scheduler`` (step it after every optimizer step)."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Constant(Schedule):
+    def factor(self, step):
+        return torch.ones_like(step)
+
+    def to_torch(self, optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepDecay(Schedule):
+    """factor = gamma ** floor(step / step_size) (``StepLR``)."""
+
+    step_size: int = 1
+    gamma: float = 0.1
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_int(self.step_size, "step_size")
+
+    def factor(self, step):
+        return self.gamma ** torch.floor(step / self.step_size)
+
+    def to_torch(self, optimizer):
+        return torch.optim.lr_scheduler.StepLR(optimizer, self.step_size, self.gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class Exponential(Schedule):
+    """factor = gamma ** step (``ExponentialLR``)."""
+
+    gamma: float = 0.99
+
+    def factor(self, step):
+        return self.gamma ** step
+
+    def to_torch(self, optimizer):
+        return torch.optim.lr_scheduler.ExponentialLR(optimizer, self.gamma)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cosine(Schedule):
+    """lr = eta_min + (base - eta_min)·(1 + cos(π·step/total_steps))/2 (``CosineAnnealingLR``)."""
+
+    total_steps: int = 1
+    eta_min: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_int(self.total_steps, "total_steps")
+
+    def factor(self, step):
+        ratio = self.eta_min / self.base
+        return ratio + (1 - ratio) * (1 + torch.cos(math.pi * step / self.total_steps)) / 2
+
+    def to_torch(self, optimizer):
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.total_steps,
+                                                          self.eta_min)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearWarmup(Schedule):
+    """factor rises linearly from ``start_factor`` to 1 over ``warmup_steps``, then stays 1
+    (``LinearLR``)."""
+
+    warmup_steps: int = 1
+    start_factor: float = 1 / 3
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_positive_int(self.warmup_steps, "warmup_steps")
+        if not 0 < self.start_factor <= 1:
+            raise ValueError(f"start_factor must be in (0, 1], got {self.start_factor}")
+
+    def factor(self, step):
+        progress = torch.clamp(step, max=self.warmup_steps) / self.warmup_steps
+        return self.start_factor + (1 - self.start_factor) * progress
+
+    def to_torch(self, optimizer):
+        return torch.optim.lr_scheduler.LinearLR(optimizer, self.start_factor, 1.0,
+                                                 self.warmup_steps)
+
+
+def constant(lr: float) -> Constant:
+    return Constant(lr)
+
+
+def step_decay(lr: float, step_size: int, gamma: float = 0.1) -> StepDecay:
+    return StepDecay(lr, step_size, gamma)
+
+
+def exponential(lr: float, gamma: float) -> Exponential:
+    return Exponential(lr, gamma)
+
+
+def cosine(lr: float, total_steps: int, eta_min: float = 0.0) -> Cosine:
+    return Cosine(lr, total_steps, eta_min)
+
+
+def linear_warmup(lr: float, warmup_steps: int, start_factor: float = 1 / 3) -> LinearWarmup:
+    return LinearWarmup(lr, warmup_steps, start_factor)

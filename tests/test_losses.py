@@ -1,0 +1,128 @@
+"""Every loss against its torch.nn counterpart: values and gradients (autograd), reductions,
+awkward values, masks for padded rows, and bad targets."""
+
+import pytest
+import torch
+
+import fnmlp
+
+F64 = torch.float64
+
+
+def _data(kind, shape=(7, 4), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pred = torch.randn(shape, generator=g, dtype=F64) * 3
+    if kind == "labels":
+        target = torch.randint(0, shape[1], (shape[0],), generator=g)
+    elif kind == "probabilities":
+        target = torch.softmax(torch.randn(shape, generator=g, dtype=F64), dim=1)
+    elif kind == "binary":
+        target = torch.rand(shape, generator=g, dtype=F64)
+    else:
+        target = torch.randn(shape, generator=g, dtype=F64) * 3
+    return pred, target
+
+
+LOSSES = [
+    (fnmlp.MSE(), "regression"), (fnmlp.MSE("sum"), "regression"),
+    (fnmlp.L1(), "regression"), (fnmlp.L1("sum"), "regression"),
+    (fnmlp.Huber(), "regression"), (fnmlp.Huber("sum", delta=0.5), "regression"),
+    (fnmlp.CrossEntropy(), "labels"), (fnmlp.CrossEntropy("sum"), "labels"),
+    (fnmlp.CrossEntropy(label_smoothing=0.1), "labels"),
+    (fnmlp.CrossEntropy(), "probabilities"),
+    (fnmlp.CrossEntropy("sum", label_smoothing=0.2), "probabilities"),
+    (fnmlp.BinaryCrossEntropyWithLogits(), "binary"),
+    (fnmlp.BinaryCrossEntropyWithLogits("sum"), "binary"),
+]
+
+
+@pytest.mark.parametrize("loss, kind", LOSSES, ids=lambda v: repr(v) if not isinstance(v, str)
+                         else v)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 4), (7, 4), (333, 3)])
+def test_loss_and_gradient_match_torch(loss, kind, shape):
+    pred, target = _data(kind, shape)
+    pred.requires_grad_(True)
+    expected = loss.to_torch()(pred, target)
+    (expected_grad,) = torch.autograd.grad(expected, pred)
+    value, residual = loss.forward(pred.detach(), target)
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(loss.backward(residual), expected_grad, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss, pred, target", [
+    (fnmlp.Huber(delta=1.0), [[-1.0, 1.0, 0.0, 2.0]], [[0.0, 0.0, 0.0, 0.0]]),  # at ±delta
+    (fnmlp.L1(), [[1.0, 2.0]], [[1.0, 0.0]]),                                  # at the kink
+    (fnmlp.CrossEntropy(), [[1000.0, -1000.0, 0.0]], [0]),                      # extreme logits
+    (fnmlp.CrossEntropy(), [[-1000.0, 1000.0, 0.0]], [0]),
+    (fnmlp.BinaryCrossEntropyWithLogits(), [[800.0, -800.0]], [[0.0, 1.0]]),
+])
+def test_awkward_values(loss, pred, target):
+    pred = torch.tensor(pred, dtype=F64, requires_grad=True)
+    target = torch.tensor(target, dtype=F64 if isinstance(target[0], list) else torch.long)
+    expected = loss.to_torch()(pred, target)
+    (expected_grad,) = torch.autograd.grad(expected, pred)
+    value, residual = loss.forward(pred.detach(), target)
+    grad = loss.backward(residual)
+    assert torch.isfinite(value) and torch.isfinite(grad).all()
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("loss, kind", LOSSES, ids=lambda v: repr(v) if not isinstance(v, str)
+                         else v)
+def test_padded_rows_do_not_count(loss, kind):
+    """With valid_rows, padded rows change neither the value nor the real rows' gradient."""
+    pred, target = _data(kind, (5, 3), seed=2)
+    padded_pred = torch.cat([pred, torch.randn(3, 3, dtype=F64)])
+    padded_target = torch.cat([target, target[:3]])
+    value, residual = loss.forward(pred, target)
+    grad = loss.backward(residual)
+    masked_value, masked_residual = loss.forward(padded_pred, padded_target, torch.tensor(5))
+    masked_grad = loss.backward(masked_residual)
+    torch.testing.assert_close(masked_value, value, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(masked_grad[:5], grad, rtol=1e-14, atol=1e-16)
+    assert torch.equal(masked_grad[5:], torch.zeros_like(masked_grad[5:]))
+
+
+def _classifier():
+    model = fnmlp.MLP(4, [fnmlp.Dense(8, "relu"), fnmlp.Dense(3)])
+    return model, model.init(torch.Generator().manual_seed(0), dtype=F64)
+
+
+def test_cross_entropy_through_value_and_grad_and_fit():
+    model, params = _classifier()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 4, generator=g, dtype=F64)
+    labels = torch.randint(0, 3, (20,), generator=g)
+    twin = fnmlp.to_torch(model, params)
+    fnmlp.cross_entropy.to_torch()(twin(x), labels).backward()
+    _, grads = model.value_and_grad(params, x, labels, loss=fnmlp.cross_entropy)
+    for ours, theirs in zip([t for p in grads for t in (p.weight, p.bias)], twin.parameters()):
+        torch.testing.assert_close(ours, theirs.grad, rtol=1e-13, atol=1e-15)
+    result = fnmlp.fit(model, params, x, labels.numpy(), epochs=3, batch_size=8,
+                       optimizer=fnmlp.sgd(0.1), loss=fnmlp.cross_entropy, valid=(x, labels))
+    assert len(result.history.valid_loss) == 3
+
+
+@pytest.mark.parametrize("loss, target, message", [
+    (fnmlp.cross_entropy, torch.tensor([0, 1, 3, 0]), "label 3 in y is out of range: the model "
+                                                      "has 3 classes"),
+    (fnmlp.cross_entropy, torch.tensor([0, -1, 2, 0]), "label -1 in y is out of range"),
+    (fnmlp.cross_entropy, torch.full((4, 3), 0.5, dtype=F64), "must sum to 1 per row; row 0"),
+    (fnmlp.cross_entropy, torch.tensor([[0, 1, 2, 0]]), "must be 1-D"),
+    (fnmlp.binary_cross_entropy_with_logits, torch.full((4, 3), 2.0, dtype=F64), r"\[0, 1\]"),
+])
+def test_bad_targets(loss, target, message):
+    model, params = _classifier()
+    x = torch.zeros(4, 4, dtype=F64)
+    with pytest.raises(ValueError, match=message):
+        model.value_and_grad(params, x, target, loss=loss)
+
+
+def test_bad_loss_arguments():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fnmlp.MSE("avg")
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        fnmlp.CrossEntropy(label_smoothing=1.5)
+    with pytest.raises(ValueError, match="delta must be > 0"):
+        fnmlp.Huber(delta=0)
