@@ -22,7 +22,9 @@ from fnmlp._optim import (SGD, Adagrad, AdagradState, Adam, AdamState, ClipByGlo
                           clip_by_global_norm, rmsprop, sgd)
 from fnmlp._step import CompileVerificationError, TrainStep, train_step
 from fnmlp._tree import pytree_dataclass
-from fnmlp._twin import from_torch, to_torch
+from fnmlp._dropout import make_key as dropout_key
+from fnmlp._norm import LayerNormParams
+from fnmlp._twin import SharedMaskDropout, TorchTwin, from_torch, set_dropout_key, to_torch
 
 __all__ = [
     "MLP", "Dense", "DenseParams", "dense_forward", "dense_backward",
@@ -31,6 +33,7 @@ __all__ = [
     "Loss", "MSE", "mse", "L1", "l1", "Huber", "huber", "CrossEntropy", "cross_entropy",
     "BinaryCrossEntropyWithLogits", "binary_cross_entropy_with_logits", "SGD", "SGDState", "sgd",
     "train_step", "TrainStep", "CompileVerificationError", "fit", "FitResult", "History", "NonFiniteLossError",
-    "to_torch", "from_torch", "metrics", "pytree_dataclass",
+    "to_torch", "from_torch", "TorchTwin", "SharedMaskDropout", "set_dropout_key",
+    "dropout_key", "LayerNormParams", "metrics", "pytree_dataclass",
 ]
 __version__ = "0.1.0"

@@ -9,15 +9,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fnmlp._norm import LayerNormParams
 from fnmlp._tree import pytree_dataclass
 
 
 @pytree_dataclass
 class DenseParams:
-    """Parameters of one dense layer: ``weight`` (n_out, n_in) and ``bias`` (n_out,)."""
+    """Parameters of one dense layer: ``weight`` (n_out, n_in), ``bias`` (n_out,) and, for a
+    layer with ``layer_norm=True``, the norm's ``LayerNormParams`` (else None)."""
 
     weight: Tensor
     bias: Tensor
+    norm: LayerNormParams | None = None
 
 
 def dense_forward(params: DenseParams, x: Tensor) -> Tensor:

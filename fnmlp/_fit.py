@@ -11,6 +11,7 @@ from torch import Tensor
 from fnmlp import _validate
 from fnmlp._losses import Loss, mse
 from fnmlp._model import MLP, Params, _check_loss, forward
+from fnmlp._dropout import make_key
 from fnmlp._step import pad_rows, train_step
 from fnmlp._tree import tree_leaves
 
@@ -72,7 +73,7 @@ def fit(
     if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
                         f"got {optimizer!r}")
-    if shuffle and generator is not None and not isinstance(generator, torch.Generator):
+    if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     x, y = model.check_data(params, x, y, loss=loss)
     if valid is not None:
@@ -80,9 +81,13 @@ def fit(
             raise TypeError("valid must be a pair (x_valid, y_valid)")
         x_valid, y_valid = model.check_data(params, *valid, loss=loss,
                                             names=("x_valid", "y_valid"))
-    if shuffle and generator is None:
+    if (shuffle or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
+    dropout_seed = None
+    if model.has_dropout:
+        dropout_seed = int(torch.randint(0, 2**32, (), generator=generator,
+                                         device=generator.device))
     step = train_step(model, loss, optimizer, compile=compile, verify=verify)
 
     with torch.no_grad():
@@ -91,6 +96,7 @@ def fit(
         history = History()
         previous = (params, opt_state)
         n = x.shape[0]
+        steps_done = 0
         for epoch in range(epochs):
             if shuffle:
                 order = torch.randperm(n, generator=generator, device=generator.device)
@@ -100,7 +106,11 @@ def fit(
             batch_losses = []
             for batch, (xb, yb, rows) in enumerate(_batches(x_epoch, y_epoch, batch_size,
                                                             pad=compile)):
-                new_params, new_state, value = step.run(params, opt_state, xb, yb, rows)
+                key = None
+                if dropout_seed is not None:
+                    key = make_key(dropout_seed, steps_done, device=x.device)
+                new_params, new_state, value = step.run(params, opt_state, xb, yb, rows, key)
+                steps_done += 1
                 value = value.item()
                 if not math.isfinite(value):
                     if not _all_finite(params):  # the previous update overflowed: step back

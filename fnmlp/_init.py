@@ -33,10 +33,59 @@ def normal(n_in: int, n_out: int, generator: torch.Generator, dtype: torch.dtype
     return DenseParams(weight=weight.t().contiguous(), bias=bias)
 
 
-INITIALIZERS: dict[str, Initializer] = {"torch": torch_default, "normal": normal}
+def _weight_then_zero_bias(draw):
+    """An initializer drawing W (n_out, n_in) in place with ``draw``; b = 0."""
+
+    def initializer(n_in: int, n_out: int, generator: torch.Generator, dtype: torch.dtype):
+        weight = torch.empty(n_out, n_in, dtype=dtype, device=generator.device)
+        draw(weight, generator)
+        return DenseParams(weight=weight, bias=torch.zeros(n_out, dtype=dtype,
+                                                           device=generator.device))
+
+    initializer.__doc__ = draw.__doc__
+    return initializer
+
+
+def _xavier_uniform(w, g):
+    """Glorot: W ~ U(±sqrt(6 / (n_in + n_out)))."""
+    torch.nn.init.xavier_uniform_(w, generator=g)
+
+
+def _xavier_normal(w, g):
+    """Glorot: W ~ N(0, 2 / (n_in + n_out))."""
+    torch.nn.init.xavier_normal_(w, generator=g)
+
+
+def _kaiming_uniform(w, g):
+    """He (fan_in, ReLU gain): W ~ U(±sqrt(6 / n_in))."""
+    torch.nn.init.kaiming_uniform_(w, nonlinearity="relu", generator=g)
+
+
+def _kaiming_normal(w, g):
+    """He (fan_in, ReLU gain): W ~ N(0, 2 / n_in)."""
+    torch.nn.init.kaiming_normal_(w, nonlinearity="relu", generator=g)
+
+
+def _zeros(w, g):
+    """W = 0."""
+    w.zero_()
+
+
+INITIALIZERS: dict[str, Initializer] = {
+    "torch": torch_default,
+    "normal": normal,
+    "xavier_uniform": _weight_then_zero_bias(_xavier_uniform),
+    "xavier_normal": _weight_then_zero_bias(_xavier_normal),
+    "kaiming_uniform": _weight_then_zero_bias(_kaiming_uniform),
+    "kaiming_normal": _weight_then_zero_bias(_kaiming_normal),
+    "zeros": _weight_then_zero_bias(_zeros),
+}
+ALIASES = {"glorot_uniform": "xavier_uniform", "glorot_normal": "xavier_normal",
+           "he_uniform": "kaiming_uniform", "he_normal": "kaiming_normal"}
 
 
 def get_initializer(name: str) -> Initializer:
+    name = ALIASES.get(name, name)
     if name not in INITIALIZERS:
         raise ValueError(f"unknown init {name!r}; supported: {', '.join(sorted(INITIALIZERS))}")
     return INITIALIZERS[name]

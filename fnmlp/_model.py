@@ -14,6 +14,8 @@ from torch import Tensor
 from fnmlp import _validate
 from fnmlp._activations import Activation, get_activation
 from fnmlp._dense import DenseParams, dense_backward, dense_forward
+from fnmlp._dropout import dropout_backward, dropout_forward
+from fnmlp._norm import LayerNormParams, layer_norm_backward, layer_norm_forward
 from fnmlp._init import get_initializer
 from fnmlp._losses import Loss, mse
 
@@ -22,17 +24,36 @@ Params = tuple[DenseParams, ...]
 
 @dataclasses.dataclass(frozen=True)
 class Dense:
-    """A dense layer of ``units`` outputs followed by ``activation`` (a name or an activation).
+    """A dense layer: z = x @ W.T + b, then optionally layer normalization of z, then
+    ``activation``, then optionally dropout of the activations.
 
-    Names: identity (alias linear, the default), relu, sigmoid, tanh, softmax.
+    Arguments:
+        units: the layer's output width.
+        activation: a name (identity/linear, relu, leaky_relu, elu, gelu, gelu_tanh, silu,
+            softplus, sigmoid, tanh, softmax, log_softmax) or an activation instance such as
+            ``fnmlp.LeakyReLU(0.2)``; None is the identity.
+        layer_norm: normalize z over its features (learnable scale and shift, ``norm_eps``).
+        dropout: probability of zeroing an activation while training (0 <= p < 1).
+        init: this layer's initializer, overriding the one given to ``MLP.init``.
     """
 
     units: int
     activation: Activation | str | None = None
+    layer_norm: bool = False
+    dropout: float = 0.0
+    init: str | None = None
+    norm_eps: float = 1e-5
 
     def __post_init__(self):
         _validate.check_positive_int(self.units, "units")
         object.__setattr__(self, "activation", get_activation(self.activation))
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or \
+                not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        if self.init is not None:
+            get_initializer(self.init)
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,22 +104,28 @@ class MLP:
         """Fresh parameters, drawn from ``generator`` (a new, randomly seeded one if None).
 
         ``init="torch"`` draws like ``nn.Linear``'s default; ``init="normal"`` like the seed
-        notebook (N(0, 1) weights and biases). Values are drawn on the generator's device, then
+        notebook (N(0, 1) weights and biases); also xavier_uniform, xavier_normal,
+        kaiming_uniform, kaiming_normal (biases zero) and zeros. A layer's own ``init`` wins. Values are drawn on the generator's device, then
         moved to ``device`` (default: the generator's device).
         """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-        initializer = get_initializer(init)
+        get_initializer(init)
         if generator is None:
             generator = torch.Generator()
             generator.seed()
         elif not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
         device = torch.device(device) if device is not None else generator.device
-        return tuple(
-            _move(initializer(n_in, n_out, generator, dtype), device)
-            for n_in, n_out in self.shapes
-        )
+        params = []
+        for layer, (n_in, n_out) in zip(self.layers, self.shapes):
+            drawn = get_initializer(layer.init or init)(n_in, n_out, generator, dtype)
+            norm = None
+            if layer.layer_norm:  # nn.LayerNorm's start: scale 1, shift 0
+                norm = LayerNormParams(weight=torch.ones(n_out, dtype=dtype, device=device),
+                                       bias=torch.zeros(n_out, dtype=dtype, device=device))
+            params.append(DenseParams(drawn.weight.to(device), drawn.bias.to(device), norm))
+        return tuple(params)
 
     def check_params(self, params: Params) -> Tensor:
         """Raise unless ``params`` fits this spec; return one leaf (for dtype and device)."""
@@ -109,13 +136,17 @@ class MLP:
                 + (f" of length {len(params)}" if isinstance(params, (tuple, list)) else "")
             )
         first = params[0].weight if isinstance(params[0], DenseParams) else None
-        for i, ((n_in, n_out), layer) in enumerate(zip(self.shapes, params)):
+        for i, ((n_in, n_out), layer, spec) in enumerate(zip(self.shapes, params, self.layers)):
             if not isinstance(layer, DenseParams):
                 raise TypeError(f"params[{i}] must be DenseParams, got {type(layer).__name__}")
-            for name, tensor, shape in (
-                ("weight", layer.weight, (n_out, n_in)),
-                ("bias", layer.bias, (n_out,)),
-            ):
+            expected = [("weight", layer.weight, (n_out, n_in)), ("bias", layer.bias, (n_out,))]
+            if spec.layer_norm != (layer.norm is not None):
+                raise ValueError(f"params[{i}].norm must be {'LayerNormParams' if spec.layer_norm else 'None'}"
+                                 f": layer {i} has layer_norm={spec.layer_norm}")
+            if layer.norm is not None:
+                expected += [("norm.weight", layer.norm.weight, (n_out,)),
+                             ("norm.bias", layer.norm.bias, (n_out,))]
+            for name, tensor, shape in expected:
                 if not isinstance(tensor, Tensor):
                     raise TypeError(f"params[{i}].{name} must be a tensor")
                 if tuple(tensor.shape) != shape:
@@ -159,15 +190,48 @@ class MLP:
         with torch.no_grad():
             return forward(self, params, x)
 
-    def value_and_grad(self, params: Params, x, y, loss: Loss = mse) -> tuple[Tensor, Params]:
+    @property
+    def has_dropout(self) -> bool:
+        return any(layer.dropout for layer in self.layers)
+
+    def check_key(self, key) -> Tensor | None:
+        """The dropout key to train with: required when a layer has dropout."""
+        if key is None:
+            if self.has_dropout:
+                raise ValueError("this model has dropout: pass key=fnmlp.dropout_key(seed, step) "
+                                 "(a new counter for every step)")
+            return None
+        if not isinstance(key, Tensor) or key.shape != (2,) or key.dtype != torch.int64:
+            raise TypeError(f"key must come from fnmlp.dropout_key, got {key!r}")
+        return key
+
+    def value_and_grad(self, params: Params, x, y, loss: Loss = mse, key: Tensor | None = None
+                       ) -> tuple[Tensor, Params]:
         """``(loss, grads)``: the loss (0-d) and its gradients, structured like ``params``.
 
-        Computed by the explicit backward rules; no autograd is involved.
+        Computed by the explicit backward rules; no autograd is involved. ``key``
+        (``fnmlp.dropout_key``) draws the dropout masks of a model with dropout.
         """
         _check_loss(loss)
         x, y = self.check_data(params, x, y, loss=loss)
+        key = self.check_key(key)
         with torch.no_grad():
-            return value_and_grad(self, params, x, y, loss)
+            return value_and_grad(self, params, x, y, loss, key=key)
+
+    def predict_proba(self, params: Params, x) -> Tensor:
+        """Class probabilities (m, classes): softmax of the outputs, which are taken as logits
+        unless the last layer is already a softmax (or log-softmax)."""
+        out = self.apply(params, x)
+        last = self.layers[-1].activation.name
+        if last == "softmax":
+            return out
+        if last == "log_softmax":
+            return torch.exp(out)
+        return torch.softmax(out, dim=1)
+
+    def predict_classes(self, params: Params, x) -> Tensor:
+        """The most probable class of each row (m,), int64."""
+        return self.apply(params, x).argmax(dim=1)
 
     def evaluate(self, params: Params, x, y, loss: Loss = mse) -> float:
         """The loss of the predictions on (x, y), as a Python float."""
@@ -177,36 +241,58 @@ class MLP:
             return loss(forward(self, params, x), y).item()
 
 
-def forward(model: MLP, params: Params, x: Tensor) -> Tensor:
-    """Predictions without checks (the compiled step's building block)."""
-    for layer, p in zip(model.layers, params):
-        x = layer.activation(dense_forward(p, x))
+def forward(model: MLP, params: Params, x: Tensor, key: Tensor | None = None) -> Tensor:
+    """Predictions without checks. Dropout is applied only with a ``key`` (training)."""
+    for index, (layer, p) in enumerate(zip(model.layers, params)):
+        x = _layer_forward(index, layer, p, x, key)[0]
     return x
 
 
+def _layer_forward(index: int, layer: Dense, p: DenseParams, x: Tensor, key: Tensor | None):
+    """One layer's output and the residuals of its parts: (a, (norm, activation, dropout))."""
+    z = dense_forward(p, x)
+    norm_residual = dropout_residual = None
+    if layer.layer_norm:
+        z, norm_residual = layer_norm_forward(p.norm, z, layer.norm_eps)
+    a, activation_residual = layer.activation.forward(z)
+    if layer.dropout and key is not None:
+        a, dropout_residual = dropout_forward(a, key, index, layer.dropout)
+    return a, (norm_residual, activation_residual, dropout_residual)
+
+
+def _layer_backward(layer: Dense, p: DenseParams, x: Tensor, residuals, da: Tensor,
+                    need_input_grad: bool):
+    norm_residual, activation_residual, dropout_residual = residuals
+    if dropout_residual is not None:
+        da = dropout_backward(dropout_residual, da)
+    dz = layer.activation.backward(activation_residual, da)
+    norm_grads = None
+    if layer.layer_norm:
+        dz, norm_grads = layer_norm_backward(p.norm, norm_residual, dz)
+    dx, grads = dense_backward(p, x, dz, need_input_grad=need_input_grad)
+    return dx, DenseParams(grads.weight, grads.bias, norm_grads)
+
+
 def value_and_grad(model: MLP, params: Params, x: Tensor, y: Tensor, loss: Loss,
-                   valid_rows: Tensor | None = None):
+                   valid_rows: Tensor | None = None, key: Tensor | None = None):
     """Loss and gradients without checks: the manual forward, then the manual backward.
 
     ``valid_rows``: only the leading rows count (see ``Loss``); None means all of them.
+    ``key``: the dropout key (see ``fnmlp.dropout_key``); None trains without dropout.
     """
     inputs, residuals = [], []
     a = x
-    for layer, p in zip(model.layers, params):
+    for index, (layer, p) in enumerate(zip(model.layers, params)):
         inputs.append(a)
-        a, residual = layer.activation.forward(dense_forward(p, a))
+        a, residual = _layer_forward(index, layer, p, a, key)
         residuals.append(residual)
     value, loss_residual = loss.forward(a, y, valid_rows)
     da = loss.backward(loss_residual)
     grads = [None] * len(params)
     for i in reversed(range(len(params))):
-        dz = model.layers[i].activation.backward(residuals[i], da)
-        da, grads[i] = dense_backward(params[i], inputs[i], dz, need_input_grad=i > 0)
+        da, grads[i] = _layer_backward(model.layers[i], params[i], inputs[i], residuals[i], da,
+                                       need_input_grad=i > 0)
     return value, tuple(grads)
-
-
-def _move(params: DenseParams, device: torch.device) -> DenseParams:
-    return DenseParams(weight=params.weight.to(device), bias=params.bias.to(device))
 
 
 def _check_loss(loss) -> None:

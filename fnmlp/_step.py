@@ -41,12 +41,14 @@ class CompileVerificationError(RuntimeError):
 
 
 def _step_function(model: MLP, loss: Loss, optimizer, spec):
-    """The pure step over flat tensors: (*leaves, x, y, valid_rows) -> (*leaves, loss)."""
+    """The pure step over flat tensors: (*leaves, x, y, valid_rows[, key]) -> (*leaves, loss)."""
+    keyed = model.has_dropout
 
     def fnmlp_train_step(*args):
-        *leaves, x, y, valid_rows = args
+        key = args[-1] if keyed else None
+        *leaves, x, y, valid_rows = args[:-1] if keyed else args
         params, opt_state = unflatten(leaves, spec)
-        value, grads = value_and_grad(model, params, x, y, loss, valid_rows)
+        value, grads = value_and_grad(model, params, x, y, loss, valid_rows, key)
         params, opt_state = optimizer.update(params, grads, opt_state)
         leaves, _ = flatten((params, opt_state))
         return (*leaves, value)
@@ -79,8 +81,10 @@ class TrainStep:
         self._verified = not verify
         self._last_params = None  # the parameters this step returned last (known valid)
 
-    def __call__(self, params, opt_state, x: Tensor, y: Tensor, valid_rows: int | None = None):
+    def __call__(self, params, opt_state, x: Tensor, y: Tensor, valid_rows: int | None = None,
+                 key: Tensor | None = None):
         """One step on (x, y). With ``valid_rows``, only the leading rows of x and y count.
+        ``key`` (``fnmlp.dropout_key``, a new one every step) is required with dropout.
 
         Checks shapes, dtypes and devices (not values: NaN checks would sync every step;
         ``fit`` checks the data once).
@@ -89,15 +93,19 @@ class TrainStep:
                                      params_checked=params is self._last_params)
         if valid_rows is not None and not 0 < valid_rows <= x.shape[0]:
             raise ValueError(f"valid_rows must be in 1..{x.shape[0]}, got {valid_rows}")
-        return self.run(params, opt_state, x, y, valid_rows)
+        key = self.model.check_key(key)
+        if key is not None and key.device != x.device:
+            key = key.to(x.device)
+        return self.run(params, opt_state, x, y, valid_rows, key)
 
-    def run(self, params, opt_state, x: Tensor, y: Tensor, valid_rows: int | None = None):
+    def run(self, params, opt_state, x: Tensor, y: Tensor, valid_rows: int | None = None,
+            key: Tensor | None = None):
         """``__call__`` without its checks, for callers that validated the data already."""
         rows = x.shape[0]
         if not self.compile:
             if valid_rows is not None and valid_rows != rows:
                 x, y = x[:valid_rows], y[:valid_rows]
-            value, grads = value_and_grad(self.model, params, x, y, self.loss)
+            value, grads = value_and_grad(self.model, params, x, y, self.loss, key=key)
             params, opt_state = self.optimizer.update(params, grads, opt_state)
             return params, opt_state, value
         if valid_rows is None:  # a direct call: pad to the smallest batch size that holds it
@@ -109,9 +117,9 @@ class TrainStep:
                 target = self._batch_sizes[index]
                 x, y = pad_rows(x, target), pad_rows(y, target)
         leaves, spec = flatten((params, opt_state))
-        outputs = self._run(leaves, spec, x, y, valid_rows)
+        outputs = self._run(leaves, spec, x, y, valid_rows, key)
         if not self._verified:
-            self._verify(params, opt_state, x[:valid_rows], y[:valid_rows], outputs)
+            self._verify(params, opt_state, x[:valid_rows], y[:valid_rows], key, outputs)
         params, opt_state = unflatten(outputs[:-1], spec)
         self._last_params = params
         return params, opt_state, outputs[-1]
@@ -130,13 +138,13 @@ class TrainStep:
             return self.compiler
         return "inductor" if device.type == "cpu" else "dynamo"
 
-    def _run(self, leaves, spec, x, y, valid_rows: int):
+    def _run(self, leaves, spec, x, y, valid_rows: int, key: Tensor | None):
         device = x.device
         count = self._valid_rows.get((valid_rows, device))
         if count is None:
             count = self._valid_rows[(valid_rows, device)] = torch.tensor(valid_rows,
                                                                           device=device)
-        args = [*leaves, x, y, count]
+        args = [*leaves, x, y, count] + ([key] if key is not None else [])
         if not all(arg.is_contiguous() for arg in args):
             args = [arg.contiguous() for arg in args]
         # What a directly compiled graph is specialized on; dynamo checks the same by guards.
@@ -159,8 +167,8 @@ class TrainStep:
         mode = "reduce-overhead" if self.uses_cuda_graphs(device) else None
         return torch.compile(function, fullgraph=True, dynamic=False, mode=mode)
 
-    def _verify(self, params, opt_state, x, y, outputs):
-        value, grads = value_and_grad(self.model, params, x, y, self.loss)
+    def _verify(self, params, opt_state, x, y, key, outputs):
+        value, grads = value_and_grad(self.model, params, x, y, self.loss, key=key)
         reference = [*flatten(self.optimizer.update(params, grads, opt_state))[0], value]
         for index, (got, expected) in enumerate(zip(outputs, reference)):
             scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)

@@ -16,20 +16,26 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
     """Make ``cls`` a frozen dataclass whose fields are pytree children.
 
     ``tree_map``, ``tree_flatten``, ``torch.func.vmap`` and ``torch.compile`` then see through
-    instances; assigning to a field raises ``dataclasses.FrozenInstanceError``. Equality is by
-    identity (comparing tensors elementwise has no single truth value).
+    instances; a field holding None (an absent part) is no child. Assigning to a field raises
+    ``dataclasses.FrozenInstanceError``. Equality is by identity (comparing tensors
+    elementwise has no single truth value).
     """
     cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
     names = tuple(field.name for field in dataclasses.fields(cls))
 
+    def present(obj):  # fields holding None (an absent part) are no children
+        return tuple(name for name in names if getattr(obj, name) is not None)
+
     def flatten(obj):
-        return [getattr(obj, name) for name in names], None
+        fields = present(obj)
+        return [getattr(obj, name) for name in fields], fields
 
     def flatten_with_keys(obj):
-        return [(pytree.GetAttrKey(name), getattr(obj, name)) for name in names], None
+        fields = present(obj)
+        return [(pytree.GetAttrKey(name), getattr(obj, name)) for name in fields], fields
 
-    def unflatten(children, _context):
-        return cls(*children)
+    def unflatten(children, fields):
+        return cls(**dict(zip(fields, children)))
 
     _DATACLASS_FIELDS[cls] = names
     pytree.register_pytree_node(

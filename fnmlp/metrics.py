@@ -48,3 +48,20 @@ def r2(prediction, target) -> float:
     total = (target - target.mean(dim=0)).pow(2).sum(dim=0)
     score = torch.where(total == 0, (residual == 0).to(target.dtype), 1 - residual / total)
     return score.mean().item()
+
+
+def accuracy(prediction, target) -> float:
+    """Fraction of rows classified right. ``prediction``: class indices (m,) or scores
+    (m, classes), whose argmax is taken; ``target``: class indices (m,) or one-hot/probability
+    rows (m, classes)."""
+    prediction, target = torch.as_tensor(prediction), torch.as_tensor(target)
+    if prediction.dim() == 2:
+        prediction = prediction.argmax(dim=1)
+    if target.dim() == 2:
+        target = target.argmax(dim=1)
+    if prediction.shape != target.shape:
+        raise ValueError(f"prediction has {tuple(prediction.shape)} labels but target has "
+                         f"{tuple(target.shape)}")
+    if prediction.numel() == 0:
+        raise ValueError("prediction and target are empty")
+    return (prediction.to(target.device) == target).double().mean().item()

@@ -39,7 +39,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def leaves(params) -> list[torch.Tensor]:
-    return [t for layer in params for t in (layer.weight, layer.bias)]
+    """Parameter tensors in the twin's order (weight, bias, then the norm's, layer by layer)."""
+    return torch.utils._pytree.tree_leaves(params)
 
 
 def twin_step(module: nn.Module, x, y, lr: float):
@@ -72,3 +73,29 @@ def step_differences(model, params, x, y, lr: float) -> dict[str, float]:
         "params": max(relative(a, b.detach()) for a, b in zip(leaves(new_params),
                                                                twin.parameters())),
     }
+
+
+def torch_state_as_fnmlp(optimizer, twin, steps: int):
+    """The twin's current parameters and torch.optim state as fnmlp's (params, opt_state),
+    so that one step of each can start from the very same state."""
+    import dataclasses
+
+    params = twin.params()
+    state = optimizer.init(params)
+    tensors = list(twin.module.parameters())
+    torch_state = twin.optimizer.state
+
+    def tree(key):
+        values = iter(torch_state[p][key].detach().clone() for p in tensors)
+        return tuple(fnmlp.DenseParams(next(values), next(values),
+                                       fnmlp.LayerNormParams(next(values), next(values))
+                                       if layer.norm is not None else None)
+                     for layer in params)
+
+    replaced = {"step": torch.tensor(float(steps), dtype=state.step.dtype)}
+    for field in dataclasses.fields(state):
+        if field.name in ("step", "learning_rate") or getattr(state, field.name) is None:
+            continue
+        if steps > 0:
+            replaced[field.name] = tree(field.name)
+    return params, dataclasses.replace(state, **replaced)

@@ -174,3 +174,59 @@ def test_backward_at_awkward_values_matches_autograd(activation, values):
     got = activation.backward(activation.forward(z.detach())[1], da)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (7, 5), (333, 32)])
+def test_layer_norm_backward_matches_autograd(shape):
+    from fnmlp._norm import layer_norm_backward, layer_norm_forward
+
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
+    dout = torch.randn(shape, generator=g, dtype=torch.float64)
+    expected_out = torch.nn.functional.layer_norm(z, (shape[1],), w, b, 1e-5)
+    expected = torch.autograd.grad(expected_out, (z, w, b), dout)
+    params = fnmlp.LayerNormParams(w.detach(), b.detach())
+    out, residual = layer_norm_forward(params, z.detach(), 1e-5)
+    assert torch.equal(out, expected_out.detach())
+    dz, grads = layer_norm_backward(params, residual, dout)
+    for got, want in zip((dz, grads.weight, grads.bias), expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
+
+
+def test_layer_norm_gradcheck():
+    from fnmlp._norm import layer_norm_backward, layer_norm_forward
+
+    class Manual(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, z, w, b):
+            ctx.params = fnmlp.LayerNormParams(w, b)
+            out, ctx.residual = layer_norm_forward(ctx.params, z, 1e-5)
+            return out
+
+        @staticmethod
+        def backward(ctx, dout):
+            dz, grads = layer_norm_backward(ctx.params, ctx.residual, dout)
+            return dz, grads.weight, grads.bias
+
+    g = torch.Generator().manual_seed(8)
+    args = [torch.randn(s, generator=g, dtype=torch.float64, requires_grad=True)
+            for s in [(3, 4), (4,), (4,)]]
+    assert gradcheck(Manual.apply, args)
+
+
+def test_dropout_masks_are_reproducible_and_backward_uses_them():
+    from fnmlp._dropout import dropout_backward, dropout_forward, keep_mask
+
+    key = fnmlp.dropout_key(5, 0)
+    a = torch.ones(400, 50, dtype=torch.float64)
+    out, residual = dropout_forward(a, key, 1, 0.25)
+    assert torch.equal(out, dropout_forward(a, key, 1, 0.25)[0])          # same key, same mask
+    assert not torch.equal(out, dropout_forward(a, fnmlp.dropout_key(5, 1), 1, 0.25)[0])
+    assert not torch.equal(out, dropout_forward(a, key, 2, 0.25)[0])       # per layer
+    kept = keep_mask(key, 1, (400, 50), 0.25, torch.float64)
+    assert abs(kept.mean().item() - 0.75) < 0.01
+    assert torch.equal(out, kept / 0.75)
+    da = torch.randn(400, 50, dtype=torch.float64)
+    assert torch.equal(dropout_backward(residual, da), da * kept / 0.75)
