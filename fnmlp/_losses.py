@@ -199,8 +199,9 @@ class CrossEntropy(Loss):
                                    label_smoothing=self.label_smoothing)
 
     def check_target(self, target, out_features, like, name="y"):
-        if isinstance(target, Tensor) and not target.is_floating_point() or (
-                not isinstance(target, Tensor) and _is_integer_array(target)):
+        is_labels = (not target.is_floating_point() if isinstance(target, Tensor)
+                     else _is_integer_array(target))
+        if is_labels:
             labels = torch.as_tensor(target, device=like.device)
             if labels.device != like.device:
                 raise ValueError(f"{name} is on {labels.device} but the parameters are on "

@@ -208,3 +208,32 @@ def test_metrics():
     with pytest.raises(ValueError, match="shape"):
         metrics.mse(a, a[0])
     assert metrics.mape(np.ones(3), np.ones(3)) == 0.0
+
+
+def test_twin_round_trip_covers_every_module():
+    model = fnmlp.MLP(4, [
+        fnmlp.Dense(6, fnmlp.LeakyReLU(0.2), layer_norm=True, dropout=0.3),
+        fnmlp.Dense(6, fnmlp.ELU(0.5)), fnmlp.Dense(6, fnmlp.GELU("tanh")),
+        fnmlp.Dense(6, "silu", dropout=0.1), fnmlp.Dense(6, fnmlp.Softplus(2.0, 10.0)),
+        fnmlp.Dense(5, "log_softmax"),
+    ])
+    params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+    twin = fnmlp.to_torch(model, params)
+    assert [type(m).__name__ for m in twin][:5] == ["Linear", "LayerNorm", "LeakyReLU",
+                                                    "Dropout", "Linear"]
+    model2, params2 = fnmlp.from_torch(twin)
+    assert model2 == model
+    assert all(torch.equal(a, b) for a, b in zip(leaves(params2), leaves(params)))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(twin.eval()(x), model.apply(params, x), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("module, message", [
+    (nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.LayerNorm(3)), "out of order"),
+    (nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(2)), r"must be nn.LayerNorm\(3\)"),
+    (nn.Sequential(nn.Linear(4, 3), nn.Dropout(0.1), nn.Dropout(0.2)), "second Dropout"),
+])
+def test_from_torch_rejects_layers_it_cannot_express(module, message):
+    with pytest.raises(ValueError, match=message):
+        fnmlp.from_torch(module)

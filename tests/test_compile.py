@@ -129,3 +129,26 @@ def test_compiled_step_checks_its_input():
         step(params, optimizer.init(params), x, torch.zeros(4, 3, dtype=torch.float64))
     with pytest.raises(ValueError, match="compiler must be one of"):
         fnmlp.train_step(model, fnmlp.mse, optimizer, compiler="xla")
+
+
+def test_every_activation_compiles_into_one_graph_with_a_padded_tail():
+    """The activations and a loss beyond the seed's, compiled: equal to eager, the short last
+    batch padded into the same graph."""
+    model = fnmlp.MLP(5, [fnmlp.Dense(8, "leaky_relu"), fnmlp.Dense(8, "elu"),
+                          fnmlp.Dense(8, "silu"), fnmlp.Dense(8, fnmlp.Softplus(2.0, 5.0)),
+                          fnmlp.Dense(8, "gelu_tanh"), fnmlp.Dense(4, "log_softmax")])
+    g = torch.Generator().manual_seed(0)
+    params = model.init(g, dtype=torch.float64)
+    x = torch.randn(23, 5, generator=g, dtype=torch.float64)
+    y = torch.randn(23, 4, generator=g, dtype=torch.float64)
+    optimizer = fnmlp.sgd(0.1, momentum=0.9)
+    loss = fnmlp.Huber(delta=0.5)
+    compiled = fnmlp.train_step(model, loss, optimizer, compiler="inductor")
+    eager = fnmlp.train_step(model, loss, optimizer, compile=False)
+    state = optimizer.init(params)
+    for start in (0, 10, 20):  # batches of 10, 10 and 3
+        xb, yb = x[start:start + 10], y[start:start + 10]
+        new_c, _, loss_c = compiled(params, state, xb, yb)
+        params, state, loss_e = eager(params, state, xb, yb)
+        assert _worst(leaves(new_c) + [loss_c], leaves(params) + [loss_e]) <= 1e-13
+    assert len(compiled._compiled) == 1

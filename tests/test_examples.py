@@ -14,3 +14,10 @@ def test_seed_notebook_example_runs():
     assert "MAPE of predictions after copying parameters:  0" in out
     assert "step by step:" in out
     assert out.count("|") >= 3 * 2
+
+
+def test_classification_example_runs():
+    out = subprocess.run([sys.executable, str(ROOT / "examples" / "classification.py"),
+                          "--epochs", "2"], capture_output=True, text=True, timeout=300,
+                         check=True).stdout
+    assert "test accuracy" in out and "max rel diff" in out

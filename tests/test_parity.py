@@ -127,3 +127,26 @@ def test_init_is_reproducible_and_leaves_the_global_generator_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert all(torch.equal(p, q) for p, q in zip(leaves(a), leaves(b)))
     assert a[0].weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name, draw", [
+    ("xavier_uniform", torch.nn.init.xavier_uniform_),
+    ("glorot_normal", torch.nn.init.xavier_normal_),
+    ("kaiming_uniform", lambda w, generator: torch.nn.init.kaiming_uniform_(
+        w, nonlinearity="relu", generator=generator)),
+    ("he_normal", lambda w, generator: torch.nn.init.kaiming_normal_(
+        w, nonlinearity="relu", generator=generator)),
+    ("zeros", lambda w, generator: w.zero_()),
+])
+def test_initializers_draw_like_torch_nn_init_per_layer(name, draw):
+    model = fnmlp.MLP(6, [fnmlp.Dense(5, "relu", init=name), fnmlp.Dense(3)])
+    params = model.init(torch.Generator().manual_seed(4), dtype=torch.float64)
+    g = torch.Generator().manual_seed(4)
+    expected = torch.empty(5, 6, dtype=torch.float64)
+    draw(expected, generator=g)
+    assert torch.equal(params[0].weight, expected)
+    assert torch.equal(params[0].bias, torch.zeros(5, dtype=torch.float64))
+    # the next layer keeps the model's default (nn.Linear's), drawn from the same generator
+    linear = torch.empty(3, 5, dtype=torch.float64)
+    torch.nn.init.kaiming_uniform_(linear, a=5 ** 0.5, generator=g)
+    assert torch.equal(params[1].weight, linear)

@@ -229,4 +229,4 @@ def test_dropout_masks_are_reproducible_and_backward_uses_them():
     assert abs(kept.mean().item() - 0.75) < 0.01
     assert torch.equal(out, kept / 0.75)
     da = torch.randn(400, 50, dtype=torch.float64)
-    assert torch.equal(dropout_backward(residual, da), da * kept / 0.75)
+    assert torch.equal(dropout_backward(residual, da), da * (kept * (1 / 0.75)))
