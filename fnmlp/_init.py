@@ -21,7 +21,8 @@ def torch_default(n_in: int, n_out: int, generator: torch.Generator, dtype: torc
     weight = torch.empty(n_out, n_in, dtype=dtype, device=device)
     torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
     bound = 1 / math.sqrt(n_in)
-    bias = torch.empty(n_out, dtype=dtype, device=device).uniform_(-bound, bound, generator=generator)
+    bias = torch.empty(n_out, dtype=dtype, device=device)
+    bias.uniform_(-bound, bound, generator=generator)
     return DenseParams(weight=weight, bias=bias)
 
 

@@ -125,7 +125,8 @@ class L1(Loss):
 
 @dataclasses.dataclass(frozen=True)
 class Huber(Loss):
-    """Per element d = p - y: ½d² where |d| ≤ δ, else δ(|d| - ½δ);  dL/dp = clamp(d, ±δ)/n."""
+    """Per element d = p - y: ½d² where |d| ≤ δ, else δ(|d| - ½δ);
+    dL/dp = clamp(d, ±δ)/n."""
 
     delta: float = 1.0
     name: ClassVar[str] = "huber"

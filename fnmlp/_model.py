@@ -105,8 +105,9 @@ class MLP:
 
         ``init="torch"`` draws like ``nn.Linear``'s default; ``init="normal"`` like the seed
         notebook (N(0, 1) weights and biases); also xavier_uniform, xavier_normal,
-        kaiming_uniform, kaiming_normal (biases zero) and zeros. A layer's own ``init`` wins. Values are drawn on the generator's device, then
-        moved to ``device`` (default: the generator's device).
+        kaiming_uniform, kaiming_normal (biases zero) and zeros. A layer's own ``init`` wins.
+        Values are drawn on the generator's device, then moved to ``device`` (default: the
+        generator's device).
         """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
@@ -141,8 +142,9 @@ class MLP:
                 raise TypeError(f"params[{i}] must be DenseParams, got {type(layer).__name__}")
             expected = [("weight", layer.weight, (n_out, n_in)), ("bias", layer.bias, (n_out,))]
             if spec.layer_norm != (layer.norm is not None):
-                raise ValueError(f"params[{i}].norm must be {'LayerNormParams' if spec.layer_norm else 'None'}"
-                                 f": layer {i} has layer_norm={spec.layer_norm}")
+                wanted = "LayerNormParams" if spec.layer_norm else "None"
+                raise ValueError(f"params[{i}].norm must be {wanted}: layer {i} has "
+                                 f"layer_norm={spec.layer_norm}")
             if layer.norm is not None:
                 expected += [("norm.weight", layer.norm.weight, (n_out,)),
                              ("norm.bias", layer.norm.bias, (n_out,))]

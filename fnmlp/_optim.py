@@ -171,8 +171,8 @@ class AdamState:
 @dataclasses.dataclass(frozen=True)
 class Adam(Optimizer):
     """``torch.optim.Adam`` (``AdamW`` with ``decoupled=True``): m ← lerp(m, g, 1 - β1),
-    v ← β2·v + (1 - β2)·g², p -= lr/(1 - β1^t) · m / (sqrt(v̂)/sqrt(1 - β2^t) + ε), v̂ = v or
-    its running max (amsgrad). Weight decay adds wd·p to g, or with ``decoupled`` scales
+    v ← β2·v + (1 - β2)·g², p -= lr/(1 - β1^t) · m / (sqrt(v̂)/sqrt(1 - β2^t) + ε),
+    v̂ = v or its running max (amsgrad). Weight decay adds wd·p to g, or with ``decoupled`` scales
     p by 1 - lr·wd first."""
 
     betas: tuple[float, float] = (0.9, 0.999)

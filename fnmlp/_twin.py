@@ -154,8 +154,9 @@ def from_torch(module: nn.Module) -> tuple[MLP, Params]:
                              "then nn.LayerNorm, then the activation, then nn.Dropout")
         if kind == "norm" and (child.normalized_shape != (group["linear"].out_features,)
                                or child.weight is None or child.bias is None):
-            raise ValueError(f"module [{index}] must be nn.LayerNorm({group['linear'].out_features}) "
-                             "with elementwise_affine=True and bias=True")
+            width = group["linear"].out_features
+            raise ValueError(f"module [{index}] must be nn.LayerNorm({width}) with "
+                             "elementwise_affine=True and bias=True")
         group[kind], group["last"] = child, kind
     if not groups:
         raise ValueError("the nn.Sequential holds no nn.Linear")

@@ -81,7 +81,8 @@ class Exponential(Schedule):
 
 @dataclasses.dataclass(frozen=True)
 class Cosine(Schedule):
-    """lr = eta_min + (base - eta_min)·(1 + cos(π·step/total_steps))/2 (``CosineAnnealingLR``)."""
+    """lr = eta_min + (base - eta_min)·(1 + cos(π·step/total_steps))/2
+    (``CosineAnnealingLR``)."""
 
     total_steps: int = 1
     eta_min: float = 0.0

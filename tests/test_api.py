@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
 import fnmlp
-from helpers import leaves, mlp, seed_data, seed_model
+from helpers import leaves, seed_data, seed_model
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ SHAPES = [(1, 1), (1, 5), (7, 3), (333, 32), (4, 37)]
 
 def _inputs(shape, seed=0, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
+    return (torch.randn(shape, generator=g, dtype=dtype),
+            torch.randn(shape, generator=g, dtype=dtype))
 
 
 def _manual_vjp(activation):
