@@ -203,10 +203,10 @@ class CrossEntropy(Loss):
         is_labels = (not target.is_floating_point() if isinstance(target, Tensor)
                      else _is_integer_array(target))
         if is_labels:
+            if isinstance(target, Tensor) and target.device != like.device:
+                raise ValueError(f"{name} is on {target.device} but the parameters are on "
+                                 f"{like.device}; move it with {name}.to('{like.device}')")
             labels = torch.as_tensor(target, device=like.device)
-            if labels.device != like.device:
-                raise ValueError(f"{name} is on {labels.device} but the parameters are on "
-                                 f"{like.device}")
             if labels.dim() != 1:
                 raise ValueError(f"class labels {name} must be 1-D (samples,), got shape "
                                  f"{tuple(labels.shape)}")

@@ -126,3 +126,11 @@ def test_bad_loss_arguments():
         fnmlp.CrossEntropy(label_smoothing=1.5)
     with pytest.raises(ValueError, match="delta must be > 0"):
         fnmlp.Huber(delta=0)
+
+
+def test_labels_on_another_device_are_an_error_not_a_copy():
+    model, params = _classifier()
+    labels = torch.zeros(4, dtype=torch.long, device="meta")
+    with pytest.raises(ValueError, match="y is on meta but the parameters are on cpu"):
+        model.value_and_grad(params, torch.zeros(4, 4, dtype=F64), labels,
+                             loss=fnmlp.cross_entropy)
