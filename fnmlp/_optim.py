@@ -138,7 +138,7 @@ class SGD(Optimizer):
 
     def update(self, params, grads, state: SGDState):
         neg_lr = -self.learning_rate(state)
-        first = state.step == 0
+        first = state.step == 0 if self.momentum else None
 
         def one(p, g, buffer):
             if self.weight_decay:
