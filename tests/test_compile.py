@@ -152,3 +152,25 @@ def test_every_activation_compiles_into_one_graph_with_a_padded_tail():
         params, state, loss_e = eager(params, state, xb, yb)
         assert _worst(leaves(new_c) + [loss_c], leaves(params) + [loss_e]) <= 1e-13
     assert len(compiled._compiled) == 1
+
+
+@pytest.mark.parametrize("loss, optimizer", [
+    (fnmlp.binary_cross_entropy_with_logits,
+     fnmlp.adagrad(fnmlp.schedules.step_decay(0.1, step_size=2, gamma=0.5))),
+    (fnmlp.L1("sum"), fnmlp.rmsprop(fnmlp.schedules.linear_warmup(0.01, warmup_steps=3))),
+])
+def test_remaining_losses_and_schedules_compile_without_recompiles(loss, optimizer):
+    model = fnmlp.MLP(3, [fnmlp.Dense(4, "tanh"), fnmlp.Dense(2)])
+    g = torch.Generator().manual_seed(0)
+    params = model.init(g, dtype=torch.float64)
+    x = torch.randn(9, 3, generator=g, dtype=torch.float64)
+    y = torch.rand(9, 2, generator=g, dtype=torch.float64)
+    compiled = fnmlp.train_step(model, loss, optimizer, compiler="inductor")
+    eager = fnmlp.train_step(model, loss, optimizer, compile=False)
+    state = optimizer.init(params)
+    for start in (0, 4, 8, 0, 4, 8):  # batches of 4, 4 and 1, twice: the rate changes each step
+        xb, yb = x[start:start + 4], y[start:start + 4]
+        new_c, _, loss_c = compiled(params, state, xb, yb)
+        params, state, loss_e = eager(params, state, xb, yb)
+        assert _worst(leaves(new_c) + [loss_c], leaves(params) + [loss_e]) <= 1e-13
+    assert len(compiled._compiled) == 1
