@@ -158,7 +158,9 @@ class CrossEntropy(Loss):
 
     Targets are class indices (m,) or probabilities (m, C) that sum to 1 per row. With label
     smoothing ε the target becomes (1 - ε)·y + ε/C. Per row: -sum_c t_c log softmax(z)_c;
-    dL/dz = (softmax(z) - t)/m (m rows; 1 for "sum").
+    dL/dz = (softmax(z)·sum_c t_c - t)/m (m rows; 1 for "sum"), where sum_c t_c is 1 for
+    class indices (exactly) and is kept for probability targets, whose sums the compiled step
+    does not check.
     """
 
     label_smoothing: float = 0.0
@@ -178,6 +180,7 @@ class CrossEntropy(Loss):
         return target
 
     def forward(self, logits, target, valid_rows=None):
+        is_probabilities = target.dim() == 2
         log_probs = torch.log_softmax(logits, dim=1)
         target = _mask_rows(self._targets(logits, target), valid_rows)
         per_row = -(target * log_probs).sum(dim=1)
@@ -188,11 +191,13 @@ class CrossEntropy(Loss):
             rows = valid_rows.to(logits.dtype)
         scale = 1.0 if self.reduction == "sum" else 1 / rows
         value = per_row.sum() if self.reduction == "sum" else per_row.sum() / rows
-        return value, (log_probs, target, valid_rows, scale)
+        return value, (log_probs, target, valid_rows, scale, is_probabilities)
 
     def backward(self, residual):
-        log_probs, target, valid_rows, scale = residual
+        log_probs, target, valid_rows, scale, is_probabilities = residual
         probs = _mask_rows(torch.exp(log_probs), valid_rows)
+        if is_probabilities:
+            probs = probs * target.sum(dim=1, keepdim=True)
         return (probs - target) * scale
 
     def to_torch(self):

@@ -196,8 +196,9 @@ class MLP:
     def has_dropout(self) -> bool:
         return any(layer.dropout for layer in self.layers)
 
-    def check_key(self, key) -> Tensor | None:
-        """The dropout key to train with: required when a layer has dropout."""
+    def check_key(self, key, device: torch.device | None = None) -> Tensor | None:
+        """The dropout key to train with, on ``device``: required when a layer has dropout;
+        None without."""
         if key is None:
             if self.has_dropout:
                 raise ValueError("this model has dropout: pass key=fnmlp.dropout_key(seed, step) "
@@ -205,7 +206,9 @@ class MLP:
             return None
         if not isinstance(key, Tensor) or key.shape != (2,) or key.dtype != torch.int64:
             raise TypeError(f"key must come from fnmlp.dropout_key, got {key!r}")
-        return key
+        if not self.has_dropout:
+            return None  # without dropout a key draws nothing
+        return key if device is None else key.to(device)
 
     def value_and_grad(self, params: Params, x, y, loss: Loss = mse, key: Tensor | None = None
                        ) -> tuple[Tensor, Params]:
@@ -216,15 +219,23 @@ class MLP:
         """
         _check_loss(loss)
         x, y = self.check_data(params, x, y, loss=loss)
-        key = self.check_key(key)
+        key = self.check_key(key, x.device)
         with torch.no_grad():
             return value_and_grad(self, params, x, y, loss, key=key)
 
     def predict_proba(self, params: Params, x) -> Tensor:
         """Class probabilities (m, classes): softmax of the outputs, which are taken as logits
-        unless the last layer is already a softmax (or log-softmax)."""
+        unless the last layer is already a softmax (or log-softmax).
+
+        A single output is a binary classifier (``binary_cross_entropy_with_logits``): its
+        sigmoid (unless the last layer is a sigmoid already) is P(class 1), and the result is
+        (m, 2), columns P(class 0) and P(class 1), as scikit-learn's ``predict_proba``.
+        """
         out = self.apply(params, x)
         last = self.layers[-1].activation.name
+        if self.out_features == 1:
+            positive = out if last == "sigmoid" else torch.sigmoid(out)
+            return torch.cat([1 - positive, positive], dim=1)
         if last == "softmax":
             return out
         if last == "log_softmax":
@@ -232,7 +243,9 @@ class MLP:
         return torch.softmax(out, dim=1)
 
     def predict_classes(self, params: Params, x) -> Tensor:
-        """The most probable class of each row (m,), int64."""
+        """The most probable class of each row (m,), int64 (for one output: P(class 1) > 1/2)."""
+        if self.out_features == 1:
+            return (self.predict_proba(params, x)[:, 1] > 0.5).long()
         return self.apply(params, x).argmax(dim=1)
 
     def evaluate(self, params: Params, x, y, loss: Loss = mse) -> float:

@@ -25,6 +25,7 @@ class LayerNormParams:
 
 def layer_norm_forward(params: LayerNormParams, z: Tensor, eps: float):
     out, mean, rstd = torch.native_layer_norm(z, (z.shape[1],), params.weight, params.bias, eps)
+    mean, rstd = mean.to(z.dtype), rstd.to(z.dtype)  # float32 for half inputs on CUDA
     z_hat = (z - mean) * rstd
     return out, (z_hat, rstd)
 

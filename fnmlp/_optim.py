@@ -1,8 +1,9 @@
 """Functional optimizers: ``init(params) -> state`` and ``update(params, grads, state) ->
 (params, state)``, each following its ``torch.optim`` counterpart's arithmetic.
 
-Nothing is mutated. What changes during training lives in the state as tensors: the step count,
-the learning rate (0-d), per-parameter buffers shaped like the parameters. A compiled step thus
+Nothing is mutated. What changes during training lives in the state as tensors: the step count
+(0-d int64, exact at any length of training), the learning rate (0-d, in the parameters' float
+dtype), per-parameter buffers shaped like the parameters. A compiled step thus
 never recompiles for a new learning rate or a schedule. ``lr`` is a float, a 0-d tensor, or a
 schedule from ``fnmlp.schedules`` (then the state's rate is the schedule's base).
 """
@@ -52,6 +53,11 @@ def _check_range(name: str, value, low: float, high: float = math.inf, *,
         raise ValueError(f"{name} must be a number in {left}{low}, {high}{right}, got {value!r}")
 
 
+def steps_taken(state) -> Tensor:
+    """The state's count of updates made, as a 0-d tensor in its learning rate's dtype."""
+    return state.step.to(state.learning_rate.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
     """Base class. ``lr``: a positive float, a 0-d tensor or an ``fnmlp.schedules`` schedule."""
@@ -79,10 +85,11 @@ class Optimizer:
         return (type(self), self.schedule, *fields)
 
     def learning_rate(self, state) -> Tensor:
-        """The rate for the next update: the state's rate, times the schedule's factor."""
+        """The rate for the next update: the schedule's rate at the state's step, for the
+        state's (base) rate; without a schedule, the state's rate."""
         if self.schedule is None:
             return state.learning_rate
-        return state.learning_rate * self.schedule.factor(state.step)
+        return self.schedule.rate(state.learning_rate, steps_taken(state))
 
     def with_learning_rate(self, state, lr: float | Tensor):
         """A state whose (base) learning rate is ``lr``; no recompile of a compiled step."""
@@ -91,7 +98,8 @@ class Optimizer:
 
     def _counters(self, params) -> dict:
         like = tree_leaves(params)[0]
-        return {"step": _scalar(0.0, like), "learning_rate": _scalar(self.base_lr, like)}
+        return {"step": torch.zeros((), dtype=torch.int64, device=like.device),
+                "learning_rate": _scalar(self.base_lr, like)}
 
     def torch_class(self):
         raise NotImplementedError
@@ -197,7 +205,7 @@ class Adam(Optimizer):
 
     def update(self, params, grads, state: AdamState):
         lr = self.learning_rate(state)
-        step = state.step + 1
+        step = steps_taken(state) + 1
         beta1, beta2 = self.betas
         step_size = lr / (1 - beta1 ** step)
         correction2_sqrt = torch.sqrt(1 - beta2 ** step)
@@ -216,8 +224,9 @@ class Adam(Optimizer):
 
         new_params, m, v, v_max = _leafwise(one, params, grads, state.exp_avg, state.exp_avg_sq,
                                             state.max_exp_avg_sq)
-        return new_params, AdamState(step=step, learning_rate=state.learning_rate, exp_avg=m,
-                                     exp_avg_sq=v, max_exp_avg_sq=v_max if self.amsgrad else None)
+        return new_params, AdamState(step=state.step + 1, learning_rate=state.learning_rate,
+                                     exp_avg=m, exp_avg_sq=v,
+                                     max_exp_avg_sq=v_max if self.amsgrad else None)
 
     def torch_class(self):
         return torch.optim.AdamW if self.decoupled else torch.optim.Adam
@@ -317,8 +326,7 @@ class Adagrad(Optimizer):
                             **self._counters(params))
 
     def update(self, params, grads, state: AdagradState):
-        step = state.step + 1
-        clr = self.learning_rate(state) / (1 + (step - 1) * self.lr_decay)
+        clr = self.learning_rate(state) / (1 + steps_taken(state) * self.lr_decay)
 
         def one(p, g, s):
             if self.weight_decay:
@@ -327,7 +335,8 @@ class Adagrad(Optimizer):
             return p - clr * (g / (torch.sqrt(s) + self.eps)), s
 
         new_params, s = _leafwise(one, params, grads, state.sum)
-        return new_params, AdagradState(step=step, learning_rate=state.learning_rate, sum=s)
+        return new_params, AdagradState(step=state.step + 1, learning_rate=state.learning_rate,
+                                        sum=s)
 
     def torch_class(self):
         return torch.optim.Adagrad

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import types
 
 import torch
@@ -76,7 +77,8 @@ class TrainStep:
         self.compile, self.verify, self.cuda_graphs = compile, verify, cuda_graphs
         self.compiler = compiler
         self._compiled = {}  # what a graph is specialized on -> compiled flat function
-        self._batch_sizes: list[int] = []  # sorted; direct calls are padded up to one of these
+        # Per (dtype, device), the sorted batch sizes compiled; direct calls pad up to one.
+        self._batch_sizes: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         self._valid_rows: dict[tuple[int, torch.device], Tensor] = {}
         self._verified = not verify
         self._last_params = None  # the parameters this step returned last (known valid)
@@ -93,9 +95,7 @@ class TrainStep:
                                      params_checked=params is self._last_params)
         if valid_rows is not None and not 0 < valid_rows <= x.shape[0]:
             raise ValueError(f"valid_rows must be in 1..{x.shape[0]}, got {valid_rows}")
-        key = self.model.check_key(key)
-        if key is not None and key.device != x.device:
-            key = key.to(x.device)
+        key = self.model.check_key(key, x.device)
         return self.run(params, opt_state, x, y, valid_rows, key)
 
     def run(self, params, opt_state, x: Tensor, y: Tensor, valid_rows: int | None = None,
@@ -105,16 +105,14 @@ class TrainStep:
         if not self.compile:
             if valid_rows is not None and valid_rows != rows:
                 x, y = x[:valid_rows], y[:valid_rows]
-            value, grads = value_and_grad(self.model, params, x, y, self.loss, key=key)
-            params, opt_state = self.optimizer.update(params, grads, opt_state)
+            with torch.no_grad():
+                value, grads = value_and_grad(self.model, params, x, y, self.loss, key=key)
+                params, opt_state = self.optimizer.update(params, grads, opt_state)
             return params, opt_state, value
         if valid_rows is None:  # a direct call: pad to the smallest batch size that holds it
             valid_rows = rows
-            index = bisect.bisect_left(self._batch_sizes, rows)
-            if index == len(self._batch_sizes):
-                self._batch_sizes.append(rows)
-            elif self._batch_sizes[index] != rows:
-                target = self._batch_sizes[index]
+            target = self._padded_size(rows, x.dtype, x.device)
+            if target != rows:
                 x, y = pad_rows(x, target), pad_rows(y, target)
         leaves, spec = flatten((params, opt_state))
         outputs = self._run(leaves, spec, x, y, valid_rows, key)
@@ -123,6 +121,17 @@ class TrainStep:
         params, opt_state = unflatten(outputs[:-1], spec)
         self._last_params = params
         return params, opt_state, outputs[-1]
+
+    def _padded_size(self, rows: int, dtype: torch.dtype, device: torch.device) -> int:
+        """The compiled batch size a direct call of ``rows`` rows runs at: the smallest one
+        holding it, unless padding would cost more than a batch of its own (then ``rows``,
+        compiled anew)."""
+        sizes = self._batch_sizes.setdefault((dtype, device), [])
+        index = bisect.bisect_left(sizes, rows)
+        if index < len(sizes) and sizes[index] <= max(2 * rows, rows + _PAD_ROWS):
+            return sizes[index]
+        sizes.insert(index, rows)
+        return rows
 
     def request_verification(self) -> None:
         """Check the next compiled step against the eager step (see ``train_step``)."""
@@ -144,7 +153,7 @@ class TrainStep:
         if count is None:
             count = self._valid_rows[(valid_rows, device)] = torch.tensor(valid_rows,
                                                                           device=device)
-        args = [*leaves, x, y, count] + ([key] if key is not None else [])
+        args = [*leaves, x, y, count] + ([key] if self.model.has_dropout else [])
         if not all(arg.is_contiguous() for arg in args):
             args = [arg.contiguous() for arg in args]
         # What a directly compiled graph is specialized on; dynamo checks the same by guards.
@@ -171,14 +180,31 @@ class TrainStep:
         value, grads = value_and_grad(self.model, params, x, y, self.loss, key=key)
         reference = [*flatten(self.optimizer.update(params, grads, opt_state))[0], value]
         for index, (got, expected) in enumerate(zip(outputs, reference)):
-            scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
-            difference = ((got - expected).abs().max() / scale).item()
+            difference = _relative_difference(got, expected)
             if not difference <= _tolerance(expected.dtype):
                 raise CompileVerificationError(
                     f"the compiled step disagrees with the eager step: output {index} differs "
                     f"by {difference:.3g} relative; this is a compiler bug, train with "
                     "compile=False and report it")
         self._verified = True
+
+
+def _relative_difference(got: Tensor, expected: Tensor) -> float:
+    """max|got - expected| / max(max|expected|, eps) over the finite values; inf where only
+    one side is non-finite (NaN matches NaN, inf matches inf of the same sign). Integer
+    tensors (the step count) must be equal."""
+    if got.shape != expected.shape or got.dtype != expected.dtype:
+        return math.inf
+    if not expected.is_floating_point():
+        return 0.0 if torch.equal(got, expected) else math.inf
+    same = (got == expected) | (got.isnan() & expected.isnan())
+    finite = expected.isfinite()
+    if bool((~same & ~(finite & got.isfinite())).any()):
+        return math.inf
+    if not bool(finite.any()):
+        return 0.0
+    scale = expected[finite].abs().max().clamp_min(torch.finfo(expected.dtype).eps)
+    return ((got[finite] - expected[finite]).abs().max() / scale).item()
 
 
 def _compile_with_inductor(function, args: list[Tensor]):
@@ -201,11 +227,19 @@ def _compile_with_inductor(function, args: list[Tensor]):
 def _copy_out_of_graph_pool(outputs) -> list[Tensor]:
     """Fresh tensors for a CUDA graph's outputs, which its next replays overwrite.
 
-    One concatenation (one kernel) instead of a copy per tensor; the results are views of it.
+    One concatenation (one kernel) per dtype instead of a copy per tensor; the results are
+    views of it.
     """
-    flat = torch.cat([output.reshape(-1) for output in outputs])
-    pieces = flat.split([output.numel() for output in outputs])
-    return [piece.view(output.shape) for piece, output in zip(pieces, outputs)]
+    copies: list = [None] * len(outputs)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, output in enumerate(outputs):
+        by_dtype.setdefault(output.dtype, []).append(index)
+    for indices in by_dtype.values():
+        flat = torch.cat([outputs[i].reshape(-1) for i in indices])
+        pieces = flat.split([outputs[i].numel() for i in indices])
+        for i, piece in zip(indices, pieces):
+            copies[i] = piece.view(outputs[i].shape)
+    return copies
 
 
 def pad_rows(values: Tensor, rows: int) -> Tensor:
@@ -216,6 +250,7 @@ def pad_rows(values: Tensor, rows: int) -> Tensor:
 
 
 COMPILERS = ("auto", "inductor", "dynamo")
+_PAD_ROWS = 1024  # a direct call pads by at most max(this, its own rows) rather than recompile
 _CACHE: dict[tuple, TrainStep] = {}
 
 

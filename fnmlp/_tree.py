@@ -35,7 +35,8 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
         return [(pytree.GetAttrKey(name), getattr(obj, name)) for name in fields], fields
 
     def unflatten(children, fields):
-        return cls(**dict(zip(fields, children)))
+        absent = {name: None for name in names if name not in fields}
+        return cls(**absent, **dict(zip(fields, children)))
 
     _DATACLASS_FIELDS[cls] = names
     pytree.register_pytree_node(

@@ -27,7 +27,7 @@ class SharedMaskDropout(nn.Module):
     def forward(self, a):
         if not self.training or self.key is None:
             return a
-        return a * (keep_mask(self.key, self.layer, tuple(a.shape), self.p, a.dtype)
+        return a * (keep_mask(self.key.to(a.device), self.layer, tuple(a.shape), self.p, a.dtype)
                     * (1 / (1 - self.p)))
 
     def extra_repr(self):
@@ -52,7 +52,7 @@ def to_torch(model: MLP, params: Params, *, shared_dropout: bool = False) -> nn.
     factory = {"dtype": like.dtype, "device": like.device}
     modules: list[nn.Module] = []
     for index, ((n_in, n_out), layer, p) in enumerate(zip(model.shapes, model.layers, params)):
-        linear = nn.Linear(n_in, n_out, **factory)
+        linear = nn.utils.skip_init(nn.Linear, n_in, n_out, **factory)  # no global RNG draw
         copies = [(linear.weight, p.weight), (linear.bias, p.bias)]
         modules.append(linear)
         if layer.layer_norm:

@@ -1,7 +1,8 @@
 """Learning-rate schedules: pure functions of the optimizer's step count.
 
-A schedule is ``lr(step) = base · factor(step)``, computed with tensor math from the 0-d step
-count kept in the optimizer state, so a compiled step never recompiles as the rate changes.
+A schedule is ``lr(step) = base · factor(step)`` (cosine: ``eta_min + (base - eta_min) ·
+factor``), computed with tensor math from the 0-d step count kept in the optimizer state, so
+a compiled step never recompiles as the rate changes.
 ``step`` counts the updates already made: the first update uses ``factor(0)``, as a
 ``torch.optim.lr_scheduler`` stepped once after every ``optimizer.step()``.
 
@@ -31,8 +32,17 @@ class Schedule:
     def factor(self, step: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def __call__(self, step: Tensor) -> Tensor:
-        return self.base * self.factor(step)
+    def rate(self, base: Tensor, step: Tensor) -> Tensor:
+        """The learning rate at ``step`` for base rate ``base`` (the optimizer state's, which
+        ``with_learning_rate`` may have changed)."""
+        return base * self.factor(step)
+
+    def __call__(self, step) -> Tensor:
+        """The learning rate at ``step`` (a number or a tensor of them) for this base."""
+        step = torch.as_tensor(step)
+        if not step.is_floating_point():
+            step = step.to(torch.float64)
+        return self.rate(torch.tensor(self.base, dtype=step.dtype, device=step.device), step)
 
     def to_torch(self, optimizer: torch.optim.Optimizer):
         """The matching ``torch.optim.lr_scheduler`` (step it after every optimizer step)."""
@@ -82,7 +92,7 @@ class Exponential(Schedule):
 @dataclasses.dataclass(frozen=True)
 class Cosine(Schedule):
     """lr = eta_min + (base - eta_min)·(1 + cos(π·step/total_steps))/2
-    (``CosineAnnealingLR``)."""
+    (``CosineAnnealingLR``); ``eta_min`` is absolute, whatever the base rate."""
 
     total_steps: int = 1
     eta_min: float = 0.0
@@ -92,8 +102,11 @@ class Cosine(Schedule):
         check_positive_int(self.total_steps, "total_steps")
 
     def factor(self, step):
-        ratio = self.eta_min / self.base
-        return ratio + (1 - ratio) * (1 + torch.cos(math.pi * step / self.total_steps)) / 2
+        """(1 + cos(π·step/total_steps))/2, falling from 1 to 0."""
+        return (1 + torch.cos(math.pi * step / self.total_steps)) / 2
+
+    def rate(self, base, step):
+        return self.eta_min + (base - self.eta_min) * self.factor(step)
 
     def to_torch(self, optimizer):
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.total_steps,

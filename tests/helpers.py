@@ -92,7 +92,7 @@ def torch_state_as_fnmlp(optimizer, twin, steps: int):
                                        if layer.norm is not None else None)
                      for layer in params)
 
-    replaced = {"step": torch.tensor(float(steps), dtype=state.step.dtype)}
+    replaced = {"step": torch.tensor(steps, dtype=state.step.dtype)}
     for field in dataclasses.fields(state):
         if field.name in ("step", "learning_rate") or getattr(state, field.name) is None:
             continue

@@ -237,3 +237,39 @@ def test_twin_round_trip_covers_every_module():
 def test_from_torch_rejects_layers_it_cannot_express(module, message):
     with pytest.raises(ValueError, match=message):
         fnmlp.from_torch(module)
+
+
+def test_optimizer_states_with_absent_buffers_are_pytrees(setup):
+    model, params, x, y = setup
+    state = fnmlp.sgd(0.1).init(params)  # no momentum: its buffer is None, no child
+    doubled = tree_map(lambda t: t * 2, state)
+    assert doubled.momentum_buffer is None and doubled.learning_rate.item() == 0.2
+    assert len(tree_flatten(state)[0]) == 2
+
+
+def test_binary_classifier_probabilities_and_classes():
+    model = fnmlp.MLP(2, [fnmlp.Dense(1)])
+    params = (fnmlp.DenseParams(torch.tensor([[1.0, 0.0]]), torch.zeros(1)),)
+    x = torch.tensor([[-2.0, 5.0], [0.5, 0.0], [3.0, 1.0]])
+    proba = model.predict_proba(params, x)
+    p = torch.sigmoid(x[:, :1])
+    torch.testing.assert_close(proba, torch.cat([1 - p, p], dim=1))
+    assert model.predict_classes(params, x).tolist() == [0, 1, 1]
+    sigmoid_head = fnmlp.MLP(2, [fnmlp.Dense(1, "sigmoid")])
+    torch.testing.assert_close(sigmoid_head.predict_proba(params, x), proba)
+
+
+def test_eager_step_builds_no_graph_for_parameters_that_require_grad(setup):
+    model, params, x, y = setup
+    params = tree_map(lambda t: t.clone().requires_grad_(True), params)
+    step = fnmlp.train_step(model, fnmlp.mse, fnmlp.sgd(0.01), compile=False)
+    new, _, loss = step(params, fnmlp.sgd(0.01).init(params), x, y)
+    assert loss.grad_fn is None and all(leaf.grad_fn is None for leaf in leaves(new))
+
+
+def test_to_torch_leaves_the_global_generator_alone(setup):
+    model, params, x, y = setup
+    before = torch.random.get_rng_state()
+    twin = fnmlp.to_torch(model, params)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.testing.assert_close(twin(x), model.apply(params, x), rtol=0, atol=0)

@@ -90,7 +90,10 @@ def test_compiled_steps_are_shared_and_the_learning_rate_is_an_input():
     params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
     small = a(params, fnmlp.sgd(0.01).init(params), x[:333], y[:333])[0]
     large = a(params, fnmlp.sgd(0.5).init(params), x[:333], y[:333])[0]
+    keyed = a(params, fnmlp.sgd(0.5).init(params), x[:333], y[:333],
+              key=fnmlp.dropout_key(0, 1))[0]  # a key for a model without dropout draws nothing
     assert len(a._compiled) == 1
+    assert all(torch.equal(k, l) for k, l in zip(leaves(keyed), leaves(large)))
     ratio = (large[0].weight - params[0].weight) / (small[0].weight - params[0].weight)
     torch.testing.assert_close(ratio, torch.full_like(ratio, 50.0))
 
@@ -174,3 +177,45 @@ def test_remaining_losses_and_schedules_compile_without_recompiles(loss, optimiz
         params, state, loss_e = eager(params, state, xb, yb)
         assert _worst(leaves(new_c) + [loss_c], leaves(params) + [loss_e]) <= 1e-13
     assert len(compiled._compiled) == 1
+
+
+def test_direct_calls_pad_only_to_a_nearby_compiled_size():
+    step = fnmlp.TrainStep(seed_model(), fnmlp.mse, fnmlp.sgd(LR))
+    f64, f32, cpu = torch.float64, torch.float32, torch.device("cpu")
+    assert step._padded_size(5000, f64, cpu) == 5000
+    assert step._padded_size(333, f64, cpu) == 333
+    assert step._padded_size(1, f64, cpu) == 333  # the seed's tail reuses the full batch
+    assert step._padded_size(3000, f64, cpu) == 5000
+    assert step._padded_size(10, f32, cpu) == 10  # sizes are per dtype and device
+    step._padded_size(100_000, f64, cpu)
+    assert step._padded_size(20_000, f64, cpu) == 20_000  # 5x padding: a graph of its own
+
+
+def test_verification_compares_non_finite_values_and_zeros_sensibly():
+    from fnmlp._step import _relative_difference
+
+    nan, inf = float("nan"), float("inf")
+    a = torch.tensor([1.0, nan, inf, -inf], dtype=torch.float64)
+    assert _relative_difference(a.clone(), a) == 0.0
+    assert _relative_difference(torch.tensor([1.0, 0.0, inf, -inf], dtype=torch.float64),
+                                a) == float("inf")
+    assert _relative_difference(torch.tensor([1.0, nan, inf, inf], dtype=torch.float64),
+                                a) == float("inf")
+    zeros = torch.zeros(3, dtype=torch.float64)
+    assert _relative_difference(zeros + 1e-30, zeros) < 1e-9  # no division by zero
+    assert _relative_difference(zeros + 1e-6, zeros) > 1e-9
+    assert _relative_difference(torch.tensor(3), torch.tensor(3)) == 0.0
+    assert _relative_difference(torch.tensor(4), torch.tensor(3)) == float("inf")
+    difference = _relative_difference(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5]))
+    assert difference == pytest.approx(0.2)
+
+
+def test_copies_out_of_a_graph_pool_keep_each_dtype():
+    from fnmlp._step import _copy_out_of_graph_pool
+
+    outputs = [torch.randn(3, 2, dtype=torch.bfloat16), torch.tensor(0.5),
+               torch.arange(4, dtype=torch.int64), torch.randn(2, dtype=torch.bfloat16)]
+    copies = _copy_out_of_graph_pool(outputs)
+    for copy, output in zip(copies, outputs):
+        assert copy.dtype == output.dtype and torch.equal(copy, output)
+        assert copy.data_ptr() != output.data_ptr()

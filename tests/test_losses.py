@@ -3,8 +3,10 @@ awkward values, masks for padded rows, and bad targets."""
 
 import pytest
 import torch
+from torch import nn
 
 import fnmlp
+from helpers import relative
 
 F64 = torch.float64
 
@@ -134,3 +136,21 @@ def test_labels_on_another_device_are_an_error_not_a_copy():
     with pytest.raises(ValueError, match="y is on meta but the parameters are on cpu"):
         model.value_and_grad(params, torch.zeros(4, 4, dtype=F64), labels,
                              loss=fnmlp.cross_entropy)
+
+
+def test_cross_entropy_gradient_is_exact_for_targets_that_do_not_sum_to_one():
+    """The compiled step does not check target sums; its gradient stays the loss's own."""
+    from fnmlp._model import value_and_grad
+
+    g = torch.Generator().manual_seed(0)
+    model = fnmlp.MLP(3, [fnmlp.Dense(4)])
+    params = model.init(g, dtype=torch.float64)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64)
+    target = torch.rand(5, 4, generator=g, dtype=torch.float64)  # rows sum to about 2
+    value, grads = value_and_grad(model, params, x, target, fnmlp.cross_entropy)
+    twin = fnmlp.to_torch(model, params)
+    expected = nn.CrossEntropyLoss()(twin(x), target)
+    expected.backward()
+    assert relative(value, expected.detach()) <= 1e-13
+    assert relative(grads[0].weight, twin[0].weight.grad) <= 1e-13
+    assert relative(grads[0].bias, twin[0].bias.grad) <= 1e-13

@@ -1,6 +1,8 @@
 """Every optimizer, schedule and clipping against torch.optim: each step from the same state
 within 1e-13 (float64), 100 free steps within 1e-10, and compiled steps equal to eager ones."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -123,3 +125,24 @@ def test_schedules_are_pure_functions_of_the_step():
     assert torch.equal(schedule(steps), values)
     assert S.linear_warmup(1.0, 4, 0.2)(torch.tensor(8.0)).item() == 1.0
     assert S.step_decay(1.0, 3, 0.5)(torch.tensor(7.0)).item() == 0.25
+
+
+def test_the_step_count_is_exact_past_float32_precision():
+    params = (fnmlp.DenseParams(torch.ones(2, 2), torch.zeros(2)),)
+    grads = (fnmlp.DenseParams(torch.ones(2, 2), torch.ones(2)),)
+    optimizer = fnmlp.adam(0.01)
+    state = dataclasses.replace(optimizer.init(params), step=torch.tensor(2**24))
+    for _ in range(3):
+        params, state = optimizer.update(params, grads, state)
+    assert state.step.dtype == torch.int64 and state.step.item() == 2**24 + 3
+    assert all(leaf.dtype == torch.float32 for leaf in leaves(params))
+
+
+def test_cosine_floor_is_absolute_when_the_rate_is_changed():
+    optimizer = fnmlp.sgd(S.cosine(0.1, total_steps=10, eta_min=0.01))
+    params = (fnmlp.DenseParams(torch.ones(1, 1, dtype=F64), torch.zeros(1, dtype=F64)),)
+    state = optimizer.with_learning_rate(optimizer.init(params), 0.5)
+    assert optimizer.learning_rate(state).item() == 0.5
+    end = dataclasses.replace(state, step=torch.tensor(10))
+    assert optimizer.learning_rate(end).item() == pytest.approx(0.01, rel=1e-15)
+    assert S.cosine(0.1, 10, 0.01)(10).item() == pytest.approx(0.01, rel=1e-15)

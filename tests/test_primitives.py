@@ -231,3 +231,22 @@ def test_dropout_masks_are_reproducible_and_backward_uses_them():
     assert torch.equal(out, kept / 0.75)
     da = torch.randn(400, 50, dtype=torch.float64)
     assert torch.equal(dropout_backward(residual, da), da * (kept * (1 / 0.75)))
+
+
+def test_low_precision_layers_keep_their_dtype_and_a_cpu_key_works(device):
+    """bfloat16 layer norm statistics come back in float32 on CUDA; dropout keys are made on
+    the CPU. Gradients keep the parameters' dtype, and the twin draws the same masks."""
+    model = fnmlp.MLP(4, [fnmlp.Dense(8, "relu", layer_norm=True, dropout=0.25),
+                          fnmlp.Dense(2)])
+    params = model.init(torch.Generator().manual_seed(0), dtype=torch.bfloat16, device=device)
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x, y = x.to(device), torch.zeros(6, 2, dtype=torch.bfloat16, device=device)
+    key = fnmlp.dropout_key(3, 7)
+    value, grads = model.value_and_grad(params, x, y, key=key)
+    assert value.dtype == torch.bfloat16
+    assert all(g.dtype == torch.bfloat16 and g.device == x.device
+               for g in torch.utils._pytree.tree_leaves(grads))
+    twin = fnmlp.to_torch(model, params, shared_dropout=True)
+    fnmlp.set_dropout_key(twin, key)
+    ours = fnmlp._model.forward(model, params, x, key.to(device))
+    assert torch.equal(twin(x), ours)
