@@ -233,6 +233,23 @@ def test_dropout_masks_are_reproducible_and_backward_uses_them():
     assert torch.equal(dropout_backward(residual, da), da * (kept * (1 / 0.75)))
 
 
+def test_dropout_masks_look_independent_across_steps_layers_and_units():
+    from fnmlp._dropout import keep_mask
+
+    def mask(seed, counter, layer):
+        return keep_mask(fnmlp.dropout_key(seed, counter), layer, (400, 50), 0.5, torch.float64)
+
+    a = mask(3, 4, 1)
+    for other in [mask(3, 5, 1), mask(4, 4, 1), mask(3, 4, 2), mask(3, 4 + 2**16, 1)]:
+        assert abs((a == other).double().mean().item() - 0.5) < 0.02  # as for independent coins
+    assert abs((a[:, 1:] == a[:, :-1]).double().mean().item() - 0.5) < 0.02  # neighbours
+    keys = {tuple(fnmlp.dropout_key(seed, counter).tolist())
+            for seed in range(30) for counter in range(30)}
+    assert len(keys) == 900
+    with pytest.raises(TypeError, match="counter must be an integer"):
+        fnmlp.dropout_key(0, 1.5)
+
+
 def test_low_precision_layers_keep_their_dtype_and_a_cpu_key_works(device):
     """bfloat16 layer norm statistics come back in float32 on CUDA; dropout keys are made on
     the CPU. Gradients keep the parameters' dtype, and the twin draws the same masks."""
