@@ -81,7 +81,9 @@ class TrainStep:
         self._batch_sizes: dict[tuple[torch.dtype, torch.device], list[int]] = {}
         self._valid_rows: dict[tuple[int, torch.device], Tensor] = {}
         self._verified = not verify
-        self._last_params = None  # the parameters this step returned last (known valid)
+        # What this step returned last: (params, opt_state, their leaves, spec). Parameters
+        # it made are known valid, and their leaves need no flattening when passed back.
+        self._last = (None, None, None, None)
 
     def __call__(self, params, opt_state, x: Tensor, y: Tensor, valid_rows: int | None = None,
                  key: Tensor | None = None):
@@ -92,7 +94,7 @@ class TrainStep:
         ``fit`` checks the data once).
         """
         x, y = self.model.check_data(params, x, y, loss=self.loss, finite=False,
-                                     params_checked=params is self._last_params)
+                                     params_checked=params is self._last[0])
         if valid_rows is not None and not 0 < valid_rows <= x.shape[0]:
             raise ValueError(f"valid_rows must be in 1..{x.shape[0]}, got {valid_rows}")
         key = self.model.check_key(key, x.device)
@@ -114,12 +116,15 @@ class TrainStep:
             target = self._padded_size(rows, x.dtype, x.device)
             if target != rows:
                 x, y = pad_rows(x, target), pad_rows(y, target)
-        leaves, spec = flatten((params, opt_state))
+        last_params, last_state, leaves, spec = self._last
+        if params is not last_params or opt_state is not last_state:
+            leaves, spec = flatten((params, opt_state))
         outputs = self._run(leaves, spec, x, y, valid_rows, key)
         if not self._verified:
             self._verify(params, opt_state, x[:valid_rows], y[:valid_rows], key, outputs)
-        params, opt_state = unflatten(outputs[:-1], spec)
-        self._last_params = params
+        leaves = outputs[:-1]
+        params, opt_state = unflatten(leaves, spec)
+        self._last = (params, opt_state, leaves, spec)
         return params, opt_state, outputs[-1]
 
     def _padded_size(self, rows: int, dtype: torch.dtype, device: torch.device) -> int:
