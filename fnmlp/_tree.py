@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import TypeVar
 
 import torch
@@ -101,7 +102,7 @@ def _builder(spec):
     """A function ``leaves -> tree`` for ``spec``, generated as one expression (like
     ``namedtuple``'s methods): a few times faster than walking the spec at every step."""
     names: dict[str, object] = {"tree_unflatten": pytree.tree_unflatten}
-    count = iter(range(1 << 30))
+    count = itertools.count()
 
     def source(node) -> str:
         if node is None:

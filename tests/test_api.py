@@ -273,3 +273,18 @@ def test_to_torch_leaves_the_global_generator_alone(setup):
     twin = fnmlp.to_torch(model, params)
     assert torch.equal(torch.random.get_rng_state(), before)
     torch.testing.assert_close(twin(x), model.apply(params, x), rtol=0, atol=0)
+
+
+def test_fast_flatten_round_trips_every_node_kind(setup):
+    from fnmlp._tree import flatten, unflatten
+
+    model, params, x, y = setup
+    state = fnmlp.adam(0.1).init(params)  # amsgrad off: a None field
+    tree = (params, state, [x, None], {"y": y}, ())
+    leaves_, spec = flatten(tree)
+    expected = [leaf for leaf in tree_flatten(tree)[0] if leaf is not None]  # None: no leaf
+    assert len(leaves_) == len(expected) and all(a is b for a, b in zip(leaves_, expected))
+    rebuilt = unflatten(leaves_, spec)
+    assert tree_flatten(rebuilt)[1] == tree_flatten(tree)[1]
+    assert all(a is b for a, b in zip(tree_flatten(rebuilt)[0], tree_flatten(tree)[0]))
+    assert rebuilt[1].max_exp_avg_sq is None and rebuilt[2][1] is None and rebuilt[4] == ()
