@@ -32,7 +32,7 @@ from torch import Tensor
 
 from fnmlp._losses import Loss
 from fnmlp._model import MLP, value_and_grad
-from fnmlp._tree import flatten, unflatten
+from fnmlp._tree import flatten, tree_builder, unflatten
 
 _unique = itertools.count()
 
@@ -44,11 +44,12 @@ class CompileVerificationError(RuntimeError):
 def _step_function(model: MLP, loss: Loss, optimizer, spec):
     """The pure step over flat tensors: (*leaves, x, y, valid_rows[, key]) -> (*leaves, loss)."""
     keyed = model.has_dropout
+    build = tree_builder(spec)
 
     def fnmlp_train_step(*args):
         key = args[-1] if keyed else None
         *leaves, x, y, valid_rows = args[:-1] if keyed else args
-        params, opt_state = unflatten(leaves, spec)
+        params, opt_state = build(leaves)
         value, grads = value_and_grad(model, params, x, y, loss, valid_rows, key)
         params, opt_state = optimizer.update(params, grads, opt_state)
         leaves, _ = flatten((params, opt_state))

@@ -89,16 +89,22 @@ def _flatten_into(tree, leaves: list):
 
 def unflatten(leaves, spec):
     """The tree of ``spec`` (from ``flatten``) holding ``leaves``."""
-    builder = _BUILDERS.get(spec)
-    if builder is None:
-        builder = _BUILDERS[spec] = _builder(spec)
-    return builder(leaves)
+    return tree_builder(spec)(leaves)
 
 
 _BUILDERS: dict = {}  # spec -> function building its tree from a sequence of leaves
 
 
-def _builder(spec):
+def tree_builder(spec):
+    """The function ``leaves -> tree`` for ``spec`` (from ``flatten``), made once per spec.
+    Look it up outside traced code: dynamo cannot hash a spec."""
+    builder = _BUILDERS.get(spec)
+    if builder is None:
+        builder = _BUILDERS[spec] = _generate_builder(spec)
+    return builder
+
+
+def _generate_builder(spec):
     """A function ``leaves -> tree`` for ``spec``, generated as one expression (like
     ``namedtuple``'s methods): a few times faster than walking the spec at every step."""
     names: dict[str, object] = {"tree_unflatten": pytree.tree_unflatten}
