@@ -3,9 +3,9 @@
 Run by bench/run.py in fresh processes: once with an empty TORCHINDUCTOR_CACHE_DIR (cold) and
 once more with the same directory (warm); and, in another empty directory, once after a
 ``--prime`` run that compiled a different, tiny step (a new graph on a machine where inductor
-has already done its one-time set-up: its CPU ISA probe). Prints, as JSON, the seconds of the first step and,
-apart, of importing torch's compiler (``torch._dynamo``, ``torch._inductor``), which every
-process pays once whatever it compiles.
+has already done its one-time set-up: its CPU ISA probe). Prints, as JSON, the seconds of the
+first step and, apart, of importing torch's compiler (``torch._dynamo``, ``torch._inductor``),
+which every process pays once whatever it compiles.
 """
 
 import argparse
