@@ -108,10 +108,7 @@ class TrainStep:
         if not self.compile:
             if valid_rows is not None and valid_rows != rows:
                 x, y = x[:valid_rows], y[:valid_rows]
-            with torch.no_grad():
-                value, grads = value_and_grad(self.model, params, x, y, self.loss, key=key)
-                params, opt_state = self.optimizer.update(params, grads, opt_state)
-            return params, opt_state, value
+            return self._eager_step(params, opt_state, x, y, key)
         if valid_rows is None:  # a direct call: pad to the smallest batch size that holds it
             valid_rows = rows
             target = self._padded_size(rows, x.dtype, x.device)
@@ -182,9 +179,15 @@ class TrainStep:
         mode = "reduce-overhead" if self.uses_cuda_graphs(device) else None
         return torch.compile(function, fullgraph=True, dynamic=False, mode=mode)
 
+    def _eager_step(self, params, opt_state, x: Tensor, y: Tensor, key: Tensor | None):
+        with torch.no_grad():
+            value, grads = value_and_grad(self.model, params, x, y, self.loss, key=key)
+            params, opt_state = self.optimizer.update(params, grads, opt_state)
+        return params, opt_state, value
+
     def _verify(self, params, opt_state, x, y, key, outputs):
-        value, grads = value_and_grad(self.model, params, x, y, self.loss, key=key)
-        reference = [*flatten(self.optimizer.update(params, grads, opt_state))[0], value]
+        params, opt_state, value = self._eager_step(params, opt_state, x, y, key)
+        reference = [*flatten((params, opt_state))[0], value]
         for index, (got, expected) in enumerate(zip(outputs, reference)):
             difference = _relative_difference(got, expected)
             if not difference <= _tolerance(expected.dtype):
