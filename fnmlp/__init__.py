@@ -1,48 +1,44 @@
 """fnmlp: pure-functional multilayer perceptrons with explicit backward rules, on PyTorch.
 
-Public API::
-
     model = fnmlp.MLP(6, [fnmlp.Dense(32, "tanh"), fnmlp.Dense(3)])
     params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
     loss, grads = model.value_and_grad(params, x, y)
     result = fnmlp.fit(model, params, x, y, epochs=32, batch_size=333, optimizer=fnmlp.sgd(0.01))
+
+Layers of the design, one subpackage each: ``fnmlp.nn`` (primitives, losses, the network),
+``fnmlp.optim`` (optimizers, schedules), ``fnmlp.train`` (step, compilation, fit) and
+``fnmlp.interop`` (the torch twin). The common names are re-exported here.
 """
 
-from fnmlp import metrics, schedules
-from fnmlp._activations import (ELU, GELU, Activation, Identity, LeakyReLU, LogSoftmax, ReLU,
-                                Sigmoid, SiLU, Softmax, Softplus, Tanh)
-from fnmlp._dense import DenseParams, dense_backward, dense_forward
-from fnmlp._dropout import make_key as dropout_key
-from fnmlp._fit import FitResult, History, NonFiniteLossError, fit
-from fnmlp._losses import (L1, MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Huber, Loss,
-                           binary_cross_entropy_with_logits, cross_entropy, huber, l1, mse)
-from fnmlp._model import MLP, Dense
-from fnmlp._norm import LayerNormParams
-from fnmlp._optim import (SGD, Adagrad, AdagradState, Adam, AdamState, ClipByGlobalNorm,
-                          Optimizer, RMSprop, RMSpropState, SGDState, adagrad, adam, adamw,
-                          clip_by_global_norm, rmsprop, sgd)
-from fnmlp._step import CompileVerificationError, TrainStep, train_step
+from fnmlp import interop, metrics, nn, optim, train, workloads
 from fnmlp._tree import pytree_dataclass
-from fnmlp._twin import SharedMaskDropout, TorchTwin, from_torch, set_dropout_key, to_torch
+from fnmlp.interop import TorchTwin, from_torch, set_dropout_key, to_torch
+from fnmlp.nn import (ELU, GELU, L1, MLP, MSE, BatchNorm, BinaryCrossEntropyWithLogits,
+                      CrossEntropy, Dense, Dropout, Huber, Identity, LayerNorm, LeakyReLU, Linear,
+                      LinearParams, LogSoftmax, NormParams, BatchNormState, Primitive, ReLU,
+                      Sigmoid, SiLU, Softmax, Softplus, Tanh, binary_cross_entropy_with_logits,
+                      cross_entropy, dropout_key, huber, l1, mse)
+from fnmlp.optim import adagrad, adam, adamw, clip_by_global_norm, rmsprop, schedules, sgd
+from fnmlp.train import (CompileVerificationError, FitResult, History, NonFiniteLossError,
+                         TrainStep, fit, train_step)
 
 __all__ = [
-    # the network
-    "MLP", "Dense", "DenseParams", "LayerNormParams", "dense_forward", "dense_backward",
-    "dropout_key", "pytree_dataclass",
-    # activations
-    "Activation", "Identity", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Softplus", "Sigmoid",
-    "Tanh", "Softmax", "LogSoftmax",
-    # losses
-    "Loss", "MSE", "mse", "L1", "l1", "Huber", "huber", "CrossEntropy", "cross_entropy",
+    # the network and its primitives
+    "MLP", "Dense", "Primitive", "Linear", "LinearParams", "LayerNorm", "BatchNorm",
+    "NormParams", "BatchNormState", "Dropout", "dropout_key", "pytree_dataclass",
+    # activations (also selected by name)
+    "Identity", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Softplus", "Sigmoid", "Tanh",
+    "Softmax", "LogSoftmax",
+    # losses: classes for options, instances for the defaults
+    "MSE", "mse", "L1", "l1", "Huber", "huber", "CrossEntropy", "cross_entropy",
     "BinaryCrossEntropyWithLogits", "binary_cross_entropy_with_logits",
     # optimizers and schedules
-    "Optimizer", "SGD", "SGDState", "sgd", "Adam", "AdamState", "adam", "adamw", "RMSprop",
-    "RMSpropState", "rmsprop", "Adagrad", "AdagradState", "adagrad", "ClipByGlobalNorm",
-    "clip_by_global_norm", "schedules",
+    "sgd", "adam", "adamw", "rmsprop", "adagrad", "clip_by_global_norm", "schedules",
     # training
-    "train_step", "TrainStep", "CompileVerificationError", "fit", "FitResult", "History",
+    "train_step", "TrainStep", "fit", "FitResult", "History", "CompileVerificationError",
     "NonFiniteLossError",
-    # interop and metrics
-    "to_torch", "from_torch", "TorchTwin", "SharedMaskDropout", "set_dropout_key", "metrics",
+    # interop and the rest
+    "to_torch", "from_torch", "TorchTwin", "set_dropout_key", "metrics", "workloads",
+    "nn", "optim", "train", "interop",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -81,3 +81,35 @@ def check_learning_rate(lr, name: str = "lr") -> None:
         raise TypeError(f"{name} must be a float or a 0-d tensor, got {type(lr).__name__}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be finite and > 0, got {value}")
+
+
+def as_weights(weight, rows: int, like: Tensor, name: str = "sample_weight") -> Tensor | None:
+    """Row weights (rows,) in ``like``'s dtype and device, or None: non-negative, finite and not
+    all zero. NumPy arrays and lists are converted; a tensor must be on ``like``'s device."""
+    if weight is None:
+        return None
+    if isinstance(weight, Tensor):
+        if weight.device != like.device:
+            raise ValueError(f"{name} is on {weight.device} but the parameters are on "
+                             f"{like.device}; move it with {name}.to('{like.device}')")
+        if weight.is_complex() or weight.dtype == torch.bool:
+            raise TypeError(f"{name} must hold real numbers, got {weight.dtype}")
+        weight = weight.to(like.dtype)
+    elif isinstance(weight, (np.ndarray, list, tuple)):
+        array = np.asarray(weight)
+        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+            raise TypeError(f"{name} must hold numbers, got an array of {array.dtype}")
+        weight = torch.as_tensor(array, dtype=like.dtype, device=like.device)
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got "
+                        f"{type(weight).__name__}")
+    if weight.dim() != 1 or weight.shape[0] != rows:
+        raise ValueError(f"{name} must be 1-D with one weight per row ({rows},), got shape "
+                         f"{tuple(weight.shape)}")
+    if not bool(torch.isfinite(weight).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+    if bool((weight < 0).any()):
+        raise ValueError(f"{name} must be >= 0")
+    if not bool((weight > 0).any()):
+        raise ValueError(f"{name} is all zero: no row would count")
+    return weight

@@ -1,4 +1,5 @@
-"""Metrics on predictions; each returns a Python float."""
+"""Metrics on predictions; each returns a Python float (losses, which return tensors and have
+backward rules, are ``fnmlp.mse`` and friends)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ def mape(prediction, target) -> float:
     return ratio.mean().item()
 
 
-def mse(prediction, target) -> float:
-    """Mean squared error over all elements."""
+def mean_squared_error(prediction, target) -> float:
+    """Mean squared error over all elements, as a float (the loss is ``fnmlp.mse``).
+
+    Arguments:
+        prediction, target: tensors or arrays of one shape."""
     prediction, target = _pair(prediction, target)
     return (prediction - target).pow(2).mean().item()
 

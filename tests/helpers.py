@@ -2,32 +2,18 @@
 
 from __future__ import annotations
 
-import random
+import dataclasses
 
 import torch
-from sklearn.datasets import make_regression
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_structure, tree_unflatten
 
 import fnmlp
-
-SEED_LAYERS = [("tanh", 32), ("softmax", 32), ("sigmoid", 32), ("relu", 32), ("identity", 3)]
+from fnmlp.workloads import SEED_LAYERS, seed_data, seed_model  # noqa: F401 (re-exported)
 
 
 def mlp(in_features: int, layers) -> fnmlp.MLP:
     return fnmlp.MLP(in_features, [fnmlp.Dense(units, act) for act, units in layers])
-
-
-def seed_model() -> fnmlp.MLP:
-    return mlp(6, SEED_LAYERS)
-
-
-def seed_data(dtype=torch.float64, device="cpu", seed=0):
-    """The notebook's data: make_regression 6 -> 3, 1000 train and 9100 valid samples."""
-    x, y = make_regression(n_samples=10_100, n_features=6, n_targets=3, n_informative=5,
-                           bias=random.Random(seed).random(), noise=1, random_state=seed)
-    x = torch.tensor(x, dtype=dtype, device=device)
-    y = torch.tensor(y, dtype=dtype, device=device)
-    return x[:1000], y[:1000], x[1000:], y[1000:]
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,9 +24,14 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / scale if scale > 0 else diff
 
 
-def leaves(params) -> list[torch.Tensor]:
-    """Parameter tensors in the twin's order (weight, bias, then the norm's, layer by layer)."""
-    return torch.utils._pytree.tree_leaves(params)
+def leaves(tree) -> list[torch.Tensor]:
+    """Tensors in the twin's order (per primitive: weight, bias)."""
+    return tree_leaves(tree)
+
+
+def linear_params(params) -> list:
+    """The ``LinearParams`` entries of ``params``, in order."""
+    return [p for p in params if isinstance(p, fnmlp.LinearParams)]
 
 
 def twin_step(module: nn.Module, x, y, lr: float):
@@ -78,19 +69,14 @@ def step_differences(model, params, x, y, lr: float) -> dict[str, float]:
 def torch_state_as_fnmlp(optimizer, twin, steps: int):
     """The twin's current parameters and torch.optim state as fnmlp's (params, opt_state),
     so that one step of each can start from the very same state."""
-    import dataclasses
-
     params = twin.params()
     state = optimizer.init(params)
     tensors = list(twin.module.parameters())
     torch_state = twin.optimizer.state
+    structure = tree_structure(params)
 
     def tree(key):
-        values = iter(torch_state[p][key].detach().clone() for p in tensors)
-        return tuple(fnmlp.DenseParams(next(values), next(values),
-                                       fnmlp.LayerNormParams(next(values), next(values))
-                                       if layer.norm is not None else None)
-                     for layer in params)
+        return tree_unflatten([torch_state[p][key].detach().clone() for p in tensors], structure)
 
     replaced = {"step": torch.tensor(steps, dtype=state.step.dtype)}
     for field in dataclasses.fields(state):

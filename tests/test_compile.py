@@ -44,7 +44,7 @@ def test_every_seed_step_compiled_matches_eager_and_twin(compiler, device):
     worst = {"eager": 0.0, "twin": 0.0}
     with torch._dynamo.config.patch(error_on_recompile=True):
         for xb, yb in _seed_batches(x, y):
-            _, params = fnmlp.from_torch(twin)
+            _, params, _ = fnmlp.from_torch(twin)
             state = optimizer.init(params)
             new_c, _, loss_c = compiled(params, state, xb, yb)
             new_e, _, loss_e = eager(params, state, xb, yb)
@@ -54,12 +54,12 @@ def test_every_seed_step_compiled_matches_eager_and_twin(compiler, device):
             worst["twin"] = max(worst["twin"], _worst(
                 ours, [p.detach() for p in twin.parameters()] + [twin_loss]))
     assert worst["eager"] <= 1e-13 and worst["twin"] <= 1e-13, worst
-    assert len(compiled._compiled) == 1  # the short last batch was padded into the same graph
+    assert len(compiled.compiled.graphs) == 1  # the short last batch was padded into the same graph
 
 
-def test_compiled_fit_has_no_recompiles_and_matches_eager_fit(device):
-    """A whole compiled fit through dynamo with fullgraph=True fails on any recompile: none
-    for the tail batch, new epochs, a changed learning rate or a second fit."""
+def test_compiled_fit_through_dynamo_has_no_recompiles_and_matches_eager_fit(device):
+    """A whole fit compiled by dynamo (fit(compiler="dynamo"), fullgraph=True) fails on any
+    recompile: none for the tail batch, new epochs, a changed learning rate or more steps."""
     model = seed_model()
     x, y, xv, yv = seed_data(device=device)
     params = model.init(torch.Generator().manual_seed(1), dtype=torch.float64, device=device)
@@ -68,11 +68,14 @@ def test_compiled_fit_has_no_recompiles_and_matches_eager_fit(device):
     torch._dynamo.utils.counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled = fnmlp.fit(model, params, x, y, epochs=32, batch_size=333,
-                             optimizer=optimizer, valid=(xv, yv), compile=True)
+                             optimizer=optimizer, valid=(xv, yv), compile=True,
+                             compiler="dynamo")
         state = optimizer.with_learning_rate(compiled.opt_state, 1e-4)
         for xb, yb in _seed_batches(x, y, epochs=1):
             step(compiled.params, state, xb, yb)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1  # 0: compiled before
+    # fit ran on the dynamo graph this step holds (one for every batch and call)
+    assert step.compiled.compiler_for(x.device) == "dynamo" and len(step.compiled.graphs) == 1
     eager = fnmlp.fit(model, params, x, y, epochs=32, batch_size=333, optimizer=optimizer,
                       valid=(xv, yv))
     for a, b in [(compiled.history.train_loss, eager.history.train_loss),
@@ -84,40 +87,46 @@ def test_compiled_fit_has_no_recompiles_and_matches_eager_fit(device):
 def test_compiled_steps_are_shared_and_the_learning_rate_is_an_input():
     model = seed_model()
     a = fnmlp.train_step(model, fnmlp.mse, fnmlp.sgd(0.01))
-    b = fnmlp.train_step(seed_model(), fnmlp.mse, fnmlp.sgd(0.5))
-    assert a is b
+    b = fnmlp.train_step(seed_model(), fnmlp.mse, fnmlp.sgd(0.5), verify=True)
+    assert a.compiled is b.compiled  # the graphs are shared ...
+    assert b._verify_next and not a._verify_next  # ... and verifying one step changes no other
     x, y, _, _ = seed_data()
     params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
     small = a(params, fnmlp.sgd(0.01).init(params), x[:333], y[:333])[0]
     large = a(params, fnmlp.sgd(0.5).init(params), x[:333], y[:333])[0]
     keyed = a(params, fnmlp.sgd(0.5).init(params), x[:333], y[:333],
               key=fnmlp.dropout_key(0, 1))[0]  # a key for a model without dropout draws nothing
-    assert len(a._compiled) == 1
+    assert len(a.compiled.graphs) == 1
     assert all(torch.equal(k, l) for k, l in zip(leaves(keyed), leaves(large)))
     ratio = (large[0].weight - params[0].weight) / (small[0].weight - params[0].weight)
     torch.testing.assert_close(ratio, torch.full_like(ratio, 50.0))
 
 
-def test_verify_catches_a_miscompiled_step():
+def test_verify_catches_a_miscompiled_step(monkeypatch):
     """verify=True runs the first step both ways; a compiler that drops the update's scale
     (the inductor bug in PITFALLS.md) is caught before training goes on."""
+    from fnmlp.train import _compile
+
     model = seed_model()
     x, y, _, _ = seed_data()
     params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
     optimizer = fnmlp.sgd(LR)
-    step = fnmlp.TrainStep(model, fnmlp.mse, optimizer, verify=True)
+    step = fnmlp.train_step(model, fnmlp.mse, optimizer, verify=True)
+    step.compiled = _compile.CompiledStep(model, fnmlp.mse, optimizer, cuda_graphs=None,
+                                          compiler="auto")  # not the shared one
 
-    def miscompile(state_def, args):
+    def miscompile(function, args, **options):
         def wrong(*inputs):  # p + g instead of p - lr * g
             state = optimizer.init(params)
             value, grads = model.value_and_grad(params, x[:333], y[:333])
             new = [p + g for p, g in zip(leaves(params), leaves(grads))]
-            return [*new, state.learning_rate, value]
+            return [*new, state.step + 1, state.learning_rate, value]
         return wrong
 
-    step._compile = miscompile
+    monkeypatch.setattr(_compile, "compile_graph", miscompile)
     with pytest.raises(fnmlp.CompileVerificationError, match="compile=False"):
         step(params, optimizer.init(params), x[:333], y[:333])
+    monkeypatch.undo()
     good = fnmlp.train_step(model, fnmlp.mse, optimizer, verify=True)
     good(params, optimizer.init(params), x[:333], y[:333])  # the real compiler passes
 
@@ -154,7 +163,7 @@ def test_every_activation_compiles_into_one_graph_with_a_padded_tail():
         new_c, _, loss_c = compiled(params, state, xb, yb)
         params, state, loss_e = eager(params, state, xb, yb)
         assert _worst(leaves(new_c) + [loss_c], leaves(params) + [loss_e]) <= 1e-13
-    assert len(compiled._compiled) == 1
+    assert len(compiled.compiled.graphs) == 1
 
 
 @pytest.mark.parametrize("loss, optimizer", [
@@ -176,23 +185,25 @@ def test_remaining_losses_and_schedules_compile_without_recompiles(loss, optimiz
         new_c, _, loss_c = compiled(params, state, xb, yb)
         params, state, loss_e = eager(params, state, xb, yb)
         assert _worst(leaves(new_c) + [loss_c], leaves(params) + [loss_e]) <= 1e-13
-    assert len(compiled._compiled) == 1
+    assert len(compiled.compiled.graphs) == 1
 
 
 def test_direct_calls_pad_only_to_a_nearby_compiled_size():
-    step = fnmlp.TrainStep(seed_model(), fnmlp.mse, fnmlp.sgd(LR))
+    from fnmlp.train._compile import BatchPadding
+
+    padding = BatchPadding()
     f64, f32, cpu = torch.float64, torch.float32, torch.device("cpu")
-    assert step._padded_size(5000, f64, cpu) == 5000
-    assert step._padded_size(333, f64, cpu) == 333
-    assert step._padded_size(1, f64, cpu) == 333  # the seed's tail reuses the full batch
-    assert step._padded_size(3000, f64, cpu) == 5000
-    assert step._padded_size(10, f32, cpu) == 10  # sizes are per dtype and device
-    step._padded_size(100_000, f64, cpu)
-    assert step._padded_size(20_000, f64, cpu) == 20_000  # 5x padding: a graph of its own
+    assert padding.size_for(5000, f64, cpu) == 5000
+    assert padding.size_for(333, f64, cpu) == 333
+    assert padding.size_for(1, f64, cpu) == 333  # the seed's tail reuses the full batch
+    assert padding.size_for(3000, f64, cpu) == 5000
+    assert padding.size_for(10, f32, cpu) == 10  # sizes are per dtype and device
+    padding.size_for(100_000, f64, cpu)
+    assert padding.size_for(20_000, f64, cpu) == 20_000  # 5x padding: a graph of its own
 
 
 def test_verification_compares_non_finite_values_and_zeros_sensibly():
-    from fnmlp._step import _relative_difference
+    from fnmlp.train._compile import relative_difference as _relative_difference
 
     nan, inf = float("nan"), float("inf")
     a = torch.tensor([1.0, nan, inf, -inf], dtype=torch.float64)
@@ -211,7 +222,7 @@ def test_verification_compares_non_finite_values_and_zeros_sensibly():
 
 
 def test_copies_out_of_a_graph_pool_keep_each_dtype():
-    from fnmlp._step import _copy_out_of_graph_pool
+    from fnmlp.train._compile import copy_out_of_graph_pool as _copy_out_of_graph_pool
 
     outputs = [torch.randn(3, 2, dtype=torch.bfloat16), torch.tensor(0.5),
                torch.arange(4, dtype=torch.int64), torch.randn(2, dtype=torch.bfloat16)]
@@ -219,3 +230,71 @@ def test_copies_out_of_a_graph_pool_keep_each_dtype():
     for copy, output in zip(copies, outputs):
         assert copy.dtype == output.dtype and torch.equal(copy, output)
         assert copy.data_ptr() != output.data_ptr()
+
+
+def test_the_compiled_graph_sums_softmax_rows_plainly():
+    """The CPU lane-order emulation (bit identity in eager mode) stays out of compiled graphs:
+    the traced step holds one plain row sum per softmax, no lane slicing or concatenation."""
+    from fnmlp._tree import flatten
+    from fnmlp.train import _compile
+
+    model = fnmlp.MLP(3, [fnmlp.Dense(37, "softmax"), fnmlp.Dense(2)])
+    params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+    optimizer = fnmlp.sgd(0.1)
+    leaves_, spec = flatten((params, optimizer.init(params), model.init_state()))
+    function = _compile.step_function(model, fnmlp.mse, optimizer, spec, keyed=False)
+    x, y = torch.zeros(8, 3, dtype=torch.float64), torch.zeros(8, 2, dtype=torch.float64)
+    graph, _ = _compile.trace(function, [*leaves_, x, y, torch.ones(8, dtype=torch.float64)])
+    targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert not any("cat" in t or "slice" in t for t in targets), targets
+    assert any("sum" in t for t in targets)
+
+
+def test_the_private_compiler_api_falls_back_to_torch_compile(monkeypatch):
+    """If torch's private inductor entry points change, the step compiles through the public
+    torch.compile(..., options=...) with the same C++ wrapper options, and agrees with eager."""
+    from fnmlp.train import _compile
+
+    def missing(function, args):
+        raise AttributeError("module 'torch._inductor' has no attribute 'compile'")
+
+    monkeypatch.setattr(_compile, "_compile_with_inductor", missing)
+    model = fnmlp.MLP(3, [fnmlp.Dense(4, "tanh"), fnmlp.Dense(2)])
+    g = torch.Generator().manual_seed(0)
+    params = model.init(g, dtype=torch.float64)
+    x = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(6, 2, generator=g, dtype=torch.float64)
+    optimizer = fnmlp.adam(0.01)
+    step = fnmlp.train_step(model, fnmlp.mse, optimizer, compiler="inductor")
+    step.compiled = _compile.CompiledStep(model, fnmlp.mse, optimizer, cuda_graphs=None,
+                                          compiler="inductor")
+    with pytest.warns(RuntimeWarning, match="torch.compile"):
+        new_c, state_c, loss_c = step(params, optimizer.init(params), x, y)
+    new_e, state_e, loss_e = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False)(
+        params, optimizer.init(params), x, y)
+    assert _worst(leaves(new_c) + [loss_c], leaves(new_e) + [loss_e]) <= 1e-13
+
+
+def test_the_step_cache_is_bounded():
+    from fnmlp.train import _compile
+
+    first = fnmlp.MLP(1, [fnmlp.Dense(1)])
+    kept = _compile.shared_compiled_step(first, fnmlp.mse, fnmlp.sgd(0.1), cuda_graphs=None,
+                                         compiler="auto")
+    for width in range(2, 2 + _compile._CACHE_SIZE):
+        _compile.shared_compiled_step(fnmlp.MLP(width, [fnmlp.Dense(1)]), fnmlp.mse,
+                                      fnmlp.sgd(0.1), cuda_graphs=None, compiler="auto")
+    assert len(_compile._SHARED) == _compile._CACHE_SIZE
+    assert kept not in _compile._SHARED.values()  # the least recently used went first
+
+
+def test_import_loads_no_compiler():
+    """``import fnmlp`` imports neither torch._dynamo nor torch._inductor (they take seconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, fnmlp; print(sorted(m for m in sys.modules "
+            "if m.startswith(('torch._dynamo', 'torch._inductor'))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]", out

@@ -96,20 +96,27 @@ def test_bad_spec_and_params(setup):
         fnmlp.Dense(0)
     with pytest.raises(ValueError, match="in_features must be"):
         fnmlp.MLP(0, [fnmlp.Dense(1)])
-    with pytest.raises(ValueError, match="at least one Dense"):
+    with pytest.raises(ValueError, match="at least one layer"):
         fnmlp.MLP(3, [])
     with pytest.raises(TypeError, match="floating"):
         model.init(dtype=torch.int64)
     with pytest.raises(ValueError, match="unknown init 'xavier"):
         model.init(init="xavier")
-    with pytest.raises(TypeError, match="tuple of 5 DenseParams"):
+    with pytest.raises(TypeError, match="tuple of 9 entries, one per primitive"):
         model.apply(params[:4], x)
     wrong = fnmlp.MLP(6, [fnmlp.Dense(4), fnmlp.Dense(3)]).init(dtype=torch.float64)
-    with pytest.raises(TypeError, match="tuple of 5"):
+    with pytest.raises(TypeError, match="tuple of 9"):
         model.apply(wrong, x)
-    mixed = (fnmlp.DenseParams(params[0].weight.float(), params[0].bias.float()),) + params[1:]
-    with pytest.raises(ValueError, match=r"params\[1\].weight is torch.float64 .* all parameters"):
+    mixed = (fnmlp.LinearParams(params[0].weight.float(), params[0].bias.float()),) + params[1:]
+    with pytest.raises(ValueError, match=r"params\[2\].weight is torch.float64 .* all param"):
         model.apply(mixed, x.float())
+    shifted = (params[1],) + (params[0],) + params[2:]
+    with pytest.raises(TypeError, match=r"params\[0\] does not fit Linear"):
+        model.apply(shifted, x)
+    narrow = (fnmlp.LinearParams(params[0].weight[:, :5], params[0].bias),) + params[1:]
+    with pytest.raises(ValueError, match=r"params\[0\].weight has shape \(32, 5\) but the model "
+                                         r"needs \(32, 6\)"):
+        model.apply(narrow, x)
 
 
 def test_numpy_data_is_converted_not_rejected(setup):

@@ -1,11 +1,12 @@
 """Every loss against its torch.nn counterpart: values and gradients (autograd), reductions,
-awkward values, masks for padded rows, and bad targets."""
+awkward values, row weights (padding is weight 0), and bad targets."""
 
 import pytest
 import torch
 from torch import nn
 
 import fnmlp
+from fnmlp.interop import loss_to_torch
 from helpers import relative
 
 F64 = torch.float64
@@ -44,7 +45,7 @@ LOSSES = [
 def test_loss_and_gradient_match_torch(loss, kind, shape):
     pred, target = _data(kind, shape)
     pred.requires_grad_(True)
-    expected = loss.to_torch()(pred, target)
+    expected = loss_to_torch(loss)(pred, target)
     (expected_grad,) = torch.autograd.grad(expected, pred)
     value, residual = loss.forward(pred.detach(), target)
     torch.testing.assert_close(value, expected.detach(), rtol=1e-13, atol=1e-15)
@@ -61,7 +62,7 @@ def test_loss_and_gradient_match_torch(loss, kind, shape):
 def test_awkward_values(loss, pred, target):
     pred = torch.tensor(pred, dtype=F64, requires_grad=True)
     target = torch.tensor(target, dtype=F64 if isinstance(target[0], list) else torch.long)
-    expected = loss.to_torch()(pred, target)
+    expected = loss_to_torch(loss)(pred, target)
     (expected_grad,) = torch.autograd.grad(expected, pred)
     value, residual = loss.forward(pred.detach(), target)
     grad = loss.backward(residual)
@@ -72,14 +73,35 @@ def test_awkward_values(loss, pred, target):
 
 @pytest.mark.parametrize("loss, kind", LOSSES, ids=lambda v: repr(v) if not isinstance(v, str)
                          else v)
-def test_padded_rows_do_not_count(loss, kind):
-    """With valid_rows, padded rows change neither the value nor the real rows' gradient."""
+@pytest.mark.parametrize("shape", [(1, 3), (7, 4), (333, 3)])
+def test_weighted_loss_matches_torch_per_row_losses_weighted(loss, kind, shape):
+    """sample_weight: torch.nn with reduction="none", per-row losses (mean over a row's
+    elements for "mean"), then their weighted mean (or sum): values and gradients."""
+    pred, target = _data(kind, shape, seed=3)
+    weight = torch.rand(shape[0], generator=torch.Generator().manual_seed(4), dtype=F64) + 0.1
+    pred.requires_grad_(True)
+    per = loss_to_torch(loss, reduction="none")(pred, target)
+    if per.dim() == 2:
+        per = per.mean(dim=1) if loss.reduction == "mean" else per.sum(dim=1)
+    expected = (per * weight).sum() / (weight.sum() if loss.reduction == "mean" else 1)
+    (expected_grad,) = torch.autograd.grad(expected, pred)
+    value, residual = loss.forward(pred.detach(), target, weight)
+    assert relative(value, expected.detach()) <= 1e-13
+    assert relative(loss.backward(residual), expected_grad) <= 1e-13
+
+
+@pytest.mark.parametrize("loss, kind", LOSSES, ids=lambda v: repr(v) if not isinstance(v, str)
+                         else v)
+def test_rows_of_weight_zero_do_not_count(loss, kind):
+    """Padding is weight 0: padded rows change neither the value nor the real rows' gradient,
+    and get a zero gradient; all weights 1 give the unweighted loss."""
     pred, target = _data(kind, (5, 3), seed=2)
     padded_pred = torch.cat([pred, torch.randn(3, 3, dtype=F64)])
     padded_target = torch.cat([target, target[:3]])
     value, residual = loss.forward(pred, target)
     grad = loss.backward(residual)
-    masked_value, masked_residual = loss.forward(padded_pred, padded_target, torch.tensor(5))
+    weight = torch.tensor([1.0] * 5 + [0.0] * 3, dtype=F64)
+    masked_value, masked_residual = loss.forward(padded_pred, padded_target, weight)
     masked_grad = loss.backward(masked_residual)
     torch.testing.assert_close(masked_value, value, rtol=1e-14, atol=1e-15)
     torch.testing.assert_close(masked_grad[:5], grad, rtol=1e-14, atol=1e-16)
@@ -97,9 +119,9 @@ def test_cross_entropy_through_value_and_grad_and_fit():
     x = torch.randn(20, 4, generator=g, dtype=F64)
     labels = torch.randint(0, 3, (20,), generator=g)
     twin = fnmlp.to_torch(model, params)
-    fnmlp.cross_entropy.to_torch()(twin(x), labels).backward()
+    loss_to_torch(fnmlp.cross_entropy)(twin(x), labels).backward()
     _, grads = model.value_and_grad(params, x, labels, loss=fnmlp.cross_entropy)
-    for ours, theirs in zip([t for p in grads for t in (p.weight, p.bias)], twin.parameters()):
+    for ours, theirs in zip(torch.utils._pytree.tree_leaves(grads), twin.parameters()):
         torch.testing.assert_close(ours, theirs.grad, rtol=1e-13, atol=1e-15)
     result = fnmlp.fit(model, params, x, labels.numpy(), epochs=3, batch_size=8,
                        optimizer=fnmlp.sgd(0.1), loss=fnmlp.cross_entropy, valid=(x, labels))
@@ -140,14 +162,14 @@ def test_labels_on_another_device_are_an_error_not_a_copy():
 
 def test_cross_entropy_gradient_is_exact_for_targets_that_do_not_sum_to_one():
     """The compiled step does not check target sums; its gradient stays the loss's own."""
-    from fnmlp._model import value_and_grad
+    from fnmlp.nn._model import value_and_grad
 
     g = torch.Generator().manual_seed(0)
     model = fnmlp.MLP(3, [fnmlp.Dense(4)])
     params = model.init(g, dtype=torch.float64)
     x = torch.randn(5, 3, generator=g, dtype=torch.float64)
     target = torch.rand(5, 4, generator=g, dtype=torch.float64)  # rows sum to about 2
-    value, grads = value_and_grad(model, params, x, target, fnmlp.cross_entropy)
+    value, grads, _ = value_and_grad(model, params, x, target, fnmlp.cross_entropy, ((),))
     twin = fnmlp.to_torch(model, params)
     expected = nn.CrossEntropyLoss()(twin(x), target)
     expected.backward()

@@ -91,7 +91,7 @@ def test_compiled_step_matches_eager_for_every_optimizer(name):
             leaves(new_e) + fnmlp._tree.flatten(state_e)[0] + [loss_e]))
         assert worst <= 1e-13, (step, worst)
         params, state = new_e, state_e
-    assert len(compiled._compiled) == 1
+    assert len(compiled.compiled.graphs) == 1
 
 
 @pytest.mark.parametrize("call, message", [
@@ -128,8 +128,8 @@ def test_schedules_are_pure_functions_of_the_step():
 
 
 def test_the_step_count_is_exact_past_float32_precision():
-    params = (fnmlp.DenseParams(torch.ones(2, 2), torch.zeros(2)),)
-    grads = (fnmlp.DenseParams(torch.ones(2, 2), torch.ones(2)),)
+    params = (fnmlp.LinearParams(torch.ones(2, 2), torch.zeros(2)),)
+    grads = (fnmlp.LinearParams(torch.ones(2, 2), torch.ones(2)),)
     optimizer = fnmlp.adam(0.01)
     state = dataclasses.replace(optimizer.init(params), step=torch.tensor(2**24))
     for _ in range(3):
@@ -140,7 +140,7 @@ def test_the_step_count_is_exact_past_float32_precision():
 
 def test_cosine_floor_is_absolute_when_the_rate_is_changed():
     optimizer = fnmlp.sgd(S.cosine(0.1, total_steps=10, eta_min=0.01))
-    params = (fnmlp.DenseParams(torch.ones(1, 1, dtype=F64), torch.zeros(1, dtype=F64)),)
+    params = (fnmlp.LinearParams(torch.ones(1, 1, dtype=F64), torch.zeros(1, dtype=F64)),)
     state = optimizer.with_learning_rate(optimizer.init(params), 0.5)
     assert optimizer.learning_rate(state).item() == 0.5
     end = dataclasses.replace(state, step=torch.tensor(10))

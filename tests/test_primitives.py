@@ -5,8 +5,25 @@ import torch
 from torch.autograd import gradcheck
 
 import fnmlp
-from fnmlp import _rowsum
-from fnmlp._activations import activation_names, get_activation
+from fnmlp.interop import _registry
+from fnmlp.nn import _rowsum, activation_names, get_activation
+from fnmlp.nn._primitive import Context
+
+TRAIN = Context(train=True)
+
+
+def _torch_module(primitive):
+    """The primitive's nn module, through the interop registry."""
+    return _registry.rule_for_primitive(primitive).to_torch(primitive, (), (), 0, {}, False)
+
+
+def _forward(primitive, params, x, context=TRAIN):
+    y, residual, _ = primitive.forward(params, x, (), context)
+    return y, residual
+
+
+def _backward(primitive, params, residual, dy, need_input_grad=True):
+    return primitive.backward(params, residual, dy, need_input_grad)
 
 SHAPES = [(1, 1), (1, 5), (7, 3), (333, 32), (4, 37)]
 
@@ -22,13 +39,13 @@ def _manual_vjp(activation):
     class Manual(torch.autograd.Function):
         @staticmethod
         def forward(ctx, z):
-            a, residual = activation.forward(z)
+            a, residual = _forward(activation, (), z)
             ctx.residual = residual
             return a
 
         @staticmethod
         def backward(ctx, da):
-            return activation.backward(ctx.residual, da)
+            return _backward(activation, (), ctx.residual, da)[0]
 
     return Manual.apply
 
@@ -39,11 +56,12 @@ def test_activation_backward_matches_autograd(name, shape):
     activation = get_activation(name)
     z, da = _inputs(shape)
     z.requires_grad_(True)
-    expected_a = activation.to_torch()(z) if activation.to_torch() else z
+    expected_a = _torch_module(activation)(z)
     (expected,) = torch.autograd.grad(expected_a, z, da)
-    a, residual = activation.forward(z.detach())
+    a, residual = _forward(activation, (), z.detach())
     assert torch.equal(a, expected_a.detach())
-    got = activation.backward(residual, da)
+    got, dparams = _backward(activation, (), residual, da)
+    assert dparams == ()
     torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-15)
 
 
@@ -60,7 +78,7 @@ def test_relu_backward_at_zero_is_zero_like_autograd():
     z = torch.tensor([[-1.0, 0.0, 2.0]], dtype=torch.float64, requires_grad=True)
     (expected,) = torch.autograd.grad(torch.relu(z), z, torch.ones_like(z))
     relu = get_activation("relu")
-    got = relu.backward(relu.forward(z.detach())[1], torch.ones_like(z))
+    got = _backward(relu, (), _forward(relu, (), z.detach())[1], torch.ones_like(z))[0]
     assert torch.equal(got, expected)
 
 
@@ -81,9 +99,11 @@ def test_dense_backward_matches_autograd(shape, need_input_grad):
     dz = torch.randn(m, 5, generator=g, dtype=torch.float64)
     z = torch.nn.functional.linear(x, w, b)
     expected = torch.autograd.grad(z, (x, w, b), dz)
-    params = fnmlp.DenseParams(w.detach(), b.detach())
-    assert torch.equal(fnmlp.dense_forward(params, x.detach()), z.detach())
-    dx, grads = fnmlp.dense_backward(params, x.detach(), dz, need_input_grad=need_input_grad)
+    params = fnmlp.LinearParams(w.detach(), b.detach())
+    linear = fnmlp.Linear(5)
+    out, residual = _forward(linear, params, x.detach())
+    assert torch.equal(out, z.detach())
+    dx, grads = _backward(linear, params, residual, dz, need_input_grad)
     assert torch.equal(grads.weight, expected[1]) and torch.equal(grads.bias, expected[2])
     if need_input_grad:
         assert torch.equal(dx, expected[0])
@@ -95,13 +115,13 @@ def test_dense_gradcheck():
     class Manual(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, w, b):
-            ctx.save_for_backward(x, w, b)
-            return fnmlp.dense_forward(fnmlp.DenseParams(w, b), x)
+            ctx.params = fnmlp.LinearParams(w, b)
+            out, ctx.residual = _forward(fnmlp.Linear(2), ctx.params, x)
+            return out
 
         @staticmethod
         def backward(ctx, dz):
-            x, w, b = ctx.saved_tensors
-            dx, grads = fnmlp.dense_backward(fnmlp.DenseParams(w, b), x, dz)
+            dx, grads = _backward(fnmlp.Linear(2), ctx.params, ctx.residual, dz)
             return dx, grads.weight, grads.bias
 
     g = torch.Generator().manual_seed(3)
@@ -119,6 +139,8 @@ def test_mse_matches_autograd(shape):
     value, residual = fnmlp.mse.forward(p.detach(), y)
     assert torch.equal(value, expected.detach())
     assert torch.equal(fnmlp.mse.backward(residual), expected_grad)
+    assert torch.equal(fnmlp.mse.backward(residual, torch.tensor(2.0, dtype=p.dtype)),
+                       2 * expected_grad)  # the value's cotangent scales the gradient
 
 
 def test_mse_gradcheck():
@@ -130,7 +152,7 @@ def test_mse_gradcheck():
 
         @staticmethod
         def backward(ctx, dvalue):
-            return dvalue * fnmlp.mse.backward(ctx.residual), None
+            return fnmlp.mse.backward(ctx.residual, dvalue), None
 
     p, y = _inputs((3, 2), seed=5)
     assert gradcheck(Manual.apply, (p.requires_grad_(True), y))
@@ -149,9 +171,8 @@ def test_backward_is_bit_identical_to_autograd_on_cpu(name, dtype):
     for shape in [(7, 3), (333, 32), (16, 8), (5, 9)]:
         z, da = _inputs(shape, seed=6, dtype=dtype)
         z.requires_grad_(True)
-        module = activation.to_torch()
-        (expected,) = torch.autograd.grad(module(z) if module else z, z, da)
-        got = activation.backward(activation.forward(z.detach())[1], da)
+        (expected,) = torch.autograd.grad(_torch_module(activation)(z), z, da)
+        got = _backward(activation, (), _forward(activation, (), z.detach())[1], da)[0]
         assert torch.equal(got, expected), (name, dtype, shape)
 
 
@@ -171,16 +192,14 @@ def test_backward_at_awkward_values_matches_autograd(activation, values):
     """Kinks, thresholds and extremes: the explicit rule agrees with autograd, finitely."""
     z = torch.tensor([values], dtype=torch.float64, requires_grad=True)
     da = torch.linspace(-1, 2, len(values), dtype=torch.float64).reshape(1, -1)
-    (expected,) = torch.autograd.grad(activation.to_torch()(z), z, da)
-    got = activation.backward(activation.forward(z.detach())[1], da)
+    (expected,) = torch.autograd.grad(_torch_module(activation)(z), z, da)
+    got = _backward(activation, (), _forward(activation, (), z.detach())[1], da)[0]
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-15)
 
 
 @pytest.mark.parametrize("shape", [(1, 3), (7, 5), (333, 32)])
 def test_layer_norm_backward_matches_autograd(shape):
-    from fnmlp._norm import layer_norm_backward, layer_norm_forward
-
     g = torch.Generator().manual_seed(7)
     z = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(shape[1], generator=g, dtype=torch.float64, requires_grad=True)
@@ -188,27 +207,28 @@ def test_layer_norm_backward_matches_autograd(shape):
     dout = torch.randn(shape, generator=g, dtype=torch.float64)
     expected_out = torch.nn.functional.layer_norm(z, (shape[1],), w, b, 1e-5)
     expected = torch.autograd.grad(expected_out, (z, w, b), dout)
-    params = fnmlp.LayerNormParams(w.detach(), b.detach())
-    out, residual = layer_norm_forward(params, z.detach(), 1e-5)
+    params = fnmlp.NormParams(w.detach(), b.detach())
+    out, residual = _forward(fnmlp.LayerNorm(1e-5), params, z.detach())
     assert torch.equal(out, expected_out.detach())
-    dz, grads = layer_norm_backward(params, residual, dout)
+    dz, grads = _backward(fnmlp.LayerNorm(1e-5), params, residual, dout)
     for got, want in zip((dz, grads.weight, grads.bias), expected):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
 
 
-def test_layer_norm_gradcheck():
-    from fnmlp._norm import layer_norm_backward, layer_norm_forward
-
+@pytest.mark.parametrize("primitive", [fnmlp.LayerNorm(1e-5), fnmlp.BatchNorm(),
+                                       fnmlp.BatchNorm(momentum=None, eps=1e-3)])
+def test_norm_gradcheck(primitive):
     class Manual(torch.autograd.Function):
         @staticmethod
         def forward(ctx, z, w, b):
-            ctx.params = fnmlp.LayerNormParams(w, b)
-            out, ctx.residual = layer_norm_forward(ctx.params, z, 1e-5)
+            ctx.params = fnmlp.NormParams(w, b)
+            state = primitive.init_state(4, z.dtype, z.device)
+            out, ctx.residual, _ = primitive.forward(ctx.params, z, state, TRAIN)
             return out
 
         @staticmethod
         def backward(ctx, dout):
-            dz, grads = layer_norm_backward(ctx.params, ctx.residual, dout)
+            dz, grads = _backward(primitive, ctx.params, ctx.residual, dout)
             return dz, grads.weight, grads.bias
 
     g = torch.Generator().manual_seed(8)
@@ -218,23 +238,31 @@ def test_layer_norm_gradcheck():
 
 
 def test_dropout_masks_are_reproducible_and_backward_uses_them():
-    from fnmlp._dropout import dropout_backward, dropout_forward, keep_mask
+    from fnmlp.nn._dropout import keep_mask
 
     key = fnmlp.dropout_key(5, 0)
     a = torch.ones(400, 50, dtype=torch.float64)
-    out, residual = dropout_forward(a, key, 1, 0.25)
-    assert torch.equal(out, dropout_forward(a, key, 1, 0.25)[0])          # same key, same mask
-    assert not torch.equal(out, dropout_forward(a, fnmlp.dropout_key(5, 1), 1, 0.25)[0])
-    assert not torch.equal(out, dropout_forward(a, key, 2, 0.25)[0])       # per layer
+
+    def drop(stream, key, context=None):
+        context = context or Context(train=True, key=key)
+        return _forward(fnmlp.Dropout(0.25, stream), (), a, context)
+
+    out, residual = drop(1, key)
+    assert torch.equal(out, drop(1, key)[0])                               # same key, same mask
+    assert not torch.equal(out, drop(1, fnmlp.dropout_key(5, 1))[0])
+    assert not torch.equal(out, drop(2, key)[0])                           # per stream
+    assert torch.equal(drop(1, None)[0], a)                                # no key: identity
+    assert torch.equal(drop(1, key, Context(train=False, key=key))[0], a)  # evaluation
     kept = keep_mask(key, 1, (400, 50), 0.25, torch.float64)
     assert abs(kept.mean().item() - 0.75) < 0.01
     assert torch.equal(out, kept / 0.75)
     da = torch.randn(400, 50, dtype=torch.float64)
-    assert torch.equal(dropout_backward(residual, da), da * (kept * (1 / 0.75)))
+    assert torch.equal(_backward(fnmlp.Dropout(0.25, 1), (), residual, da)[0],
+                       da * (kept * (1 / 0.75)))
 
 
 def test_dropout_masks_look_independent_across_steps_layers_and_units():
-    from fnmlp._dropout import keep_mask
+    from fnmlp.nn._dropout import keep_mask
 
     def mask(seed, counter, layer):
         return keep_mask(fnmlp.dropout_key(seed, counter), layer, (400, 50), 0.5, torch.float64)
@@ -265,5 +293,5 @@ def test_low_precision_layers_keep_their_dtype_and_a_cpu_key_works(device):
                for g in torch.utils._pytree.tree_leaves(grads))
     twin = fnmlp.to_torch(model, params, shared_dropout=True)
     fnmlp.set_dropout_key(twin, key)
-    ours = fnmlp._model.forward(model, params, x, key.to(device))
+    ours = model.apply(params, x, train=True, key=key)
     assert torch.equal(twin(x), ours)

@@ -44,18 +44,11 @@ class Schedule:
             step = step.to(torch.float64)
         return self.rate(torch.tensor(self.base, dtype=step.dtype, device=step.device), step)
 
-    def to_torch(self, optimizer: torch.optim.Optimizer):
-        """The matching ``torch.optim.lr_scheduler`` (step it after every optimizer step)."""
-        raise NotImplementedError
-
 
 @dataclasses.dataclass(frozen=True)
 class Constant(Schedule):
     def factor(self, step):
         return torch.ones_like(step)
-
-    def to_torch(self, optimizer):
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +65,6 @@ class StepDecay(Schedule):
     def factor(self, step):
         return self.gamma ** torch.floor(step / self.step_size)
 
-    def to_torch(self, optimizer):
-        return torch.optim.lr_scheduler.StepLR(optimizer, self.step_size, self.gamma)
-
 
 @dataclasses.dataclass(frozen=True)
 class Exponential(Schedule):
@@ -84,9 +74,6 @@ class Exponential(Schedule):
 
     def factor(self, step):
         return self.gamma ** step
-
-    def to_torch(self, optimizer):
-        return torch.optim.lr_scheduler.ExponentialLR(optimizer, self.gamma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +95,6 @@ class Cosine(Schedule):
     def rate(self, base, step):
         return self.eta_min + (base - self.eta_min) * self.factor(step)
 
-    def to_torch(self, optimizer):
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.total_steps,
-                                                          self.eta_min)
-
 
 @dataclasses.dataclass(frozen=True)
 class LinearWarmup(Schedule):
@@ -130,10 +113,6 @@ class LinearWarmup(Schedule):
     def factor(self, step):
         progress = torch.clamp(step, max=self.warmup_steps) / self.warmup_steps
         return self.start_factor + (1 - self.start_factor) * progress
-
-    def to_torch(self, optimizer):
-        return torch.optim.lr_scheduler.LinearLR(optimizer, self.start_factor, 1.0,
-                                                 self.warmup_steps)
 
 
 def constant(lr: float) -> Constant:

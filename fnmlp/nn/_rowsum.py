@@ -4,12 +4,15 @@ Softmax's backward needs ``sum_j(g_ij * a_ij)`` per row. PyTorch's vectorized CP
 row in SIMD lanes (one lane per vector slot, the tail folded into the first lanes), then adds the
 lanes together. Reproducing that order makes fnmlp's softmax backward bit-identical to autograd's
 in eager mode, which keeps long, chaotic training runs identical to the ``nn.Module`` twin.
-Where the order is not known (other devices, other SIMD widths, compiled code) a plain sum is used:
-it differs from autograd's only in the last bits.
+Where the order is not known (other devices, other SIMD widths) and in compiled graphs (dynamo's
+and fnmlp's own traces, see ``plain_sums``) a plain sum is used: it differs from autograd's only
+in the last bits, and a compiler fuses it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import torch
@@ -19,7 +22,21 @@ import torch
 _KNOWN_CPU_ORDERS = {
     ("AVX2", torch.float64): (4, "sequential"),
     ("AVX2", torch.float32): (8, "halving"),
+    ("AVX512", torch.float64): (8, "sequential"),
+    ("AVX512", torch.float32): (16, "halving"),
 }
+_PLAIN = contextvars.ContextVar("fnmlp_plain_row_sums", default=False)
+
+
+@contextlib.contextmanager
+def plain_sums():
+    """Within this block ``row_sum`` is a plain sum: for tracing a graph to compile (a bare
+    ``make_fx`` does not set ``torch.compiler.is_compiling()``)."""
+    token = _PLAIN.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN.reset(token)
 
 
 @functools.cache
@@ -57,6 +74,7 @@ def row_sum(products: torch.Tensor) -> torch.Tensor:
         products.device.type == "cpu"
         and products.dim() == 2
         and not torch.compiler.is_compiling()
+        and not _PLAIN.get()
     ):
         order = _KNOWN_CPU_ORDERS.get((_cpu_capability(), products.dtype))
         if order is not None:

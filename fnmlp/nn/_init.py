@@ -1,4 +1,5 @@
-"""Parameter initializers for one dense layer, drawing from an explicit generator."""
+"""Initializers of an affine layer's (weight (n_out, n_in), bias (n_out,)), drawing from an
+explicit generator."""
 
 from __future__ import annotations
 
@@ -7,9 +8,7 @@ from typing import Callable
 
 import torch
 
-from fnmlp._dense import DenseParams
-
-Initializer = Callable[[int, int, torch.Generator, torch.dtype], DenseParams]
+Initializer = Callable[[int, int, torch.Generator, torch.dtype], tuple[torch.Tensor, torch.Tensor]]
 
 
 def torch_default(n_in: int, n_out: int, generator: torch.Generator, dtype: torch.dtype):
@@ -23,7 +22,7 @@ def torch_default(n_in: int, n_out: int, generator: torch.Generator, dtype: torc
     bound = 1 / math.sqrt(n_in)
     bias = torch.empty(n_out, dtype=dtype, device=device)
     bias.uniform_(-bound, bound, generator=generator)
-    return DenseParams(weight=weight, bias=bias)
+    return weight, bias
 
 
 def normal(n_in: int, n_out: int, generator: torch.Generator, dtype: torch.dtype):
@@ -31,7 +30,7 @@ def normal(n_in: int, n_out: int, generator: torch.Generator, dtype: torch.dtype
     device = generator.device
     weight = torch.randn(n_in, n_out, dtype=dtype, device=device, generator=generator)
     bias = torch.randn(n_out, dtype=dtype, device=device, generator=generator)
-    return DenseParams(weight=weight.t().contiguous(), bias=bias)
+    return weight.t().contiguous(), bias
 
 
 def _weight_then_zero_bias(draw):
@@ -40,8 +39,7 @@ def _weight_then_zero_bias(draw):
     def initializer(n_in: int, n_out: int, generator: torch.Generator, dtype: torch.dtype):
         weight = torch.empty(n_out, n_in, dtype=dtype, device=generator.device)
         draw(weight, generator)
-        return DenseParams(weight=weight, bias=torch.zeros(n_out, dtype=dtype,
-                                                           device=generator.device))
+        return weight, torch.zeros(n_out, dtype=dtype, device=generator.device)
 
     initializer.__doc__ = draw.__doc__
     return initializer

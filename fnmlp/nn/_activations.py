@@ -1,10 +1,10 @@
 """Activation primitives: each forward beside its backward.
 
-An activation maps pre-activations ``z`` of shape (m, n) to ``a`` of the same shape.
-``forward(z) -> (a, residual)`` keeps what the backward needs; ``backward(residual, da) -> dz``
-applies the vector-Jacobian product. The backward formulas follow the operation order of
-PyTorch's own derivative kernels, so that results match autograd bit for bit where the math
-allows (see README, "Parity").
+An activation maps pre-activations ``z`` (m, n) to ``a`` (m, n); it has no parameters and no
+state. ``forward`` keeps what the backward needs as its residual; ``backward`` applies the
+vector-Jacobian product. The backward formulas follow the operation order of PyTorch's own
+derivative kernels, so that results match autograd bit for bit where the math allows (see
+README, "Parity").
 """
 
 from __future__ import annotations
@@ -14,29 +14,21 @@ import math
 from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from fnmlp._rowsum import row_sum
+from fnmlp.nn._primitive import EVAL, Primitive
+from fnmlp.nn._rowsum import row_sum
 
 
 @dataclasses.dataclass(frozen=True)
-class Activation:
-    """Base class: a hashable, static description of an elementwise or row-wise function."""
+class Activation(Primitive):
+    """Base class of the activations; ``name`` is the string that selects one."""
 
     name: ClassVar[str]
 
-    def forward(self, z: Tensor) -> tuple[Tensor, Tensor | None]:
-        raise NotImplementedError
-
-    def backward(self, residual: Tensor | None, da: Tensor) -> Tensor:
-        raise NotImplementedError
-
-    def to_torch(self) -> nn.Module | None:
-        """The equivalent ``torch.nn`` module (``None`` for the identity)."""
-        raise NotImplementedError
-
     def __call__(self, z: Tensor) -> Tensor:
-        return self.forward(z)[0]
+        """The activation of ``z``."""
+        return self.forward((), z, (), EVAL)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,14 +37,11 @@ class Identity(Activation):
 
     name: ClassVar[str] = "identity"
 
-    def forward(self, z):
-        return z, None
+    def forward(self, params, z, state, context):
+        return z, None, state
 
-    def backward(self, residual, da):
-        return da
-
-    def to_torch(self):
-        return None
+    def backward(self, params, residual, da, need_input_grad=True):
+        return da, ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,15 +50,12 @@ class ReLU(Activation):
 
     name: ClassVar[str] = "relu"
 
-    def forward(self, z):
+    def forward(self, params, z, state, context):
         a = torch.relu(z)
-        return a, a
+        return a, a, state
 
-    def backward(self, a, da):
-        return torch.where(a > 0, da, 0.0)
-
-    def to_torch(self):
-        return nn.ReLU()
+    def backward(self, params, a, da, need_input_grad=True):
+        return torch.where(a > 0, da, 0.0), ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,15 +64,12 @@ class Sigmoid(Activation):
 
     name: ClassVar[str] = "sigmoid"
 
-    def forward(self, z):
+    def forward(self, params, z, state, context):
         a = torch.sigmoid(z)
-        return a, a
+        return a, a, state
 
-    def backward(self, a, da):
-        return da * (1 - a) * a
-
-    def to_torch(self):
-        return nn.Sigmoid()
+    def backward(self, params, a, da, need_input_grad=True):
+        return da * (1 - a) * a, ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +78,12 @@ class Tanh(Activation):
 
     name: ClassVar[str] = "tanh"
 
-    def forward(self, z):
+    def forward(self, params, z, state, context):
         a = torch.tanh(z)
-        return a, a
+        return a, a, state
 
-    def backward(self, a, da):
-        return da * torch.addcmul(torch.ones_like(a), a, a, value=-1)
-
-    def to_torch(self):
-        return nn.Tanh()
+    def backward(self, params, a, da, need_input_grad=True):
+        return da * torch.addcmul(torch.ones_like(a), a, a, value=-1), ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,15 +92,12 @@ class Softmax(Activation):
 
     name: ClassVar[str] = "softmax"
 
-    def forward(self, z):
+    def forward(self, params, z, state, context):
         a = torch.softmax(z, dim=1)
-        return a, a
+        return a, a, state
 
-    def backward(self, a, da):
-        return (da - row_sum(da * a)) * a
-
-    def to_torch(self):
-        return nn.Softmax(dim=1)
+    def backward(self, params, a, da, need_input_grad=True):
+        return (da - row_sum(da * a)) * a, ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,14 +107,11 @@ class LeakyReLU(Activation):
     negative_slope: float = 0.01
     name: ClassVar[str] = "leaky_relu"
 
-    def forward(self, z):
-        return torch.nn.functional.leaky_relu(z, self.negative_slope), z
+    def forward(self, params, z, state, context):
+        return torch.nn.functional.leaky_relu(z, self.negative_slope), z, state
 
-    def backward(self, z, da):
-        return torch.where(z > 0, da, da * self.negative_slope)
-
-    def to_torch(self):
-        return nn.LeakyReLU(self.negative_slope)
+    def backward(self, params, z, da, need_input_grad=True):
+        return torch.where(z > 0, da, da * self.negative_slope), ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,14 +121,11 @@ class ELU(Activation):
     alpha: float = 1.0
     name: ClassVar[str] = "elu"
 
-    def forward(self, z):
-        return torch.nn.functional.elu(z, self.alpha), z
+    def forward(self, params, z, state, context):
+        return torch.nn.functional.elu(z, self.alpha), z, state
 
-    def backward(self, z, da):
-        return torch.where(z > 0, da, da * self.alpha * torch.exp(z))
-
-    def to_torch(self):
-        return nn.ELU(self.alpha)
+    def backward(self, params, z, da, need_input_grad=True):
+        return torch.where(z > 0, da, da * self.alpha * torch.exp(z)), ()
 
 
 _SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
@@ -176,21 +147,18 @@ class GELU(Activation):
             raise ValueError(f"GELU approximate must be 'none' or 'tanh', got "
                              f"{self.approximate!r}")
 
-    def forward(self, z):
-        return torch.nn.functional.gelu(z, approximate=self.approximate), z
+    def forward(self, params, z, state, context):
+        return torch.nn.functional.gelu(z, approximate=self.approximate), z, state
 
-    def backward(self, z, da):
+    def backward(self, params, z, da, need_input_grad=True):
         if self.approximate == "tanh":
             inner = _SQRT_2_OVER_PI * (z + 0.044715 * z * z * z)
             t = torch.tanh(inner)
             d_inner = _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * z * z)
-            return da * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * d_inner)
+            return da * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * d_inner), ()
         cdf = 0.5 * (1 + torch.erf(z * _INV_SQRT_2))
         pdf = torch.exp(-0.5 * z * z) * _INV_SQRT_2PI
-        return da * (cdf + z * pdf)
-
-    def to_torch(self):
-        return nn.GELU(approximate=self.approximate)
+        return da * (cdf + z * pdf), ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,15 +167,12 @@ class SiLU(Activation):
 
     name: ClassVar[str] = "silu"
 
-    def forward(self, z):
-        return torch.nn.functional.silu(z), z
+    def forward(self, params, z, state, context):
+        return torch.nn.functional.silu(z), z, state
 
-    def backward(self, z, da):
+    def backward(self, params, z, da, need_input_grad=True):
         s = torch.sigmoid(z)
-        return da * s * (1 + z * (1 - s))
-
-    def to_torch(self):
-        return nn.SiLU()
+        return da * s * (1 + z * (1 - s)), ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,16 +184,13 @@ class Softplus(Activation):
     threshold: float = 20.0
     name: ClassVar[str] = "softplus"
 
-    def forward(self, z):
-        return torch.nn.functional.softplus(z, self.beta, self.threshold), z
+    def forward(self, params, z, state, context):
+        return torch.nn.functional.softplus(z, self.beta, self.threshold), z, state
 
-    def backward(self, z, da):
+    def backward(self, params, z, da, need_input_grad=True):
         scaled = z * self.beta
         e = torch.exp(torch.clamp(scaled, max=self.threshold))  # no overflow past threshold
-        return torch.where(scaled > self.threshold, da, da * e / (e + 1))
-
-    def to_torch(self):
-        return nn.Softplus(self.beta, self.threshold)
+        return torch.where(scaled > self.threshold, da, da * e / (e + 1)), ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,15 +199,12 @@ class LogSoftmax(Activation):
 
     name: ClassVar[str] = "log_softmax"
 
-    def forward(self, z):
+    def forward(self, params, z, state, context):
         a = torch.log_softmax(z, dim=1)
-        return a, a
+        return a, a, state
 
-    def backward(self, a, da):
-        return da - torch.exp(a) * row_sum(da)
-
-    def to_torch(self):
-        return nn.LogSoftmax(dim=1)
+    def backward(self, params, a, da, need_input_grad=True):
+        return da - torch.exp(a) * row_sum(da), ()
 
 
 _BY_NAME: dict[str, Activation] = {

@@ -1,12 +1,14 @@
 """Loss primitives: a scalar value beside its gradient with respect to the predictions.
 
-``forward(pred, target, valid_rows=None) -> (value, residual)``; ``backward(residual) ->
-dpred``. ``valid_rows`` (a 0-d integer tensor) says that only the leading rows count: the
-compiled step pads a short last batch to the full batch size so that one graph serves every
-batch; padded rows get a zero gradient and do not enter the reduction.
+``forward(pred, target, weight=None) -> (value, residual)``; ``backward(residual, dvalue=None)
+-> dpred`` (``dvalue``: the cotangent of the value, 1 when None). ``weight`` (m,) weighs the
+rows as scikit-learn's ``sample_weight``: ``reduction="mean"`` becomes the weighted mean of the
+per-row losses, sum_i w_i·l_i / sum_i w_i, and ``"sum"`` the weighted sum. The compiled step pads
+a short batch with rows of weight 0, which then count for nothing.
 
-``reduction="mean"`` averages over elements (mse, l1, huber, binary cross-entropy) or rows
-(cross-entropy), as ``torch.nn`` does; ``"sum"`` adds.
+Without weights, ``"mean"`` averages over elements (mse, l1, huber, binary cross-entropy) or rows
+(cross-entropy), as ``torch.nn`` does, with the same arithmetic; ``"sum"`` adds. A row's loss
+l_i is the mean over its elements, so the weighted mean with all weights 1 is the plain mean.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import dataclasses
 from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from fnmlp import _validate
 
@@ -33,14 +35,11 @@ class Loss:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
 
-    def forward(self, pred: Tensor, target: Tensor, valid_rows: Tensor | None = None
+    def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None
                 ) -> tuple[Tensor, object]:
         raise NotImplementedError
 
-    def backward(self, residual) -> Tensor:
-        raise NotImplementedError
-
-    def to_torch(self) -> nn.Module:
+    def backward(self, residual, dvalue: Tensor | None = None) -> Tensor:
         raise NotImplementedError
 
     def check_target(self, target, out_features: int, like: Tensor, name: str = "y") -> Tensor:
@@ -56,33 +55,30 @@ class Loss:
         """Value checks that need a pass over the data (done once per fit)."""
         _validate.check_finite(target, name)
 
-    def __call__(self, pred: Tensor, target: Tensor) -> Tensor:
-        return self.forward(pred, target)[0]
+    def __call__(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+        return self.forward(pred, target, weight)[0]
 
 
-def leading_rows(values: Tensor, valid_rows: Tensor) -> Tensor:
-    """A (m, 1) boolean mask that is True for the first ``valid_rows`` rows of ``values``."""
-    rows = torch.arange(values.shape[0], device=values.device)
-    return (rows < valid_rows).unsqueeze(1)
+def _row_scale(loss: Loss, weight: Tensor, columns: int) -> Tensor:
+    """(m, 1) factors turning per-element losses into the weighted reduction: w_i/(n·sum w) for
+    "mean" over n columns, w_i for "sum"."""
+    if loss.reduction == "sum":
+        return weight.unsqueeze(1)
+    return (weight / (weight.sum() * columns)).unsqueeze(1)
 
 
-def _elementwise(loss: Loss, per_element: Tensor, valid_rows: Tensor | None):
-    """Reduce per-element losses (m, n); return (value, gradient scale per element)."""
-    if valid_rows is None:
-        if loss.reduction == "sum":
-            return per_element.sum(), 1.0
-        return per_element.mean(), 1 / per_element.numel()
-    per_element = torch.where(leading_rows(per_element, valid_rows), per_element, 0.0)
+def _elementwise(loss: Loss, per_element: Tensor, weight: Tensor | None):
+    """Reduce per-element losses (m, n); return (value, gradient scale: a number or (m, 1))."""
+    if weight is not None:
+        scale = _row_scale(loss, weight, per_element.shape[1])
+        return (per_element * scale).sum(), scale
     if loss.reduction == "sum":
         return per_element.sum(), 1.0
-    count = (valid_rows * per_element.shape[1]).to(per_element.dtype)
-    return per_element.sum() / count, 1 / count
+    return per_element.mean(), 1 / per_element.numel()
 
 
-def _mask_rows(values: Tensor, valid_rows: Tensor | None) -> Tensor:
-    if valid_rows is None:
-        return values
-    return torch.where(leading_rows(values, valid_rows), values, 0.0)
+def _scaled(gradient: Tensor, dvalue: Tensor | None) -> Tensor:
+    return gradient if dvalue is None else gradient * dvalue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,17 +87,14 @@ class MSE(Loss):
 
     name: ClassVar[str] = "mse"
 
-    def forward(self, pred, target, valid_rows=None):
-        diff = _mask_rows(pred - target, valid_rows)
-        value, scale = _elementwise(self, diff.pow(2), valid_rows)
+    def forward(self, pred, target, weight=None):
+        diff = pred - target
+        value, scale = _elementwise(self, diff.pow(2), weight)
         return value, (diff, scale)
 
-    def backward(self, residual):
+    def backward(self, residual, dvalue=None):
         diff, scale = residual
-        return diff * (2 * scale)
-
-    def to_torch(self):
-        return nn.MSELoss(reduction=self.reduction)
+        return _scaled(diff * (2 * scale), dvalue)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,17 +103,14 @@ class L1(Loss):
 
     name: ClassVar[str] = "l1"
 
-    def forward(self, pred, target, valid_rows=None):
-        diff = _mask_rows(pred - target, valid_rows)
-        value, scale = _elementwise(self, diff.abs(), valid_rows)
+    def forward(self, pred, target, weight=None):
+        diff = pred - target
+        value, scale = _elementwise(self, diff.abs(), weight)
         return value, (diff, scale)
 
-    def backward(self, residual):
+    def backward(self, residual, dvalue=None):
         diff, scale = residual
-        return torch.sign(diff) * scale
-
-    def to_torch(self):
-        return nn.L1Loss(reduction=self.reduction)
+        return _scaled(torch.sign(diff) * scale, dvalue)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,20 +126,17 @@ class Huber(Loss):
         if not self.delta > 0:
             raise ValueError(f"huber delta must be > 0, got {self.delta}")
 
-    def forward(self, pred, target, valid_rows=None):
-        diff = _mask_rows(pred - target, valid_rows)
+    def forward(self, pred, target, weight=None):
+        diff = pred - target
         size = diff.abs()
         per = torch.where(size < self.delta, 0.5 * diff * diff,
                           self.delta * (size - 0.5 * self.delta))
-        value, scale = _elementwise(self, per, valid_rows)
+        value, scale = _elementwise(self, per, weight)
         return value, (diff, scale)
 
-    def backward(self, residual):
+    def backward(self, residual, dvalue=None):
         diff, scale = residual
-        return torch.clamp(diff, -self.delta, self.delta) * scale
-
-    def to_torch(self):
-        return nn.HuberLoss(reduction=self.reduction, delta=self.delta)
+        return _scaled(torch.clamp(diff, -self.delta, self.delta) * scale, dvalue)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,30 +166,28 @@ class CrossEntropy(Loss):
             target = target * (1 - self.label_smoothing) + self.label_smoothing / classes
         return target
 
-    def forward(self, logits, target, valid_rows=None):
+    def forward(self, logits, target, weight=None):
         is_probabilities = target.dim() == 2
         log_probs = torch.log_softmax(logits, dim=1)
-        target = _mask_rows(self._targets(logits, target), valid_rows)
+        target = self._targets(logits, target)
         per_row = -(target * log_probs).sum(dim=1)
-        if valid_rows is None:
-            rows = logits.shape[0]
+        if weight is not None:
+            scale = weight if self.reduction == "sum" else weight / weight.sum()
+            value = (per_row * scale).sum()
+            scale = scale.unsqueeze(1)
+        elif self.reduction == "sum":
+            value, scale = per_row.sum(), 1.0
         else:
-            per_row = torch.where(leading_rows(logits, valid_rows)[:, 0], per_row, 0.0)
-            rows = valid_rows.to(logits.dtype)
-        scale = 1.0 if self.reduction == "sum" else 1 / rows
-        value = per_row.sum() if self.reduction == "sum" else per_row.sum() / rows
-        return value, (log_probs, target, valid_rows, scale, is_probabilities)
+            rows = logits.shape[0]
+            value, scale = per_row.sum() / rows, 1 / rows
+        return value, (log_probs, target, scale, is_probabilities)
 
-    def backward(self, residual):
-        log_probs, target, valid_rows, scale, is_probabilities = residual
-        probs = _mask_rows(torch.exp(log_probs), valid_rows)
+    def backward(self, residual, dvalue=None):
+        log_probs, target, scale, is_probabilities = residual
+        probs = torch.exp(log_probs)
         if is_probabilities:
             probs = probs * target.sum(dim=1, keepdim=True)
-        return (probs - target) * scale
-
-    def to_torch(self):
-        return nn.CrossEntropyLoss(reduction=self.reduction,
-                                   label_smoothing=self.label_smoothing)
+        return _scaled((probs - target) * scale, dvalue)
 
     def check_target(self, target, out_features, like, name="y"):
         is_labels = (not target.is_floating_point() if isinstance(target, Tensor)
@@ -245,19 +230,15 @@ class BinaryCrossEntropyWithLogits(Loss):
 
     name: ClassVar[str] = "binary_cross_entropy_with_logits"
 
-    def forward(self, logits, target, valid_rows=None):
+    def forward(self, logits, target, weight=None):
         per = (torch.clamp(logits, min=0) - logits * target
                + torch.log1p(torch.exp(-logits.abs())))
-        per = _mask_rows(per, valid_rows)
-        value, scale = _elementwise(self, per, valid_rows)
-        return value, (logits, target, valid_rows, scale)
+        value, scale = _elementwise(self, per, weight)
+        return value, (logits, target, scale)
 
-    def backward(self, residual):
-        logits, target, valid_rows, scale = residual
-        return _mask_rows(torch.sigmoid(logits) - target, valid_rows) * scale
-
-    def to_torch(self):
-        return nn.BCEWithLogitsLoss(reduction=self.reduction)
+    def backward(self, residual, dvalue=None):
+        logits, target, scale = residual
+        return _scaled((torch.sigmoid(logits) - target) * scale, dvalue)
 
     def check_target_values(self, target, classes, name="y"):
         super().check_target_values(target, classes, name)

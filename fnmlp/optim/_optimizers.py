@@ -19,7 +19,7 @@ from torch import Tensor
 
 from fnmlp._tree import pytree_dataclass, tree_leaves
 from fnmlp._validate import check_learning_rate
-from fnmlp.schedules import Schedule
+from fnmlp.optim.schedules import Schedule
 
 
 def _leafwise(fn, params, *trees):
@@ -101,19 +101,6 @@ class Optimizer:
         return {"step": torch.zeros((), dtype=torch.int64, device=like.device),
                 "learning_rate": _scalar(self.base_lr, like)}
 
-    def torch_class(self):
-        raise NotImplementedError
-
-    def torch_options(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "lr"}
-
-    def to_torch(self, parameters) -> torch.optim.Optimizer:
-        """The matching ``torch.optim`` optimizer over ``parameters`` (for the twin); with a
-        schedule, pair it with ``self.schedule.to_torch(optimizer)``."""
-        lr = self.base_lr
-        lr = float(lr) if isinstance(lr, Tensor) else lr
-        return self.torch_class()(parameters, lr=lr, **self.torch_options())
-
 
 @pytree_dataclass
 class SGDState:
@@ -162,9 +149,6 @@ class SGD(Optimizer):
         new_params, buffers = _leafwise(one, params, grads, state.momentum_buffer)
         return new_params, SGDState(step=state.step + 1, learning_rate=state.learning_rate,
                                     momentum_buffer=buffers if self.momentum else None)
-
-    def torch_class(self):
-        return torch.optim.SGD
 
 
 @pytree_dataclass
@@ -228,13 +212,6 @@ class Adam(Optimizer):
                                      exp_avg=m, exp_avg_sq=v,
                                      max_exp_avg_sq=v_max if self.amsgrad else None)
 
-    def torch_class(self):
-        return torch.optim.AdamW if self.decoupled else torch.optim.Adam
-
-    def torch_options(self):
-        return {"betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
-                "amsgrad": self.amsgrad}
-
 
 @pytree_dataclass
 class RMSpropState:
@@ -294,9 +271,6 @@ class RMSprop(Optimizer):
             grad_avg=mean if self.centered else None,
             momentum_buffer=buffer if self.momentum else None)
 
-    def torch_class(self):
-        return torch.optim.RMSprop
-
 
 @pytree_dataclass
 class AdagradState:
@@ -338,9 +312,6 @@ class Adagrad(Optimizer):
         return new_params, AdagradState(step=state.step + 1, learning_rate=state.learning_rate,
                                         sum=s)
 
-    def torch_class(self):
-        return torch.optim.Adagrad
-
 
 @dataclasses.dataclass(frozen=True)
 class ClipByGlobalNorm:
@@ -378,9 +349,6 @@ class ClipByGlobalNorm:
     @property
     def schedule(self):
         return self.inner.schedule
-
-    def to_torch(self, parameters):
-        return self.inner.to_torch(parameters)
 
 
 def _pair(values):

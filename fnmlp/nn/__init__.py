@@ -1,0 +1,23 @@
+"""The network layer of the design: primitives (each forward beside its backward), losses,
+initializers and ``MLP``, their serial composition."""
+
+from fnmlp.nn._activations import (ELU, GELU, Activation, Identity, LeakyReLU, LogSoftmax, ReLU,
+                                   Sigmoid, SiLU, Softmax, Softplus, Tanh, activation_names,
+                                   get_activation)
+from fnmlp.nn._dropout import Dropout, make_key as dropout_key
+from fnmlp.nn._linear import Linear, LinearParams
+from fnmlp.nn._losses import (L1, MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Huber, Loss,
+                              binary_cross_entropy_with_logits, cross_entropy, huber, l1, mse)
+from fnmlp.nn._model import MLP, Dense, Params, State
+from fnmlp.nn._norm import BatchNorm, BatchNormState, LayerNorm, NormParams
+from fnmlp.nn._primitive import Context, Primitive
+
+__all__ = [
+    "Primitive", "Context", "MLP", "Dense", "Params", "State",
+    "Linear", "LinearParams", "LayerNorm", "BatchNorm", "NormParams", "BatchNormState",
+    "Dropout", "dropout_key",
+    "Activation", "Identity", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Softplus", "Sigmoid",
+    "Tanh", "Softmax", "LogSoftmax", "activation_names", "get_activation",
+    "Loss", "MSE", "mse", "L1", "l1", "Huber", "huber", "CrossEntropy", "cross_entropy",
+    "BinaryCrossEntropyWithLogits", "binary_cross_entropy_with_logits",
+]

@@ -1,0 +1,451 @@
+"""The network: ``MLP``, a serial composition of primitives, and its pure functions.
+
+The spec is static and hashable. Parameters are a tuple with one entry per primitive (its
+params pytree, ``()`` for an activation); so is the state (``()`` for a stateless primitive).
+``Dense`` is sugar: ``Dense(32, "relu", layer_norm=True, dropout=0.1)`` expands to
+``Linear(32), LayerNorm(), ReLU(), Dropout(0.1)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from typing import Any, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from fnmlp import _validate
+from fnmlp._tree import tree_leaves, tree_map, tree_structure
+from fnmlp.nn._activations import Activation, get_activation
+from fnmlp.nn._dropout import Dropout
+from fnmlp.nn._init import get_initializer
+from fnmlp.nn._linear import Linear
+from fnmlp.nn._losses import Loss, mse
+from fnmlp.nn._norm import LayerNorm
+from fnmlp.nn._primitive import EVAL, Context, Primitive
+
+Params = tuple  # one params pytree per primitive
+State = tuple  # one state pytree per primitive
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+    """Sugar for the usual layer: ``Linear(units)``, then optionally ``LayerNorm``, then the
+    activation (none for the identity), then optionally ``Dropout``.
+
+    Arguments:
+        units: the layer's output width.
+        activation: a name (identity/linear, relu, leaky_relu, elu, gelu, gelu_tanh, silu,
+            softplus, sigmoid, tanh, softmax, log_softmax) or an activation instance such as
+            ``fnmlp.LeakyReLU(0.2)``; None is the identity.
+        layer_norm: normalize z over its features (learnable scale and shift, ``norm_eps``).
+        dropout: probability of zeroing an activation while training (0 <= p < 1).
+        init: this layer's initializer, overriding the one given to ``MLP.init``.
+        norm_eps: the layer norm's ``eps``.
+    """
+
+    units: int
+    activation: Activation | str | None = None
+    layer_norm: bool = False
+    dropout: float = 0.0
+    init: str | None = None
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        _validate.check_positive_int(self.units, "units")
+        object.__setattr__(self, "activation", get_activation(self.activation))
+        if not isinstance(self.layer_norm, bool):
+            raise TypeError(f"layer_norm must be True or False, got {self.layer_norm!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or \
+                not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
+        object.__setattr__(self, "dropout", float(self.dropout))
+        if self.init is not None:
+            get_initializer(self.init)
+
+    def primitives(self) -> list[Primitive]:
+        """The sequence this layer stands for."""
+        sequence: list[Primitive] = [Linear(self.units, self.init)]
+        if self.layer_norm:
+            sequence.append(LayerNorm(self.norm_eps))
+        if self.activation.name != "identity":
+            sequence.append(self.activation)
+        if self.dropout:
+            sequence.append(Dropout(self.dropout))
+        return sequence
+
+
+def _expand(layers) -> tuple[Primitive, ...]:
+    """Primitives for a sequence of primitives, activation names and ``Dense`` layers; each
+    ``Dropout`` gets its position as its mask stream."""
+    sequence: list[Primitive] = []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, Dense):
+            sequence.extend(layer.primitives())
+        elif isinstance(layer, Primitive):
+            sequence.append(layer)
+        elif isinstance(layer, str):
+            sequence.append(get_activation(layer))
+        else:
+            raise TypeError(f"layers[{i}] must be an fnmlp primitive (Linear, an activation, "
+                            f"LayerNorm, BatchNorm, Dropout), an activation name or a Dense, "
+                            f"got {type(layer).__name__}")
+    return tuple(dataclasses.replace(p, stream=i) if isinstance(p, Dropout) and p.stream is None
+                 else p for i, p in enumerate(sequence))
+
+
+@dataclasses.dataclass(frozen=True)
+class MLP:
+    """A network of ``in_features`` inputs followed by ``layers`` in series.
+
+    Arguments:
+        in_features: width of the input x (m, in_features).
+        layers: primitives (``Linear``, activations or their names, ``LayerNorm``,
+            ``BatchNorm``, ``Dropout``) and ``Dense`` layers, which expand into primitives;
+            widths are inferred from ``in_features`` on.
+
+    Example: ``MLP(6, [Dense(32, "tanh"), Dense(3)])`` and ``MLP(6, [Linear(32), "tanh",
+    Linear(3)])`` are the same network, mapping (m, 6) to (m, 3).
+    """
+
+    in_features: int
+    layers: tuple[Primitive, ...]
+
+    def __init__(self, in_features: int, layers: Sequence[Primitive | Dense | str]):
+        _validate.check_positive_int(in_features, "in_features")
+        if isinstance(layers, (str, Primitive, Dense)) or not isinstance(layers, Sequence):
+            raise TypeError("layers must be a list of primitives and Dense layers")
+        sequence = _expand(layers)
+        if not sequence:
+            raise ValueError("an MLP needs at least one layer")
+        object.__setattr__(self, "in_features", int(in_features))
+        object.__setattr__(self, "layers", sequence)
+
+    @property
+    def widths(self) -> list[int]:
+        """The width entering each primitive, then the output width."""
+        widths = [self.in_features]
+        for layer in self.layers:
+            widths.append(layer.out_features(widths[-1]))
+        return widths
+
+    @property
+    def out_features(self) -> int:
+        return self.widths[-1]
+
+    @property
+    def has_dropout(self) -> bool:
+        return any(layer.uses_key for layer in self.layers)
+
+    @property
+    def has_state(self) -> bool:
+        """Whether a primitive keeps state (``BatchNorm``'s running statistics)."""
+        return bool(_templates(self).state_paths)
+
+    # --- parameters and state ---------------------------------------------------------------
+
+    def init(
+        self,
+        generator: torch.Generator | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        init: str = "torch",
+    ) -> Params:
+        """Fresh parameters, one entry per primitive, drawn from ``generator`` (a new, randomly
+        seeded one if None).
+
+        Arguments:
+            generator: the only source of randomness; its device is where values are drawn.
+            dtype: a floating dtype for every parameter.
+            device: where the parameters live (default: the generator's device).
+            init: how ``Linear`` layers without their own initializer draw: "torch" (as
+                ``nn.Linear``), "normal" (the seed notebook's N(0, 1)), "xavier_uniform",
+                "xavier_normal", "kaiming_uniform", "kaiming_normal" (biases zero) or "zeros".
+        """
+        _check_dtype(dtype)
+        get_initializer(init)
+        if generator is None:
+            generator = torch.Generator()
+            generator.seed()
+        elif not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        device = torch.device(device) if device is not None else generator.device
+        params = []
+        for layer, n_in in zip(self.layers, self.widths):
+            if getattr(layer, "initializer", "") is None:
+                layer = dataclasses.replace(layer, initializer=init)
+            params.append(layer.init(generator, n_in, dtype, device)[1])
+        return tuple(params)
+
+    def init_state(self, *, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str | None = None) -> State:
+        """The initial state, one entry per primitive (``()`` where stateless): ``BatchNorm``'s
+        running mean 0 and variance 1, as ``nn.BatchNorm1d`` starts."""
+        _check_dtype(dtype)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        return tuple(layer.init_state(n_in, dtype, device)
+                     for layer, n_in in zip(self.layers, self.widths))
+
+    def check_params(self, params: Params, name: str = "params") -> Tensor:
+        """Raise unless ``params`` fits this spec; return one leaf (for dtype and device)."""
+        template = _templates(self)
+        return _check_tree(params, template.params, template.param_paths, name, self)
+
+    def check_state(self, state: State, like: Tensor) -> None:
+        """Raise unless ``state`` fits this spec, on ``like``'s dtype and device."""
+        template = _templates(self)
+        _check_tree(state, template.state, template.state_paths, "state", self, like=like)
+
+    def check_data(self, params: Params, x, y=None, *, loss: Loss = mse, finite: bool = True,
+                   params_checked: bool = False, names: tuple[str, str] = ("x", "y")
+                   ) -> tuple[Tensor, Tensor | None]:
+        """Validated (x, y) as tensors on the parameters' device (x in their dtype, y as
+        ``loss`` wants it); with ``finite``, also checked value by value (NaN, inf, label
+        ranges). ``params_checked`` skips re-checking known-good params."""
+        like = tree_leaves(params)[0] if params_checked else self.check_params(params)
+        x_name, y_name = names
+        x = _validate.as_data(x, x_name, like)
+        _validate.check_matrix(x, x_name, self.in_features, "features")
+        if y is not None:
+            y = loss.check_target(y, self.out_features, like, y_name)
+            _validate.check_rows(x, y, x_name, y_name)
+        if finite:
+            _validate.check_finite(x, x_name)
+            if y is not None:
+                loss.check_target_values(y, self.out_features, y_name)
+        return x, y
+
+    def check_key(self, key, device: torch.device | None = None) -> Tensor | None:
+        """The dropout key to train with, on ``device``: required when a layer has dropout;
+        None without."""
+        if key is None:
+            if self.has_dropout:
+                raise ValueError("this model has dropout: pass key=fnmlp.dropout_key(seed, step) "
+                                 "(a new counter for every step)")
+            return None
+        if not isinstance(key, Tensor) or key.shape != (2,) or key.dtype != torch.int64:
+            raise TypeError(f"key must come from fnmlp.dropout_key, got {key!r}")
+        if not self.has_dropout:
+            return None  # without dropout a key draws nothing
+        return key if device is None else key.to(device)
+
+    def _state_for(self, state, like: Tensor | None) -> State:
+        """``state`` checked against ``like``, or when None the state of a stateless model (no
+        tensors: one object for every call)."""
+        if state is None:
+            if self.has_state:
+                raise ValueError("this model keeps running statistics (BatchNorm): pass "
+                                 "state=model.init_state(...) and keep the state it returns")
+            return _templates(self).state
+        self.check_state(state, like)
+        return state
+
+    # --- pure functions ---------------------------------------------------------------------
+
+    def apply(self, params: Params, x, *, state: State | None = None, train: bool = False,
+              key: Tensor | None = None) -> Tensor:
+        """Predictions (m, out_features) for x (m, in_features).
+
+        Arguments:
+            params: from ``init`` (or training).
+            x: (m, in_features) inputs, a tensor on the parameters' dtype and device or an
+                array.
+            state: the running statistics, required in evaluation when the model has
+                ``BatchNorm``.
+            train: training-mode behaviour (batch statistics; dropout with ``key``); by
+                default evaluation mode.
+        """
+        x, _ = self.check_data(params, x)
+        like = tree_leaves(params)[0]
+        if state is None and (train or not self.has_state):
+            state = self.init_state(dtype=like.dtype, device=like.device)
+        else:
+            state = self._state_for(state, like)
+        context = Context(train=True, key=self.check_key(key, x.device)) if train else EVAL
+        with torch.no_grad():
+            return forward(self, params, x, state, context)[0]
+
+    def value_and_grad(self, params: Params, x, y, loss: Loss = mse, *,
+                       state: State | None = None, key: Tensor | None = None,
+                       sample_weight=None):
+        """The loss and its gradients by the explicit backward rules (no autograd).
+
+        Arguments:
+            params: the parameters (one entry per primitive).
+            x: (m, in_features) inputs; y: targets as ``loss`` wants them ((m, out_features),
+                or (m,) class labels for cross-entropy).
+            loss: an fnmlp loss (default ``fnmlp.mse``).
+            state: the model's state; required with ``BatchNorm``. When given, the new state is
+                returned as a third value.
+            key: the dropout key (``fnmlp.dropout_key``), required with dropout.
+            sample_weight: (m,) non-negative row weights (scikit-learn's meaning).
+
+        Returns ``(loss, grads)``, or ``(loss, grads, new_state)`` when ``state`` is passed;
+        ``loss`` is 0-d and ``grads`` is shaped like ``params``.
+        """
+        _check_loss(loss)
+        x, y = self.check_data(params, x, y, loss=loss)
+        like = tree_leaves(params)[0]
+        weight = _validate.as_weights(sample_weight, x.shape[0], like)
+        model_state = self._state_for(state, like)
+        key = self.check_key(key, x.device)
+        with torch.no_grad():
+            value, grads, new_state = value_and_grad(self, params, x, y, loss, model_state,
+                                                     key=key, weight=weight)
+        return (value, grads) if state is None else (value, grads, new_state)
+
+    def evaluate(self, params: Params, x, y, loss: Loss = mse, *, state: State | None = None,
+                 sample_weight=None) -> float:
+        """The loss of the evaluation-mode predictions on (x, y), as a Python float."""
+        _check_loss(loss)
+        x, y = self.check_data(params, x, y, loss=loss)
+        like = tree_leaves(params)[0]
+        weight = _validate.as_weights(sample_weight, x.shape[0], like)
+        prediction = self.apply(params, x, state=state)
+        with torch.no_grad():
+            return loss(prediction, y, weight).item()
+
+    def predict_proba(self, params: Params, x, *, state: State | None = None) -> Tensor:
+        """Class probabilities (m, classes): softmax of the outputs, which are taken as logits
+        unless the last primitive is already a softmax (or log-softmax).
+
+        A single output is a binary classifier (``binary_cross_entropy_with_logits``): its
+        sigmoid (unless the last primitive is a sigmoid already) is P(class 1), and the result
+        is (m, 2), columns P(class 0) and P(class 1), as scikit-learn's ``predict_proba``.
+        """
+        out = self.apply(params, x, state=state)
+        last = getattr(self.layers[-1], "name", None)
+        if self.out_features == 1:
+            positive = out if last == "sigmoid" else torch.sigmoid(out)
+            return torch.cat([1 - positive, positive], dim=1)
+        if last == "softmax":
+            return out
+        if last == "log_softmax":
+            return torch.exp(out)
+        return torch.softmax(out, dim=1)
+
+    def predict_classes(self, params: Params, x, *, state: State | None = None) -> Tensor:
+        """The most probable class of each row (m,), int64 (for one output: P(class 1) > 1/2)."""
+        if self.out_features == 1:
+            return (self.predict_proba(params, x, state=state)[:, 1] > 0.5).long()
+        return self.apply(params, x, state=state).argmax(dim=1)
+
+
+# --- the two loops, without checks ----------------------------------------------------------
+
+
+def forward(model: MLP, params: Params, x: Tensor, state: State, context: Context = EVAL
+            ) -> tuple[Tensor, list, State]:
+    """``(y, residuals, new_state)``: every primitive's forward in order."""
+    residuals, new_state = [], []
+    for layer, p, s in zip(model.layers, params, state):
+        x, residual, s = layer.forward(p, x, s, context)
+        residuals.append(residual)
+        new_state.append(s)
+    return x, residuals, tuple(new_state)
+
+
+def backward(model: MLP, params: Params, residuals: list, dy: Tensor) -> Params:
+    """Gradients of every primitive's params, from the output's cotangent ``dy``: every
+    primitive's backward in reverse order (the first needs no input gradient)."""
+    grads: list[Any] = [None] * len(params)
+    for i in reversed(range(len(params))):
+        dy, grads[i] = model.layers[i].backward(params[i], residuals[i], dy,
+                                                need_input_grad=i > 0)
+    return tuple(grads)
+
+
+def value_and_grad(model: MLP, params: Params, x: Tensor, y: Tensor, loss: Loss,
+                   state: State, *, key: Tensor | None = None, weight: Tensor | None = None):
+    """``(loss, grads, new_state)`` without checks: the forward loop, the loss, the reverse
+    loop. ``weight``: (m,) row weights (0 for padding rows), None for all equal."""
+    context = Context(train=True, key=key, row_weight=weight)
+    out, residuals, new_state = forward(model, params, x, state, context)
+    value, loss_residual = loss.forward(out, y, weight)
+    return value, backward(model, params, residuals, loss.backward(loss_residual)), new_state
+
+
+# --- checks -----------------------------------------------------------------------------------
+
+
+class _Template(NamedTuple):
+    params: tuple
+    state: tuple
+    param_paths: list[str]
+    state_paths: list[str]
+
+
+@functools.lru_cache(maxsize=64)
+def _templates(model: MLP) -> _Template:
+    """Parameters and state of ``model`` on the meta device (structure and shapes only), with
+    the name of each leaf."""
+    generator = torch.Generator()
+    params, state = [], []
+    for layer, n_in in zip(model.layers, model.widths):
+        if getattr(layer, "initializer", "") is None:
+            layer = dataclasses.replace(layer, initializer="zeros")
+        _, p = layer.init(generator, n_in, torch.float32, torch.device("cpu"))
+        params.append(tree_map(lambda t: t.to("meta"), p))
+        state.append(layer.init_state(n_in, torch.float32, torch.device("meta")))
+    return _Template(tuple(params), tuple(state), _leaf_paths(tuple(params), "params"),
+                     _leaf_paths(tuple(state), "state"))
+
+
+def _check_tree(tree, template, paths: list[str], name: str, model: MLP,
+                like: Tensor | None = None) -> Tensor | None:
+    """Raise unless ``tree`` has ``template``'s structure and shapes, every float leaf one
+    dtype and device (``like``'s if given); return its first leaf."""
+    if not isinstance(tree, tuple) or len(tree) != len(model.layers):
+        source = "model.init" if name == "params" else "model.init_state"
+        raise TypeError(f"{name} must be a tuple of {len(model.layers)} entries, one per "
+                        f"primitive (from {source}), got {type(tree).__name__}"
+                        + (f" of length {len(tree)}" if isinstance(tree, (tuple, list)) else ""))
+    leaves = tree_leaves(tree)
+    expected_leaves = tree_leaves(template)
+    if len(leaves) != len(expected_leaves) or tree_structure(tree) != tree_structure(template):
+        for i, (entry, expected, layer) in enumerate(zip(tree, template, model.layers)):
+            if tree_structure(entry) != tree_structure(expected):
+                raise TypeError(f"{name}[{i}] does not fit {layer}: expected "
+                                f"{_describe(expected)}, got {_describe(entry)}")
+    first = like
+    if first is None:
+        first = next((leaf for leaf in leaves if isinstance(leaf, Tensor)), None)
+        if first is None:
+            raise ValueError(f"{name} holds no tensors: the model has no parameters")
+    for path, leaf, expected in zip(paths, leaves, expected_leaves):
+        if not isinstance(leaf, Tensor):
+            raise TypeError(f"{path} must be a tensor, got {type(leaf).__name__}")
+        if leaf.shape != expected.shape:
+            raise ValueError(f"{path} has shape {tuple(leaf.shape)} but the model needs "
+                             f"{tuple(expected.shape)}")
+        dtype = first.dtype if expected.is_floating_point() else expected.dtype
+        if leaf.dtype != dtype or leaf.device != first.device:
+            raise ValueError(f"{path} is {leaf.dtype} on {leaf.device} but {paths[0]} is "
+                             f"{first.dtype} on {first.device}; all parameters must match")
+    if not first.dtype.is_floating_point:
+        raise TypeError(f"parameters must be floating point, got {first.dtype}")
+    return first
+
+
+def _leaf_paths(template, name: str) -> list[str]:
+    paths = torch.utils._pytree.tree_flatten_with_path(template)[0]
+    return [name + torch.utils._pytree.keystr(path) for path, _ in paths]
+
+
+def _describe(entry) -> str:
+    if isinstance(entry, tuple) and not entry:
+        return "() (no tensors)"
+    return type(entry).__name__
+
+
+def _check_dtype(dtype) -> None:
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+
+
+def _check_loss(loss) -> None:
+    if not isinstance(loss, Loss):
+        raise TypeError(f"loss must be an fnmlp loss such as fnmlp.mse, got {loss!r}")

@@ -1,0 +1,71 @@
+"""The one protocol every building block follows (the affine map, each activation, the norms,
+dropout): a hashable, static description with four pure functions.
+
+    init(generator, n_in, dtype, device) -> (n_out, params)
+    init_state(n_in, dtype, device)      -> state
+    forward(params, x, state, context)   -> (y, residual, new_state)
+    backward(params, residual, dy, need_input_grad=True) -> (dx, dparams)
+
+``x`` is (m, n_in) and ``y`` (m, n_out). ``params`` and ``state`` are pytrees of tensors (``()``
+for a primitive with none); ``forward`` never mutates ``state``, it returns the new one.
+``residual`` is whatever ``backward`` needs, kept by the caller between the two passes; ``dy``
+is the loss's cotangent of ``y`` and ``backward`` returns those of ``x`` (None when
+``need_input_grad`` is false: the first layer's is never needed) and of ``params``, structured
+like ``params``. ``MLP`` composes primitives in series: one forward loop, one reverse loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class Context(NamedTuple):
+    """What one call of a network tells each of its primitives.
+
+    ``train``: training mode (batch statistics, dropout) or evaluation mode (running
+    statistics, no dropout). ``key``: the dropout key of this step (``fnmlp.dropout_key``), or
+    None for no dropout. ``row_weight``: (m,) weights of the rows, or None for all equal; rows
+    of weight 0 (padding) must not influence the other rows (batch statistics skip them).
+    """
+
+    train: bool = True
+    key: Tensor | None = None
+    row_weight: Tensor | None = None
+
+
+EVAL = Context(train=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Primitive:
+    """Base class of the building blocks; subclasses are frozen dataclasses (hashable specs).
+
+    Defaults describe a parameterless, stateless, width-preserving primitive; override what
+    differs. ``uses_key`` marks primitives that draw randomness from ``Context.key``.
+    """
+
+    uses_key: ClassVar[bool] = False
+
+    def out_features(self, n_in: int) -> int:
+        """The output width for an input width ``n_in``."""
+        return n_in
+
+    def init(self, generator: torch.Generator, n_in: int, dtype: torch.dtype,
+             device: torch.device) -> tuple[int, Any]:
+        """``(n_out, params)``: fresh parameters drawn from ``generator``."""
+        return self.out_features(n_in), ()
+
+    def init_state(self, n_in: int, dtype: torch.dtype, device: torch.device) -> Any:
+        """The initial state (running statistics); ``()`` for a stateless primitive."""
+        return ()
+
+    def forward(self, params, x: Tensor, state, context: Context) -> tuple[Tensor, Any, Any]:
+        raise NotImplementedError
+
+    def backward(self, params, residual, dy: Tensor, need_input_grad: bool = True
+                 ) -> tuple[Tensor | None, Any]:
+        raise NotImplementedError

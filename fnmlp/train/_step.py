@@ -1,0 +1,155 @@
+"""The training step as one pure function, eager or compiled into one graph.
+
+``train_step(model, loss, optimizer)`` returns ``step(params, opt_state, x, y) -> (params,
+opt_state, loss)``: the manual forward, the manual backward and the optimizer update. This module
+checks the input, reuses the leaves it returned last, and dispatches to the eager functions or
+to the compiled graphs (``fnmlp.train._compile``, imported only when a step is compiled).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fnmlp import _validate
+from fnmlp._tree import flatten, tree_leaves, unflatten
+from fnmlp.nn._losses import Loss
+from fnmlp.nn._model import MLP, _check_loss, value_and_grad
+
+COMPILERS = ("auto", "inductor", "dynamo")
+
+
+def eager_step(model: MLP, loss: Loss, optimizer, params, opt_state, state, x: Tensor,
+               y: Tensor, weight: Tensor | None, key: Tensor | None):
+    """``(params, opt_state, loss, state)`` after one step of the eager functions."""
+    with torch.no_grad():
+        value, grads, state = value_and_grad(model, params, x, y, loss, state, key=key,
+                                             weight=weight)
+        params, opt_state = optimizer.update(params, grads, opt_state)
+    return params, opt_state, value, state
+
+
+class _LastOutputs:
+    """What a step returned last, with its leaves: trees it made are known valid, and their
+    leaves need no flattening when they are passed back."""
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.trees, self.leaves, self.spec = (None, None, None), None, None
+
+    def leaves_of(self, trees: tuple) -> tuple[list | None, object]:
+        if all(a is b for a, b in zip(trees, self.trees)):
+            return self.leaves, self.spec
+        return None, None
+
+    def remember(self, trees: tuple, leaves: list, spec) -> None:
+        self.trees, self.leaves, self.spec = trees, leaves, spec
+
+
+class TrainStep:
+    """``step(params, opt_state, x, y) -> (params, opt_state, loss)``; see ``train_step``."""
+
+    def __init__(self, model: MLP, loss: Loss, optimizer, *, compile: bool = True,
+                 verify: bool = False, cuda_graphs: bool | None = None, compiler: str = "auto"):
+        if compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
+        _check_loss(loss)
+        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+            raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
+                            f"got {optimizer!r}")
+        self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.compiled = None
+        if compile:
+            from fnmlp.train._compile import shared_compiled_step
+
+            self.compiled = shared_compiled_step(model, loss, optimizer, cuda_graphs=cuda_graphs,
+                                                 compiler=compiler)
+        self._verify_next = verify and compile
+        self._last = _LastOutputs()
+
+    def __call__(self, params, opt_state, x, y, *, state=None, sample_weight=None,
+                 key: Tensor | None = None):
+        """One step on (x, y).
+
+        Arguments:
+            params, opt_state: the parameters and the optimizer's state.
+            x: (m, in_features); y: targets as the loss wants them.
+            state: the model's state, required with ``BatchNorm``; when given, the new state
+                is returned as a fourth value.
+            sample_weight: (m,) non-negative row weights.
+            key: the dropout key (``fnmlp.dropout_key``, a new one every step), required with
+                dropout.
+
+        Checks shapes, dtypes and devices (not values: NaN checks would sync every step;
+        ``fit`` checks the data once).
+        """
+        model_state = self.model._state_for(None, None) if state is None else state
+        known = self._last.leaves_of((params, opt_state, model_state))[0] is not None
+        x, y = self.model.check_data(params, x, y, loss=self.loss, finite=False,
+                                     params_checked=known)
+        like = tree_leaves(params)[0]
+        if state is not None and not known:
+            self.model.check_state(state, like)
+        weight = _validate.as_weights(sample_weight, x.shape[0], like)
+        key = self.model.check_key(key, x.device)
+        params, opt_state, value, new_state = self.run(params, opt_state, model_state, x, y,
+                                                       weight=weight, key=key)
+        return (params, opt_state, value) if state is None else (params, opt_state, value,
+                                                                new_state)
+
+    def run(self, params, opt_state, state, x: Tensor, y: Tensor, *,
+            weight: Tensor | None = None, key: Tensor | None = None, pad_to: int | None = None):
+        """``(params, opt_state, loss, state)``: ``__call__`` without its checks, for callers
+        that validated the data. ``pad_to``: pad a compiled step's short batch to this size."""
+        if self.compiled is None:
+            return eager_step(self.model, self.loss, self.optimizer, params, opt_state, state,
+                              x, y, weight, key)
+        trees = (params, opt_state, state)
+        leaves, spec = self._last.leaves_of(trees)
+        if leaves is None:
+            leaves, spec = flatten(trees)
+        outputs = self.compiled(leaves, spec, x, y, weight, key, pad_to)
+        if self._verify_next:
+            self._verify(trees, x, y, weight, key, outputs)
+        leaves = outputs[:-1]
+        params, opt_state, state = trees = unflatten(leaves, spec)
+        self._last.remember(trees, leaves, spec)
+        return params, opt_state, outputs[-1], state
+
+    def forget(self) -> None:
+        """Drop the references to the last outputs (they are kept for reuse)."""
+        self._last.clear()
+
+    def _verify(self, trees, x, y, weight, key, outputs) -> None:
+        from fnmlp.train._compile import verify
+
+        params, opt_state, value, state = eager_step(self.model, self.loss, self.optimizer,
+                                                     *trees[:2], trees[2], x, y, weight, key)
+        verify(outputs, [*flatten((params, opt_state, state))[0], value])
+        self._verify_next = False
+
+
+def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verify: bool = False,
+               cuda_graphs: bool | None = None, compiler: str = "auto") -> TrainStep:
+    """A pure training step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
+
+    Arguments:
+        model, loss, optimizer: the network spec, an fnmlp loss and an fnmlp optimizer.
+        compile: one compiled graph (True) or the eager functions (False).
+        verify: run the first step eagerly too and raise ``CompileVerificationError`` if the
+            compiled step disagrees (protects against compiler bugs). Only this step verifies;
+            steps sharing its graphs are unaffected.
+        cuda_graphs: capture a CUDA graph on CUDA devices (default: yes).
+        compiler: "inductor" (trace once, compile with inductor, no per-call guards),
+            "dynamo" (``torch.compile(fullgraph=True)``), or "auto": inductor on CPU, dynamo
+            (with CUDA graphs) on CUDA.
+
+    Compiled graphs are shared by every step of the same (model, loss, optimizer structure,
+    options), so a second ``fit`` with the same spec, dtype and device reuses them. A batch
+    smaller than one already compiled is zero-padded to it (the padding weighted 0), so a
+    short last batch costs no new graph.
+    """
+    return TrainStep(model, loss, optimizer, compile=compile, verify=verify,
+                     cuda_graphs=cuda_graphs, compiler=compiler)
