@@ -101,7 +101,8 @@ class SklearnContender:
         self.x, self.y = x.cpu().numpy(), y.cpu().numpy()
         self.batches = -(-len(self.x) // batch_size)
         self.regressor = MLPRegressor(
-            hidden_layer_sizes=[layer.units for layer in model.layers[:-1]],
+            hidden_layer_sizes=[layer.units for layer in model.layers
+                                if isinstance(layer, fnmlp.Linear)][:-1],
             activation=activation, solver="sgd", learning_rate="constant",
             learning_rate_init=lr, momentum=0.0, nesterovs_momentum=False, alpha=0.0,
             batch_size=batch_size, shuffle=False, early_stopping=False, max_iter=1)
@@ -135,7 +136,13 @@ class JaxContender:
         activations = {"identity": lambda z: z, "relu": jax.nn.relu,
                        "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh,
                        "softmax": lambda z: jax.nn.softmax(z, axis=1)}
-        layers = [activations[layer.activation.name] for layer in model.layers]
+        # per Linear, the activation after it (the seed's Dense layers: Linear, activation)
+        layers = []
+        for layer in model.layers:
+            if isinstance(layer, fnmlp.Linear):
+                layers.append(activations["identity"])
+            else:
+                layers[-1] = activations[layer.name]
 
         def loss_fn(ps, xb, yb):
             a = xb
@@ -150,7 +157,7 @@ class JaxContender:
 
         self.train = train
         self.params = [(jnp.asarray(p.weight.cpu().numpy()), jnp.asarray(p.bias.cpu().numpy()))
-                       for p in params]
+                       for p in params if isinstance(p, fnmlp.LinearParams)]
         self.x, self.y = jnp.asarray(x.cpu().numpy()), jnp.asarray(y.cpu().numpy())
         self.xb, self.yb = self.x[:batch_size], self.y[:batch_size]
         start = time.perf_counter()
@@ -183,7 +190,9 @@ class GemmFloor:
             return torch.randn(*shape, dtype=dtype, device=device, generator=g)
 
         self.products = []
-        for index, ((n_in, n_out), p) in enumerate(zip(model.shapes, params)):
+        linears = [p for p in params if isinstance(p, fnmlp.LinearParams)]
+        for index, p in enumerate(linears):
+            n_out, n_in = p.weight.shape
             a, dz = rand(batch_size, n_in), rand(batch_size, n_out)
             self.products.append((p.bias, a, p.weight, dz, index > 0))
 

@@ -87,6 +87,9 @@ def _flatten_into(tree, leaves: list):
         return (kind, tuple(_flatten_into(getattr(tree, name), leaves) for name in fields))
     if kind is tuple or kind is list:
         return (kind, tuple(_flatten_into(child, leaves) for child in tree))
+    if isinstance(tree, torch.Tensor):  # a subclass such as nn.Parameter
+        leaves.append(tree)
+        return None
     children, spec = pytree.tree_flatten(tree)
     leaves.extend(children)
     return ("pytree", spec, len(children))

@@ -30,7 +30,8 @@ def _worst(a, b):
     return max(relative(p, q) for p, q in zip(leaves(a), leaves(b)))
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compile", [False, pytest.param(True, marks=pytest.mark.slow)],
+                         ids=["eager", "compiled"])
 @pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
 def test_batchnorm_network_matches_its_twin_step_by_step(compile, weighted, device):
     """Loss, parameters and running statistics after every step (batches of 16, 16, 16 and 7:

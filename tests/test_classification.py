@@ -55,6 +55,7 @@ def test_classifier_matches_its_twin_step_by_step_and_epoch_by_epoch(digits):
     assert max(relative(a, b) for a, b in zip(leaves(params), leaves(twin.params()))) <= 1e-9
 
 
+@pytest.mark.slow
 def test_classifier_learns_and_compiles_into_one_graph(digits):
     x, y, x_test, y_test = digits
     model = _model()

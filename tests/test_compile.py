@@ -27,6 +27,7 @@ def _worst(a_leaves, b_leaves):
     return max(relative(a, b) for a, b in zip(a_leaves, b_leaves))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiler", ["inductor", "dynamo"])
 def test_every_seed_step_compiled_matches_eager_and_twin(compiler, device):
     """At each of the seed run's 128 steps (the 1-sample tail batch included), restart from the
@@ -57,6 +58,7 @@ def test_every_seed_step_compiled_matches_eager_and_twin(compiler, device):
     assert len(compiled.compiled.graphs) == 1  # the short last batch was padded into the same graph
 
 
+@pytest.mark.slow
 def test_compiled_fit_through_dynamo_has_no_recompiles_and_matches_eager_fit(device):
     """A whole fit compiled by dynamo (fit(compiler="dynamo"), fullgraph=True) fails on any
     recompile: none for the tail batch, new epochs, a changed learning rate or more steps."""
@@ -84,6 +86,7 @@ def test_compiled_fit_through_dynamo_has_no_recompiles_and_matches_eager_fit(dev
     assert _worst(leaves(compiled.params), leaves(eager.params)) <= 1e-9
 
 
+@pytest.mark.slow
 def test_compiled_steps_are_shared_and_the_learning_rate_is_an_input():
     model = seed_model()
     a = fnmlp.train_step(model, fnmlp.mse, fnmlp.sgd(0.01))
@@ -102,6 +105,7 @@ def test_compiled_steps_are_shared_and_the_learning_rate_is_an_input():
     torch.testing.assert_close(ratio, torch.full_like(ratio, 50.0))
 
 
+@pytest.mark.slow
 def test_verify_catches_a_miscompiled_step(monkeypatch):
     """verify=True runs the first step both ways; a compiler that drops the update's scale
     (the inductor bug in PITFALLS.md) is caught before training goes on."""
@@ -143,6 +147,7 @@ def test_compiled_step_checks_its_input():
         fnmlp.train_step(model, fnmlp.mse, optimizer, compiler="xla")
 
 
+@pytest.mark.slow
 def test_every_activation_compiles_into_one_graph_with_a_padded_tail():
     """The activations and a loss beyond the seed's, compiled: equal to eager, the short last
     batch padded into the same graph."""
@@ -166,6 +171,7 @@ def test_every_activation_compiles_into_one_graph_with_a_padded_tail():
     assert len(compiled.compiled.graphs) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss, optimizer", [
     (fnmlp.binary_cross_entropy_with_logits,
      fnmlp.adagrad(fnmlp.schedules.step_decay(0.1, step_size=2, gamma=0.5))),
@@ -250,6 +256,7 @@ def test_the_compiled_graph_sums_softmax_rows_plainly():
     assert any("sum" in t for t in targets)
 
 
+@pytest.mark.slow
 def test_the_private_compiler_api_falls_back_to_torch_compile(monkeypatch):
     """If torch's private inductor entry points change, the step compiles through the public
     torch.compile(..., options=...) with the same C++ wrapper options, and agrees with eager."""

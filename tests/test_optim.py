@@ -72,6 +72,7 @@ def test_optimizer_matches_torch_step_by_step_and_free(name):
     assert float(free_state.step) == 100
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["sgd-nesterov", "adam-wd-amsgrad", "adamw", "adam-cosine",
                                   "rmsprop-centered-momentum", "adagrad-decay", "clipped-adam"])
 def test_compiled_step_matches_eager_for_every_optimizer(name):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fnmlp import _validate
-from fnmlp._tree import tree_leaves, tree_map, tree_structure
+from fnmlp._tree import flatten, tree_leaves, tree_map
 from fnmlp.nn._activations import Activation, get_activation
 from fnmlp.nn._dropout import Dropout
 from fnmlp.nn._init import get_initializer
@@ -122,27 +122,35 @@ class MLP:
             raise ValueError("an MLP needs at least one layer")
         object.__setattr__(self, "in_features", int(in_features))
         object.__setattr__(self, "layers", sequence)
+        widths = [self.in_features]
+        for layer in sequence:
+            widths.append(layer.out_features(widths[-1]))
+        # derived from the fields, cached (not fields: equality and hashing ignore them)
+        object.__setattr__(self, "_widths", tuple(widths))
+        object.__setattr__(self, "_has_dropout", any(layer.uses_key for layer in sequence))
 
     @property
     def widths(self) -> list[int]:
         """The width entering each primitive, then the output width."""
-        widths = [self.in_features]
-        for layer in self.layers:
-            widths.append(layer.out_features(widths[-1]))
-        return widths
+        return list(self._widths)
 
     @property
     def out_features(self) -> int:
-        return self.widths[-1]
+        return self._widths[-1]
 
     @property
     def has_dropout(self) -> bool:
-        return any(layer.uses_key for layer in self.layers)
+        """Whether a primitive draws from the dropout key."""
+        return self._has_dropout
 
     @property
     def has_state(self) -> bool:
         """Whether a primitive keeps state (``BatchNorm``'s running statistics)."""
-        return bool(_templates(self).state_paths)
+        has_state = self.__dict__.get("_has_state")
+        if has_state is None:
+            has_state = bool(_templates(self).state_leaves)
+            object.__setattr__(self, "_has_state", has_state)
+        return has_state
 
     # --- parameters and state ---------------------------------------------------------------
 
@@ -189,15 +197,13 @@ class MLP:
         return tuple(layer.init_state(n_in, dtype, device)
                      for layer, n_in in zip(self.layers, self.widths))
 
-    def check_params(self, params: Params, name: str = "params") -> Tensor:
+    def check_params(self, params: Params) -> Tensor:
         """Raise unless ``params`` fits this spec; return one leaf (for dtype and device)."""
-        template = _templates(self)
-        return _check_tree(params, template.params, template.param_paths, name, self)
+        return _check_tree(params, "params", self)
 
     def check_state(self, state: State, like: Tensor) -> None:
         """Raise unless ``state`` fits this spec, on ``like``'s dtype and device."""
-        template = _templates(self)
-        _check_tree(state, template.state, template.state_paths, "state", self, like=like)
+        _check_tree(state, "state", self, like=like)
 
     def check_data(self, params: Params, x, y=None, *, loss: Loss = mse, finite: bool = True,
                    params_checked: bool = False, names: tuple[str, str] = ("x", "y")
@@ -205,7 +211,7 @@ class MLP:
         """Validated (x, y) as tensors on the parameters' device (x in their dtype, y as
         ``loss`` wants it); with ``finite``, also checked value by value (NaN, inf, label
         ranges). ``params_checked`` skips re-checking known-good params."""
-        like = tree_leaves(params)[0] if params_checked else self.check_params(params)
+        like = _first_leaf(params) if params_checked else self.check_params(params)
         x_name, y_name = names
         x = _validate.as_data(x, x_name, like)
         _validate.check_matrix(x, x_name, self.in_features, "features")
@@ -259,7 +265,7 @@ class MLP:
                 default evaluation mode.
         """
         x, _ = self.check_data(params, x)
-        like = tree_leaves(params)[0]
+        like = _first_leaf(params)
         if state is None and (train or not self.has_state):
             state = self.init_state(dtype=like.dtype, device=like.device)
         else:
@@ -288,7 +294,7 @@ class MLP:
         """
         _check_loss(loss)
         x, y = self.check_data(params, x, y, loss=loss)
-        like = tree_leaves(params)[0]
+        like = _first_leaf(params)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
         model_state = self._state_for(state, like)
         key = self.check_key(key, x.device)
@@ -302,7 +308,7 @@ class MLP:
         """The loss of the evaluation-mode predictions on (x, y), as a Python float."""
         _check_loss(loss)
         x, y = self.check_data(params, x, y, loss=loss)
-        like = tree_leaves(params)[0]
+        like = _first_leaf(params)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
         prediction = self.apply(params, x, state=state)
         with torch.no_grad():
@@ -372,16 +378,22 @@ def value_and_grad(model: MLP, params: Params, x: Tensor, y: Tensor, loss: Loss,
 
 
 class _Template(NamedTuple):
+    """What ``params`` and ``state`` must look like: their structure (``_tree.flatten``'s
+    spec), one meta tensor per leaf (shape and dtype kind) and each leaf's name."""
+
     params: tuple
     state: tuple
+    param_spec: object
+    state_spec: object
+    param_leaves: list
+    state_leaves: list
     param_paths: list[str]
     state_paths: list[str]
 
 
 @functools.lru_cache(maxsize=64)
 def _templates(model: MLP) -> _Template:
-    """Parameters and state of ``model`` on the meta device (structure and shapes only), with
-    the name of each leaf."""
+    """Parameters and state of ``model`` on the meta device, with their structure."""
     generator = torch.Generator()
     params, state = [], []
     for layer, n_in in zip(model.layers, model.widths):
@@ -390,34 +402,37 @@ def _templates(model: MLP) -> _Template:
         _, p = layer.init(generator, n_in, torch.float32, torch.device("cpu"))
         params.append(tree_map(lambda t: t.to("meta"), p))
         state.append(layer.init_state(n_in, torch.float32, torch.device("meta")))
-    return _Template(tuple(params), tuple(state), _leaf_paths(tuple(params), "params"),
-                     _leaf_paths(tuple(state), "state"))
+    params, state = tuple(params), tuple(state)
+    (param_leaves, param_spec), (state_leaves, state_spec) = flatten(params), flatten(state)
+    return _Template(params, state, param_spec, state_spec, param_leaves, state_leaves,
+                     _leaf_paths(params, "params"), _leaf_paths(state, "state"))
 
 
-def _check_tree(tree, template, paths: list[str], name: str, model: MLP,
-                like: Tensor | None = None) -> Tensor | None:
-    """Raise unless ``tree`` has ``template``'s structure and shapes, every float leaf one
-    dtype and device (``like``'s if given); return its first leaf."""
+def _check_tree(tree, name: str, model: MLP, like: Tensor | None = None) -> Tensor | None:
+    """Raise unless ``tree`` (``name``: "params" or "state") has the template's structure and
+    shapes, every float leaf one dtype and device (``like``'s if given); return a leaf."""
+    template = _templates(model)
     if not isinstance(tree, tuple) or len(tree) != len(model.layers):
         source = "model.init" if name == "params" else "model.init_state"
         raise TypeError(f"{name} must be a tuple of {len(model.layers)} entries, one per "
                         f"primitive (from {source}), got {type(tree).__name__}"
                         + (f" of length {len(tree)}" if isinstance(tree, (tuple, list)) else ""))
-    leaves = tree_leaves(tree)
-    expected_leaves = tree_leaves(template)
-    if len(leaves) != len(expected_leaves) or tree_structure(tree) != tree_structure(template):
-        for i, (entry, expected, layer) in enumerate(zip(tree, template, model.layers)):
-            if tree_structure(entry) != tree_structure(expected):
+    expected_tree, expected_spec, expected_leaves, paths = (
+        (template.params, template.param_spec, template.param_leaves, template.param_paths)
+        if name == "params" else
+        (template.state, template.state_spec, template.state_leaves, template.state_paths))
+    leaves, spec = flatten(tree)
+    if spec != expected_spec:
+        for i, (entry, expected, layer) in enumerate(zip(tree, expected_tree, model.layers)):
+            if flatten(entry)[1] != flatten(expected)[1]:
                 raise TypeError(f"{name}[{i}] does not fit {layer}: expected "
                                 f"{_describe(expected)}, got {_describe(entry)}")
     first = like
     if first is None:
-        first = next((leaf for leaf in leaves if isinstance(leaf, Tensor)), None)
-        if first is None:
+        if not leaves:
             raise ValueError(f"{name} holds no tensors: the model has no parameters")
+        first = leaves[0]
     for path, leaf, expected in zip(paths, leaves, expected_leaves):
-        if not isinstance(leaf, Tensor):
-            raise TypeError(f"{path} must be a tensor, got {type(leaf).__name__}")
         if leaf.shape != expected.shape:
             raise ValueError(f"{path} has shape {tuple(leaf.shape)} but the model needs "
                              f"{tuple(expected.shape)}")
@@ -433,6 +448,15 @@ def _check_tree(tree, template, paths: list[str], name: str, model: MLP,
 def _leaf_paths(template, name: str) -> list[str]:
     paths = torch.utils._pytree.tree_flatten_with_path(template)[0]
     return [name + torch.utils._pytree.keystr(path) for path, _ in paths]
+
+
+def _first_leaf(tree) -> Tensor:
+    """The first tensor of a checked ``params`` (fast: no flattening)."""
+    for entry in tree:
+        leaves = flatten(entry)[0]
+        if leaves:
+            return leaves[0]
+    raise ValueError("params holds no tensors")
 
 
 def _describe(entry) -> str:

@@ -12,7 +12,7 @@ from fnmlp import _validate
 from fnmlp._tree import tree_leaves
 from fnmlp.nn._dropout import make_key
 from fnmlp.nn._losses import Loss, mse
-from fnmlp.nn._model import MLP, Params, State, _check_loss, forward
+from fnmlp.nn._model import MLP, Params, State, _check_loss, _first_leaf, forward
 from fnmlp.nn._primitive import EVAL
 from fnmlp.train._errors import NonFiniteLossError
 from fnmlp.train._step import train_step
@@ -89,7 +89,7 @@ def fit(
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     step = train_step(model, loss, optimizer, compile=compile, verify=verify, compiler=compiler)
     x, y = model.check_data(params, x, y, loss=loss)
-    like = tree_leaves(params)[0]
+    like = _first_leaf(params)
     weight = _validate.as_weights(sample_weight, x.shape[0], like)
     if valid is not None:
         if not (isinstance(valid, (tuple, list)) and len(valid) == 2):

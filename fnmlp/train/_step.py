@@ -14,7 +14,7 @@ from torch import Tensor
 from fnmlp import _validate
 from fnmlp._tree import flatten, tree_leaves, unflatten
 from fnmlp.nn._losses import Loss
-from fnmlp.nn._model import MLP, _check_loss, value_and_grad
+from fnmlp.nn._model import MLP, _check_loss, _first_leaf, value_and_grad
 
 COMPILERS = ("auto", "inductor", "dynamo")
 
@@ -89,7 +89,7 @@ class TrainStep:
         known = self._last.leaves_of((params, opt_state, model_state))[0] is not None
         x, y = self.model.check_data(params, x, y, loss=self.loss, finite=False,
                                      params_checked=known)
-        like = tree_leaves(params)[0]
+        like = x if known else _first_leaf(params)
         if state is not None and not known:
             self.model.check_state(state, like)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
@@ -114,9 +114,12 @@ class TrainStep:
         if self._verify_next:
             self._verify(trees, x, y, weight, key, outputs)
         leaves = outputs[:-1]
-        params, opt_state, state = trees = unflatten(leaves, spec)
+        new_params, opt_state, new_state = unflatten(leaves, spec)
+        if not self.model.has_state:  # no tensors: keep the caller's object (leaf reuse)
+            new_state = state
+        trees = (new_params, opt_state, new_state)
         self._last.remember(trees, leaves, spec)
-        return params, opt_state, outputs[-1], state
+        return new_params, opt_state, outputs[-1], new_state
 
     def forget(self) -> None:
         """Drop the references to the last outputs (they are kept for reuse)."""
