@@ -24,6 +24,9 @@ def mape(prediction, target) -> float:
     """Mean absolute percentage error as the seed notebook computes it: a fraction, not percent.
 
     mean(|(target - prediction) / target|); 0 where both are 0 (identical values agree fully).
+
+    Arguments:
+        prediction, target: tensors, arrays or numbers of one shape.
     """
     prediction, target = _pair(prediction, target)
     error = (target - prediction).abs()
@@ -42,7 +45,11 @@ def mean_squared_error(prediction, target) -> float:
 
 def r2(prediction, target) -> float:
     """Coefficient of determination, averaged uniformly over output columns (scikit-learn's
-    default): 1 - SS_res / SS_tot per column."""
+    default): 1 - SS_res / SS_tot per column.
+
+    Arguments:
+        prediction, target: (m,) or (m, n), m >= 2.
+    """
     prediction, target = _pair(prediction, target)
     if target.dim() == 1:
         prediction, target = prediction[:, None], target[:, None]
@@ -55,9 +62,12 @@ def r2(prediction, target) -> float:
 
 
 def accuracy(prediction, target) -> float:
-    """Fraction of rows classified right. ``prediction``: class indices (m,) or scores
-    (m, classes), whose argmax is taken; ``target``: class indices (m,) or one-hot/probability
-    rows (m, classes)."""
+    """Fraction of rows classified right.
+
+    Arguments:
+        prediction: class indices (m,) or scores (m, classes), whose argmax is taken.
+        target: class indices (m,) or one-hot/probability rows (m, classes).
+    """
     prediction, target = torch.as_tensor(prediction), torch.as_tensor(target)
     if prediction.dim() == 2:
         prediction = prediction.argmax(dim=1)

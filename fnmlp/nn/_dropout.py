@@ -37,6 +37,11 @@ def _hash32(values):
 def make_key(seed: int, counter: int = 0, device=None) -> Tensor:
     """A dropout key: an int64 tensor (2,), two 32-bit words mixed from (seed, counter).
 
+    Arguments:
+        seed: any integer (a run's seed).
+        counter: any integer, a new one for every step.
+        device: where the key lives (default: the CPU; a step moves it where it is needed).
+
     Both are taken modulo 2³². The mixing (three Feistel rounds over ``_hash32``) is a
     bijection of the 64-bit pair, so distinct (seed, counter) pairs give distinct keys. It
     runs here, on Python ints, so that a compiled step only hashes each element's position:

@@ -26,7 +26,15 @@ REDUCTIONS = ("mean", "sum")
 
 @dataclasses.dataclass(frozen=True)
 class Loss:
-    """Base class: a hashable description of a loss and its explicit gradient."""
+    """Base class: a hashable description of a loss and its explicit gradient.
+
+    Arguments (every loss):
+        reduction: "mean" (over elements, or rows for cross-entropy; with ``weight``, the
+            weighted mean of the per-row losses) or "sum".
+
+    ``forward(pred (m, n), target, weight (m,) or None) -> (value (0-d), residual)``;
+    ``backward(residual, dvalue=None) -> dpred (m, n)``.
+    """
 
     reduction: str = "mean"
     name: ClassVar[str]

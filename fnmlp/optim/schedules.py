@@ -116,20 +116,45 @@ class LinearWarmup(Schedule):
 
 
 def constant(lr: float) -> Constant:
+    """lr at every step (``ConstantLR(factor=1)``). Arguments: lr: the rate, > 0."""
     return Constant(lr)
 
 
 def step_decay(lr: float, step_size: int, gamma: float = 0.1) -> StepDecay:
+    """lr·gamma^floor(step/step_size) (``StepLR``).
+
+    Arguments:
+        lr: the base rate, > 0.
+        step_size: steps between decays, >= 1.
+        gamma: the factor of each decay.
+    """
     return StepDecay(lr, step_size, gamma)
 
 
 def exponential(lr: float, gamma: float) -> Exponential:
+    """lr·gamma^step (``ExponentialLR``). Arguments: lr: the base rate; gamma: the factor per
+    step."""
     return Exponential(lr, gamma)
 
 
 def cosine(lr: float, total_steps: int, eta_min: float = 0.0) -> Cosine:
+    """eta_min + (lr - eta_min)·(1 + cos(π·step/total_steps))/2 (``CosineAnnealingLR``).
+
+    Arguments:
+        lr: the base rate, > 0.
+        total_steps: the half period T_max, >= 1.
+        eta_min: the floor, absolute.
+    """
     return Cosine(lr, total_steps, eta_min)
 
 
 def linear_warmup(lr: float, warmup_steps: int, start_factor: float = 1 / 3) -> LinearWarmup:
+    """lr·factor, the factor rising linearly from ``start_factor`` to 1 over ``warmup_steps``
+    (``LinearLR`` with end_factor 1).
+
+    Arguments:
+        lr: the base rate, > 0.
+        warmup_steps: steps to reach lr, >= 1.
+        start_factor: in (0, 1], the first step's factor.
+    """
     return LinearWarmup(lr, warmup_steps, start_factor)
