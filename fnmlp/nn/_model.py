@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fnmlp import _validate
-from fnmlp._tree import flatten, tree_leaves, tree_map
+from fnmlp._tree import flatten, tree_map
 from fnmlp.nn._activations import Activation, get_activation
 from fnmlp.nn._dropout import Dropout
 from fnmlp.nn._init import get_initializer
@@ -148,8 +148,10 @@ class MLP:
         """Whether a primitive keeps state (``BatchNorm``'s running statistics)."""
         has_state = self.__dict__.get("_has_state")
         if has_state is None:
-            has_state = bool(_templates(self).state_leaves)
+            template = _templates(self)
+            has_state = bool(template.state_leaves)
             object.__setattr__(self, "_has_state", has_state)
+            object.__setattr__(self, "_no_state", None if has_state else template.state)
         return has_state
 
     # --- parameters and state ---------------------------------------------------------------
@@ -206,12 +208,13 @@ class MLP:
         _check_tree(state, "state", self, like=like)
 
     def check_data(self, params: Params, x, y=None, *, loss: Loss = mse, finite: bool = True,
-                   params_checked: bool = False, names: tuple[str, str] = ("x", "y")
+                   like: Tensor | None = None, names: tuple[str, str] = ("x", "y")
                    ) -> tuple[Tensor, Tensor | None]:
         """Validated (x, y) as tensors on the parameters' device (x in their dtype, y as
         ``loss`` wants it); with ``finite``, also checked value by value (NaN, inf, label
-        ranges). ``params_checked`` skips re-checking known-good params."""
-        like = _first_leaf(params) if params_checked else self.check_params(params)
+        ranges). ``like``: a leaf of known-good params, which are then not checked again."""
+        if like is None:
+            like = self.check_params(params)
         x_name, y_name = names
         x = _validate.as_data(x, x_name, like)
         _validate.check_matrix(x, x_name, self.in_features, "features")
@@ -245,7 +248,7 @@ class MLP:
             if self.has_state:
                 raise ValueError("this model keeps running statistics (BatchNorm): pass "
                                  "state=model.init_state(...) and keep the state it returns")
-            return _templates(self).state
+            return self._no_state
         self.check_state(state, like)
         return state
 

@@ -6,7 +6,6 @@ import dataclasses
 import math
 
 import torch
-from torch import Tensor
 
 from fnmlp import _validate
 from fnmlp._tree import tree_leaves

@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from fnmlp import _validate
-from fnmlp._tree import flatten, tree_leaves, unflatten
+from fnmlp._tree import flatten, unflatten
 from fnmlp.nn._losses import Loss
-from fnmlp.nn._model import MLP, _check_loss, _first_leaf, value_and_grad
+from fnmlp.nn._model import MLP, _check_loss, value_and_grad
 
 COMPILERS = ("auto", "inductor", "dynamo")
 
@@ -30,22 +30,22 @@ def eager_step(model: MLP, loss: Loss, optimizer, params, opt_state, state, x: T
 
 
 class _LastOutputs:
-    """What a step returned last, with its leaves: trees it made are known valid, and their
-    leaves need no flattening when they are passed back."""
+    """What a step returned last: trees it made are known valid (their checks are skipped),
+    and a compiled step's leaves need no flattening when they are passed back."""
 
     def __init__(self):
         self.clear()
 
     def clear(self) -> None:
-        self.trees, self.leaves, self.spec = (None, None, None), None, None
+        self.trees, self.leaves, self.spec, self.like = (None, None, None), None, None, None
 
-    def leaves_of(self, trees: tuple) -> tuple[list | None, object]:
-        if all(a is b for a, b in zip(trees, self.trees)):
-            return self.leaves, self.spec
-        return None, None
+    def knows(self, trees: tuple) -> bool:
+        last = self.trees
+        return trees[0] is last[0] and trees[1] is last[1] and trees[2] is last[2]
 
-    def remember(self, trees: tuple, leaves: list, spec) -> None:
-        self.trees, self.leaves, self.spec = trees, leaves, spec
+    def remember(self, trees: tuple, like: Tensor, leaves: list | None = None,
+                 spec=None) -> None:
+        self.trees, self.like, self.leaves, self.spec = trees, like, leaves, spec
 
 
 class TrainStep:
@@ -86,10 +86,9 @@ class TrainStep:
         ``fit`` checks the data once).
         """
         model_state = self.model._state_for(None, None) if state is None else state
-        known = self._last.leaves_of((params, opt_state, model_state))[0] is not None
-        x, y = self.model.check_data(params, x, y, loss=self.loss, finite=False,
-                                     params_checked=known)
-        like = x if known else _first_leaf(params)
+        known = self._last.knows((params, opt_state, model_state))
+        like = self._last.like if known else self.model.check_params(params)
+        x, y = self.model.check_data(params, x, y, loss=self.loss, finite=False, like=like)
         if state is not None and not known:
             self.model.check_state(state, like)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
@@ -104,11 +103,16 @@ class TrainStep:
         """``(params, opt_state, loss, state)``: ``__call__`` without its checks, for callers
         that validated the data. ``pad_to``: pad a compiled step's short batch to this size."""
         if self.compiled is None:
-            return eager_step(self.model, self.loss, self.optimizer, params, opt_state, state,
-                              x, y, weight, key)
+            params, opt_state, value, new_state = eager_step(
+                self.model, self.loss, self.optimizer, params, opt_state, state, x, y, weight, key)
+            if not self.model.has_state:  # no tensors: keep the caller's object
+                new_state = state
+            self._last.remember((params, opt_state, new_state), x)
+            return params, opt_state, value, new_state
         trees = (params, opt_state, state)
-        leaves, spec = self._last.leaves_of(trees)
-        if leaves is None:
+        if self._last.knows(trees) and self._last.leaves is not None:
+            leaves, spec = self._last.leaves, self._last.spec
+        else:
             leaves, spec = flatten(trees)
         outputs = self.compiled(leaves, spec, x, y, weight, key, pad_to)
         if self._verify_next:
@@ -117,8 +121,7 @@ class TrainStep:
         new_params, opt_state, new_state = unflatten(leaves, spec)
         if not self.model.has_state:  # no tensors: keep the caller's object (leaf reuse)
             new_state = state
-        trees = (new_params, opt_state, new_state)
-        self._last.remember(trees, leaves, spec)
+        self._last.remember((new_params, opt_state, new_state), x, leaves, spec)
         return new_params, opt_state, outputs[-1], new_state
 
     def forget(self) -> None:
