@@ -132,7 +132,7 @@ class TrainStep:
         from fnmlp.train._compile import verify
 
         params, opt_state, value, state = eager_step(self.model, self.loss, self.optimizer,
-                                                     *trees[:2], trees[2], x, y, weight, key)
+                                                     *trees, x, y, weight, key)
         verify(outputs, [*flatten((params, opt_state, state))[0], value])
         self._verify_next = False
 
