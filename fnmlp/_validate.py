@@ -17,6 +17,7 @@ def as_data(value, name: str, like: Tensor) -> Tensor:
     moving or casting a user's tensor hides bugs.
     """
     if isinstance(value, Tensor):
+        _check_strided(value, name)
         if value.dtype != like.dtype:
             raise TypeError(
                 f"{name} has dtype {value.dtype} but the parameters are {like.dtype}; "
@@ -29,11 +30,35 @@ def as_data(value, name: str, like: Tensor) -> Tensor:
             )
         return value
     if isinstance(value, (np.ndarray, list, tuple)):
-        array = np.asarray(value)
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise TypeError(f"{name} must hold numbers, got a NumPy array of {array.dtype}")
+        array = _numeric_array(value, name)
         return torch.as_tensor(array, dtype=like.dtype, device=like.device)
     raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(value).__name__}")
+
+
+def as_labels(value, name: str, like: Tensor) -> Tensor:
+    """Integer class labels as a tensor on ``like``'s device (a tensor must be there already)."""
+    if isinstance(value, Tensor):
+        _check_strided(value, name)
+        if value.device != like.device:
+            raise ValueError(f"{name} is on {value.device} but the parameters are on "
+                             f"{like.device}; move it with {name}.to('{like.device}')")
+        return value
+    return torch.as_tensor(_numeric_array(value, name), device=like.device)
+
+
+def _numeric_array(value, name: str) -> np.ndarray:
+    """A contiguous NumPy array of numbers (views with negative strides are copied: torch
+    cannot view them)."""
+    array = np.ascontiguousarray(np.asarray(value))
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f"{name} must hold numbers, got a NumPy array of {array.dtype}")
+    return array
+
+
+def _check_strided(value: Tensor, name: str) -> None:
+    if value.layout != torch.strided:
+        raise TypeError(f"{name} is a {value.layout} tensor; fnmlp takes dense tensors: pass "
+                        f"{name}.to_dense()")
 
 
 def check_matrix(value: Tensor, name: str, columns: int, columns_meaning: str) -> None:
@@ -89,6 +114,7 @@ def as_weights(weight, rows: int, like: Tensor, name: str = "sample_weight") -> 
     if weight is None:
         return None
     if isinstance(weight, Tensor):
+        _check_strided(weight, name)
         if weight.device != like.device:
             raise ValueError(f"{name} is on {weight.device} but the parameters are on "
                              f"{like.device}; move it with {name}.to('{like.device}')")
@@ -96,10 +122,8 @@ def as_weights(weight, rows: int, like: Tensor, name: str = "sample_weight") -> 
             raise TypeError(f"{name} must hold real numbers, got {weight.dtype}")
         weight = weight.to(like.dtype)
     elif isinstance(weight, (np.ndarray, list, tuple)):
-        array = np.asarray(weight)
-        if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
-            raise TypeError(f"{name} must hold numbers, got an array of {array.dtype}")
-        weight = torch.as_tensor(array, dtype=like.dtype, device=like.device)
+        weight = torch.as_tensor(_numeric_array(weight, name), dtype=like.dtype,
+                                 device=like.device)
     else:
         raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got "
                         f"{type(weight).__name__}")

@@ -24,6 +24,8 @@ OPTIMIZERS = [
     fnmlp.sgd(S.linear_warmup(0.05, warmup_steps=20, start_factor=0.1)),
     fnmlp.clip_by_global_norm(fnmlp.adam(S.cosine(0.01, total_steps=50)), max_norm=0.5),
     fnmlp.clip_by_global_norm(fnmlp.clip_by_global_norm(fnmlp.sgd(0.1), 2.0), 0.5),
+    fnmlp.sgd(0.1, maximize=True), fnmlp.adam(0.1, maximize=True), fnmlp.rmsprop(maximize=True),
+    fnmlp.adagrad(maximize=True),
 ]
 
 
@@ -37,9 +39,11 @@ def test_optimizers_round_trip_through_torch(optimizer):
     assert back == optimizer
 
 
-@pytest.mark.parametrize("loss", [fnmlp.MSE("sum"), fnmlp.L1(), fnmlp.Huber(delta=0.3),
-                                  fnmlp.CrossEntropy(label_smoothing=0.1),
-                                  fnmlp.BinaryCrossEntropyWithLogits("sum")], ids=repr)
+@pytest.mark.parametrize("loss", [
+    fnmlp.MSE("sum"), fnmlp.L1(), fnmlp.Huber(delta=0.3), fnmlp.SmoothL1("none", beta=0.2),
+    fnmlp.CrossEntropy(label_smoothing=0.1, weight=(1.0, 0.5), ignore_index=4),
+    fnmlp.BinaryCrossEntropyWithLogits("sum", weight=(0.5, 2.0), pos_weight=(3.0, 1.0))],
+    ids=repr)
 def test_losses_round_trip_through_torch(loss):
     assert loss_from_torch(loss_to_torch(loss)) == loss
 
@@ -62,7 +66,7 @@ def test_every_primitive_round_trips_through_an_nn_sequential():
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: torch.optim.SGD(p, lr=0.1, maximize=True), "maximize"),
+    (lambda p: torch.optim.SparseAdam(p), "SparseAdam has no fnmlp counterpart"),
     (lambda p: torch.optim.LBFGS(p), "LBFGS has no fnmlp counterpart"),
     (lambda p: torch.optim.SGD([{"params": p[:1]}, {"params": p[1:]}], lr=0.1),
      "one parameter group"),
@@ -77,8 +81,8 @@ def test_schedulers_and_losses_fnmlp_cannot_express_are_named():
     optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
     with pytest.raises(TypeError, match="OneCycleLR has no fnmlp schedule"):
         optimizer_from_torch(optimizer, torch.optim.lr_scheduler.OneCycleLR(optimizer, 1.0, 10))
-    with pytest.raises(ValueError, match="pos_weight"):
-        loss_from_torch(nn.BCEWithLogitsLoss(pos_weight=torch.ones(2)))
+    with pytest.raises(ValueError, match="pos_weight=...\\) must be 1-D"):
+        loss_from_torch(nn.BCEWithLogitsLoss(pos_weight=torch.ones(2, 3)))
     with pytest.raises(TypeError, match="NLLLoss has no fnmlp counterpart"):
         loss_from_torch(nn.NLLLoss())
 

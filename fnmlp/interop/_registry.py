@@ -14,7 +14,8 @@ from torch import nn
 from fnmlp.nn import _activations as act
 from fnmlp.nn._dropout import Dropout, keep_mask
 from fnmlp.nn._linear import Linear, LinearParams
-from fnmlp.nn._losses import L1, MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Huber, Loss
+from fnmlp.nn._losses import (L1, MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Huber, Loss,
+                              SmoothL1)
 from fnmlp.nn._norm import BatchNorm, BatchNormState, LayerNorm, NormParams
 from fnmlp.nn._primitive import Primitive
 from fnmlp.optim import schedules as sched
@@ -194,37 +195,63 @@ _activation(act.Softplus, nn.Softplus, lambda a: {"beta": a.beta, "threshold": a
 # --- losses ⇄ nn losses -----------------------------------------------------------------------
 
 
-def _no_options(module: nn.Module, *names: str) -> None:
-    for name in names:
-        if getattr(module, name, None) is not None:
-            raise ValueError(f"nn.{type(module).__name__}({name}=...) is not supported")
+def _tensor_option(values, factory: dict) -> torch.Tensor | None:
+    return None if values is None else torch.tensor(values, **factory)
 
+
+def _tuple_option(module: nn.Module, name: str) -> tuple[float, ...] | None:
+    value = getattr(module, name, None)
+    if value is None:
+        return None
+    if value.dim() != 1:
+        raise ValueError(f"nn.{type(module).__name__}({name}=...) must be 1-D (one entry per "
+                         f"class or output) to convert, got shape {tuple(value.shape)}")
+    return tuple(value.tolist())
+
+
+_TORCH_IGNORE_INDEX = -100  # nn.CrossEntropyLoss's default: fnmlp's ignore_index=None
 
 _LOSSES: dict[type, tuple[type, Callable, Callable]] = {
-    MSE: (nn.MSELoss, lambda loss: {}, lambda module: {}),
-    L1: (nn.L1Loss, lambda loss: {}, lambda module: {}),
-    Huber: (nn.HuberLoss, lambda loss: {"delta": loss.delta},
+    MSE: (nn.MSELoss, lambda loss, factory: {}, lambda module: {}),
+    L1: (nn.L1Loss, lambda loss, factory: {}, lambda module: {}),
+    Huber: (nn.HuberLoss, lambda loss, factory: {"delta": loss.delta},
             lambda module: {"delta": module.delta}),
-    CrossEntropy: (nn.CrossEntropyLoss, lambda loss: {"label_smoothing": loss.label_smoothing},
-                   lambda module: (_no_options(module, "weight"), {
-                       "label_smoothing": module.label_smoothing})[1]),
-    BinaryCrossEntropyWithLogits: (nn.BCEWithLogitsLoss, lambda loss: {},
-                                   lambda module: (_no_options(module, "weight", "pos_weight"),
-                                                   {})[1]),
+    SmoothL1: (nn.SmoothL1Loss, lambda loss, factory: {"beta": loss.beta},
+               lambda module: {"beta": module.beta}),
+    CrossEntropy: (
+        nn.CrossEntropyLoss,
+        lambda loss, factory: {
+            "label_smoothing": loss.label_smoothing,
+            "weight": _tensor_option(loss.weight, factory),
+            "ignore_index": (_TORCH_IGNORE_INDEX if loss.ignore_index is None
+                             else loss.ignore_index)},
+        lambda module: {
+            "label_smoothing": module.label_smoothing,
+            "weight": _tuple_option(module, "weight"),
+            "ignore_index": (None if module.ignore_index == _TORCH_IGNORE_INDEX
+                             else module.ignore_index)}),
+    BinaryCrossEntropyWithLogits: (
+        nn.BCEWithLogitsLoss,
+        lambda loss, factory: {"weight": _tensor_option(loss.weight, factory),
+                               "pos_weight": _tensor_option(loss.pos_weight, factory)},
+        lambda module: {"weight": _tuple_option(module, "weight"),
+                        "pos_weight": _tuple_option(module, "pos_weight")}),
 }
 
 
-def loss_to_torch(loss: Loss, reduction: str | None = None) -> nn.Module:
-    """The ``torch.nn`` loss computing ``loss`` (with another ``reduction`` if given)."""
+def loss_to_torch(loss: Loss, reduction: str | None = None, *, dtype=None,
+                  device=None) -> nn.Module:
+    """The ``torch.nn`` loss computing ``loss`` (with another ``reduction`` if given); class
+    or column weights become tensors of ``dtype`` on ``device``."""
     module, to_args, _ = _LOSSES[type(loss)]
-    return module(reduction=reduction or loss.reduction, **to_args(loss))
+    factory = {"dtype": dtype or torch.float32, "device": device}
+    return module(reduction=reduction or loss.reduction, **to_args(loss, factory))
 
 
 def loss_from_torch(module: nn.Module) -> Loss:
+    """The fnmlp loss computing the ``torch.nn`` loss ``module``."""
     for loss_type, (module_type, _, from_args) in _LOSSES.items():
         if type(module) is module_type:
-            if getattr(module, "ignore_index", -100) != -100:
-                raise ValueError("CrossEntropyLoss(ignore_index=...) is not supported")
             return loss_type(module.reduction, **from_args(module))
     raise TypeError(f"nn.{type(module).__name__} has no fnmlp counterpart; supported: "
                     + ", ".join(f"nn.{m.__name__}" for m, _, _ in _LOSSES.values()))
@@ -246,27 +273,28 @@ class TorchOptimizer(NamedTuple):
 class _OptimizerRule(NamedTuple):
     torch_class: type
     fields: tuple[str, ...]  # options with the same name and meaning on both sides
-    build: Callable[[float, dict, type], Optimizer]
+    build: Callable[[float, dict, dict], Optimizer]  # (lr, options, the param group)
 
 
 _OPTIMIZERS: dict[type, _OptimizerRule] = {
     torch.optim.SGD: _OptimizerRule(torch.optim.SGD, ("momentum", "dampening", "weight_decay",
-                                                      "nesterov"),
-                                    lambda lr, options, cls: SGD(lr, **options)),
-    torch.optim.Adam: _OptimizerRule(torch.optim.Adam, ("betas", "eps", "weight_decay",
-                                                        "amsgrad"),
-                                     lambda lr, options, cls: Adam(lr, **options)),
-    torch.optim.AdamW: _OptimizerRule(torch.optim.AdamW, ("betas", "eps", "weight_decay",
-                                                          "amsgrad"),
-                                      lambda lr, options, cls: Adam(lr, **options,
-                                                                    decoupled=True)),
+                                                      "nesterov", "maximize"),
+                                    lambda lr, options, group: SGD(lr, **options)),
+    torch.optim.Adam: _OptimizerRule(
+        torch.optim.Adam, ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
+        lambda lr, options, group: Adam(lr, **options,
+                                        decoupled=bool(group.get("decoupled_weight_decay")))),
+    torch.optim.AdamW: _OptimizerRule(
+        torch.optim.AdamW, ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
+        lambda lr, options, group: Adam(lr, **options, decoupled=True)),
     torch.optim.RMSprop: _OptimizerRule(torch.optim.RMSprop, ("alpha", "eps", "weight_decay",
-                                                              "momentum", "centered"),
-                                        lambda lr, options, cls: RMSprop(lr, **options)),
+                                                              "momentum", "centered",
+                                                              "maximize"),
+                                        lambda lr, options, group: RMSprop(lr, **options)),
     torch.optim.Adagrad: _OptimizerRule(torch.optim.Adagrad, ("lr_decay", "weight_decay",
                                                               "initial_accumulator_value",
-                                                              "eps"),
-                                        lambda lr, options, cls: Adagrad(lr, **options)),
+                                                              "eps", "maximize"),
+                                        lambda lr, options, group: Adagrad(lr, **options)),
 }
 
 
@@ -351,11 +379,12 @@ def optimizer_from_torch(optimizer: torch.optim.Optimizer, scheduler=None,
         raise ValueError("only optimizers with one parameter group convert to fnmlp, got "
                          f"{len(optimizer.param_groups)}")
     group = optimizer.param_groups[0]
-    if group.get("maximize"):
-        raise ValueError(f"{type(optimizer).__name__}(maximize=True) is not supported")
     lr = group["initial_lr"] if scheduler is not None and "initial_lr" in group else group["lr"]
     lr = float(lr)
     options = {name: group[name] for name in rule.fields}
+    for name, value in options.items():
+        if isinstance(value, torch.Tensor):
+            options[name] = float(value)
     if "betas" in options:
         options["betas"] = tuple(float(beta) for beta in options["betas"])
     if scheduler is not None:
@@ -365,7 +394,7 @@ def optimizer_from_torch(optimizer: torch.optim.Optimizer, scheduler=None,
             raise TypeError(f"{type(scheduler).__name__} has no fnmlp schedule; supported: "
                             + ", ".join(r.scheduler.__name__ for r in _SCHEDULES.values()))
         lr = schedule_rule.from_scheduler(scheduler, lr)
-    result = rule.build(lr, options, type(optimizer))
+    result = rule.build(lr, options, group)
     for max_norm in reversed(tuple(clip_norms)):
         result = ClipByGlobalNorm(result, float(max_norm))
     return result

@@ -9,7 +9,7 @@ from torch import nn
 from fnmlp._tree import tree_leaves
 from fnmlp.interop._registry import (SharedMaskDropout, loss_to_torch, optimizer_to_torch,
                                      rule_for_module, rule_for_primitive, supported_modules)
-from fnmlp.nn._losses import mse
+from fnmlp.nn._losses import CrossEntropy, mse
 from fnmlp.nn._model import MLP, Params, State
 
 
@@ -102,9 +102,12 @@ class TorchTwin:
         self.module = to_torch(model, params, state, shared_dropout=shared_dropout)
         self.optimizer, self.scheduler, self.clip_norms = optimizer_to_torch(
             optimizer, self.module.parameters())
-        self.loss = loss_to_torch(loss)
-        self._per_element = loss_to_torch(loss, reduction="none")
+        like = next(self.module.parameters())
+        self.loss = loss_to_torch(loss, dtype=like.dtype, device=like.device)
+        self._per_element = loss_to_torch(loss, reduction="none", dtype=like.dtype,
+                                          device=like.device)
         self._mean = loss.reduction == "mean"
+        self._fnmlp_loss = loss
 
     def step(self, x, y, key=None, sample_weight=None):
         """One training step (autograd, clipping, ``optimizer.step``, ``scheduler.step``);
@@ -130,7 +133,25 @@ class TorchTwin:
         per = self._per_element(prediction, y)
         per_row = per if per.dim() == 1 else (per.mean(dim=1) if self._mean else per.sum(dim=1))
         total = (per_row * sample_weight).sum()
-        return total / sample_weight.sum() if self._mean else total
+        if not self._mean:
+            return total
+        return total / (sample_weight * self._divisor_share(y, prediction)).sum()
+
+    def _divisor_share(self, y, prediction):
+        """Each row's share of torch's "mean" divisor: for class labels, its class weight (0
+        for ignored rows), as ``nn.CrossEntropyLoss``; else 1."""
+        loss = self._fnmlp_loss
+        if not isinstance(loss, CrossEntropy) or y.dim() != 1:
+            return torch.ones(y.shape[0], dtype=prediction.dtype, device=prediction.device)
+        share = torch.ones(y.shape[0], dtype=prediction.dtype, device=prediction.device)
+        labels = y
+        if loss.ignore_index is not None:
+            share = share * (y != loss.ignore_index)
+            labels = torch.where(y != loss.ignore_index, y, 0)
+        if loss.weight is not None:
+            share = share * torch.tensor(loss.weight, dtype=prediction.dtype,
+                                         device=prediction.device)[labels]
+        return share
 
     def evaluate(self, x, y) -> float:
         """The loss in evaluation mode, as a Python float."""

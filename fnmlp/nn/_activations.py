@@ -46,7 +46,8 @@ class Identity(Activation):
 
 @dataclasses.dataclass(frozen=True)
 class ReLU(Activation):
-    """a = max(z, 0);  dz = da where a > 0, else 0 (the derivative at 0 is taken as 0)."""
+    """a = max(z, 0);  dz = 0 where a <= 0, else da (the derivative at 0 is taken as 0; NaN
+    passes the gradient through, as autograd's ``threshold_backward``)."""
 
     name: ClassVar[str] = "relu"
 
@@ -55,7 +56,7 @@ class ReLU(Activation):
         return a, a, state
 
     def backward(self, params, a, da, need_input_grad=True):
-        return torch.where(a > 0, da, 0.0), ()
+        return torch.where(a <= 0, 0.0, da), ()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,14 +6,17 @@ rows as scikit-learn's ``sample_weight``: ``reduction="mean"`` becomes the weigh
 per-row losses, sum_i w_i·l_i / sum_i w_i, and ``"sum"`` the weighted sum. The compiled step pads
 a short batch with rows of weight 0, which then count for nothing.
 
-Without weights, ``"mean"`` averages over elements (mse, l1, huber, binary cross-entropy) or rows
-(cross-entropy), as ``torch.nn`` does, with the same arithmetic; ``"sum"`` adds. A row's loss
-l_i is the mean over its elements, so the weighted mean with all weights 1 is the plain mean.
+Without weights, ``"mean"`` averages over elements (mse, l1, huber, smooth l1, binary
+cross-entropy) or rows (cross-entropy), as ``torch.nn`` does, with the same arithmetic; ``"sum"``
+adds. A row's loss l_i is the mean over its elements, so the weighted mean with all weights 1 is
+the plain mean. ``"none"`` gives the per-row losses (m,) (times the row weights, if any), whose
+cotangent ``dvalue`` is then (m,); training needs "mean" or "sum".
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
@@ -21,7 +24,7 @@ from torch import Tensor
 
 from fnmlp import _validate
 
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,10 +33,10 @@ class Loss:
 
     Arguments (every loss):
         reduction: "mean" (over elements, or rows for cross-entropy; with ``weight``, the
-            weighted mean of the per-row losses) or "sum".
+            weighted mean of the per-row losses), "sum", or "none" (the per-row losses).
 
-    ``forward(pred (m, n), target, weight (m,) or None) -> (value (0-d), residual)``;
-    ``backward(residual, dvalue=None) -> dpred (m, n)``.
+    ``forward(pred (m, n), target, weight (m,) or None) -> (value (0-d; (m,) for "none"),
+    residual)``; ``backward(residual, dvalue=None) -> dpred (m, n)``.
     """
 
     reduction: str = "mean"
@@ -63,22 +66,24 @@ class Loss:
         """Value checks that need a pass over the data (done once per fit)."""
         _validate.check_finite(target, name)
 
+    def check_labels(self, target: Tensor, classes: int, name: str = "y") -> None:
+        """Checks a compiled step cannot do for itself (class label ranges); none here."""
+
     def __call__(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         return self.forward(pred, target, weight)[0]
 
 
-def _row_scale(loss: Loss, weight: Tensor, columns: int) -> Tensor:
-    """(m, 1) factors turning per-element losses into the weighted reduction: w_i/(n·sum w) for
-    "mean" over n columns, w_i for "sum"."""
-    if loss.reduction == "sum":
-        return weight.unsqueeze(1)
-    return (weight / (weight.sum() * columns)).unsqueeze(1)
-
-
 def _elementwise(loss: Loss, per_element: Tensor, weight: Tensor | None):
     """Reduce per-element losses (m, n); return (value, gradient scale: a number or (m, 1))."""
+    columns = per_element.shape[1]
+    if loss.reduction == "none":  # per-row losses: the mean over a row, times its weight
+        per_row = per_element.mean(dim=1)
+        if weight is None:
+            return per_row, 1 / columns
+        return per_row * weight, (weight / columns).unsqueeze(1)
     if weight is not None:
-        scale = _row_scale(loss, weight, per_element.shape[1])
+        scale = weight if loss.reduction == "sum" else weight / (weight.sum() * columns)
+        scale = scale.unsqueeze(1)
         return (per_element * scale).sum(), scale
     if loss.reduction == "sum":
         return per_element.sum(), 1.0
@@ -86,7 +91,31 @@ def _elementwise(loss: Loss, per_element: Tensor, weight: Tensor | None):
 
 
 def _scaled(gradient: Tensor, dvalue: Tensor | None) -> Tensor:
-    return gradient if dvalue is None else gradient * dvalue
+    """The gradient times the value's cotangent (a scalar, or (m,) per row for "none")."""
+    if dvalue is None:
+        return gradient
+    return gradient * (dvalue.unsqueeze(1) if dvalue.dim() == 1 else dvalue)
+
+
+def _floats(values, name: str) -> tuple[float, ...] | None:
+    """A static, hashable tuple of floats from a tensor, array, list or tuple (or None)."""
+    if values is None:
+        return None
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().reshape(-1).tolist()
+    try:
+        floats = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a 1-D sequence of numbers, got {values!r}") from None
+    if not floats or not all(math.isfinite(v) and v >= 0 for v in floats):
+        raise ValueError(f"{name} must be finite numbers >= 0, got {floats}")
+    return floats
+
+
+def _check_width(values, out_features: int, what: str, name: str) -> None:
+    if values is not None and len(values) != out_features:
+        raise ValueError(f"{name} has {len(values)} entries but the model has {out_features} "
+                         f"{what}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,52 +177,145 @@ class Huber(Loss):
 
 
 @dataclasses.dataclass(frozen=True)
-class CrossEntropy(Loss):
-    """Cross-entropy from logits z (m, C), fused with log-softmax for stability.
+class SmoothL1(Loss):
+    """Per element d = p - y: ½d²/β where |d| < β, else |d| - ½β;
+    dL/dp = -1 where d <= -β, 1 where d >= β, else d/β (``nn.SmoothL1Loss``; β = 0 is the L1
+    loss, sign(d), as torch makes it)."""
 
-    Targets are class indices (m,) or probabilities (m, C) that sum to 1 per row. With label
-    smoothing ε the target becomes (1 - ε)·y + ε/C. Per row: -sum_c t_c log softmax(z)_c;
-    dL/dz = (softmax(z)·sum_c t_c - t)/m (m rows; 1 for "sum"), where sum_c t_c is 1 for
-    class indices (exactly) and is kept for probability targets, whose sums the compiled step
-    does not check.
+    beta: float = 1.0
+    name: ClassVar[str] = "smooth_l1"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.beta >= 0:
+            raise ValueError(f"smooth l1 beta must be >= 0, got {self.beta}")
+
+    def forward(self, pred, target, weight=None):
+        diff = pred - target
+        size = diff.abs()
+        if self.beta == 0:
+            per = size
+        else:
+            per = torch.where(size < self.beta, 0.5 * diff * diff / self.beta,
+                              size - 0.5 * self.beta)
+        value, scale = _elementwise(self, per, weight)
+        return value, (diff, scale)
+
+    def backward(self, residual, dvalue=None):
+        diff, scale = residual
+        if self.beta == 0:
+            slope = torch.sign(diff)
+        else:
+            slope = torch.where(diff <= -self.beta, -1.0,
+                                torch.where(diff >= self.beta, 1.0, diff / self.beta))
+        return _scaled(slope * scale, dvalue)
+
+
+@dataclasses.dataclass(frozen=True)
+class CrossEntropy(Loss):
+    """Cross-entropy from logits z (m, C), fused with log-softmax for stability
+    (``nn.CrossEntropyLoss``).
+
+    Targets are class indices (m,) or probabilities (m, C) that sum to 1 per row. Each row's
+    loss is -sum_c T_c log softmax(z)_c with T its (smoothed, weighted) target:
+    labels: T_c = (1 - ε)·w_y·[c = y] + ε·w_c/C; probabilities: T_c = w_c·((1 - ε)·t_c + ε/C);
+    w the class weights (1 without). "mean" divides by sum_i w_{y_i} for labels (rows with
+    ``ignore_index`` count for nothing) and by m for probabilities, as torch does; row weights
+    s_i multiply each row's loss and its share of the divisor. dL/dz = (softmax(z)·sum_c T_c -
+    T)·s_i/divisor.
+
+    Arguments:
+        reduction: "mean", "sum" or "none".
+        label_smoothing: ε in [0, 1].
+        weight: (C,) class weights >= 0, or None.
+        ignore_index: a label whose rows are ignored (labels only), or None.
     """
 
     label_smoothing: float = 0.0
+    weight: tuple[float, ...] | None = None
+    ignore_index: int | None = None
     name: ClassVar[str] = "cross_entropy"
 
     def __post_init__(self):
         super().__post_init__()
         if not 0.0 <= self.label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {self.label_smoothing}")
-
-    def _targets(self, logits: Tensor, target: Tensor) -> Tensor:
-        classes = logits.shape[1]
-        if target.dim() == 1:
-            target = torch.nn.functional.one_hot(target, classes).to(logits.dtype)
-        if self.label_smoothing:
-            target = target * (1 - self.label_smoothing) + self.label_smoothing / classes
-        return target
+        object.__setattr__(self, "weight", _floats(self.weight, "cross_entropy weight"))
+        if self.ignore_index is not None and (isinstance(self.ignore_index, bool) or not hasattr(
+                self.ignore_index, "__index__")):
+            raise TypeError(f"ignore_index must be an integer or None, got {self.ignore_index!r}")
 
     def forward(self, logits, target, weight=None):
-        is_probabilities = target.dim() == 2
         log_probs = torch.log_softmax(logits, dim=1)
-        target = self._targets(logits, target)
+        if target.dim() == 1 and self.weight is None and self.ignore_index is None:
+            return self._plain_labels(logits, log_probs, target, weight)
+        targets, divisor = self._targets(logits, target)
+        per_row = -(targets * log_probs).sum(dim=1)
+        if weight is not None:
+            per_row, divisor = per_row * weight, divisor * weight
+        if self.reduction == "none":
+            value, scale = per_row, (1.0 if weight is None else weight.unsqueeze(1))
+        elif self.reduction == "sum":
+            value, scale = per_row.sum(), (1.0 if weight is None else weight.unsqueeze(1))
+        else:
+            total = divisor.sum()
+            value = per_row.sum() / total
+            scale = (1 / total if weight is None else (weight / total).unsqueeze(1))
+        return value, (log_probs, targets, scale, True)
+
+    def _plain_labels(self, logits, log_probs, labels, weight):
+        """Class indices without class weights or ignored rows: torch's own arithmetic."""
+        classes = logits.shape[1]
+        target = torch.nn.functional.one_hot(labels, classes).to(logits.dtype)
+        if self.label_smoothing:
+            target = target * (1 - self.label_smoothing) + self.label_smoothing / classes
         per_row = -(target * log_probs).sum(dim=1)
+        if self.reduction == "none":
+            if weight is None:
+                return per_row, (log_probs, target, 1.0, False)
+            return per_row * weight, (log_probs, target, weight.unsqueeze(1), False)
         if weight is not None:
             scale = weight if self.reduction == "sum" else weight / weight.sum()
-            value = (per_row * scale).sum()
-            scale = scale.unsqueeze(1)
-        elif self.reduction == "sum":
-            value, scale = per_row.sum(), 1.0
-        else:
-            rows = logits.shape[0]
-            value, scale = per_row.sum() / rows, 1 / rows
-        return value, (log_probs, target, scale, is_probabilities)
+            return (per_row * scale).sum(), (log_probs, target, scale.unsqueeze(1), False)
+        if self.reduction == "sum":
+            return per_row.sum(), (log_probs, target, 1.0, False)
+        rows = logits.shape[0]
+        return per_row.sum() / rows, (log_probs, target, 1 / rows, False)
+
+    def _targets(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """(T (m, C), each row's share of the "mean" divisor (m,))."""
+        rows, classes = logits.shape
+        dtype, device = logits.dtype, logits.device
+        eps = self.label_smoothing
+        class_weight = (None if self.weight is None
+                        else torch.tensor(self.weight, dtype=dtype, device=device))
+        if target.dim() == 2:
+            targets = target * (1 - eps) + eps / classes if eps else target
+            if class_weight is not None:
+                targets = targets * class_weight
+            return targets, torch.ones(rows, dtype=dtype, device=device)
+        labels = target
+        keep = None
+        if self.ignore_index is not None:
+            keep = target != self.ignore_index
+            labels = torch.where(keep, target, 0)
+        one_hot = torch.nn.functional.one_hot(labels, classes).to(dtype)
+        row_weight = (torch.ones(rows, dtype=dtype, device=device) if class_weight is None
+                      else class_weight[labels])
+        if keep is not None:
+            row_weight = row_weight * keep.to(dtype)
+        targets = one_hot * ((1 - eps) * row_weight).unsqueeze(1)
+        if eps:
+            smooth = (eps / classes) * (class_weight if class_weight is not None
+                                        else torch.ones(classes, dtype=dtype, device=device))
+            targets = targets + smooth * (keep.to(dtype).unsqueeze(1) if keep is not None
+                                          else 1.0)
+        return targets, row_weight
 
     def backward(self, residual, dvalue=None):
-        log_probs, target, scale, is_probabilities = residual
+        log_probs, target, scale, general = residual
         probs = torch.exp(log_probs)
-        if is_probabilities:
+        if general:
             probs = probs * target.sum(dim=1, keepdim=True)
         return _scaled((probs - target) * scale, dvalue)
 
@@ -204,21 +326,38 @@ class CrossEntropy(Loss):
             if isinstance(target, Tensor) and target.device != like.device:
                 raise ValueError(f"{name} is on {target.device} but the parameters are on "
                                  f"{like.device}; move it with {name}.to('{like.device}')")
-            labels = torch.as_tensor(target, device=like.device)
+            labels = _validate.as_labels(target, name, like)
             if labels.dim() != 1:
                 raise ValueError(f"class labels {name} must be 1-D (samples,), got shape "
                                  f"{tuple(labels.shape)}")
             if labels.shape[0] == 0:
                 raise ValueError(f"{name} is empty: it has 0 samples")
+            _check_width(self.weight, out_features, "classes", "cross_entropy weight")
             return labels.long()
+        if (target.dim() if isinstance(target, Tensor) else _dimensions(target)) == 1:
+            dtype = target.dtype if isinstance(target, Tensor) else "floats"
+            raise TypeError(f"class labels {name} must be integers (use {name}.long()), got "
+                            f"{dtype}")
+        _check_width(self.weight, out_features, "classes", "cross_entropy weight")
         return super().check_target(target, out_features, like, name)
+
+    def check_labels(self, target, classes, name="y"):
+        """Label range checks (one pass over the labels; also before compiled steps)."""
+        if target.dim() != 1:
+            return
+        labels = target if self.ignore_index is None else target[target != self.ignore_index]
+        if labels.numel() == 0:
+            return
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            raise ValueError(f"label {low if low < 0 else high} in {name} is out of range: "
+                             f"the model has {classes} classes (labels 0..{classes - 1}"
+                             + (f", or {self.ignore_index} to ignore a row)"
+                                if self.ignore_index is not None else ")"))
 
     def check_target_values(self, target, classes, name="y"):
         if target.dim() == 1:
-            low, high = int(target.min()), int(target.max())
-            if low < 0 or high >= classes:
-                raise ValueError(f"label {low if low < 0 else high} in {name} is out of range: "
-                                 f"the model has {classes} classes (labels 0..{classes - 1})")
+            self.check_labels(target, classes, name)
             return
         super().check_target_values(target, classes, name)
         if bool((target < 0).any()):
@@ -234,24 +373,72 @@ class CrossEntropy(Loss):
 
 @dataclasses.dataclass(frozen=True)
 class BinaryCrossEntropyWithLogits(Loss):
-    """Per element: max(z, 0) - z·y + log(1 + exp(-|z|)) (stable);  dL/dz = (σ(z) - y)/n."""
+    """Per element, with σ the sigmoid, w the column weight and q the positive weight
+    (``nn.BCEWithLogitsLoss``): -w·(q·y·log σ(z) + (1 - y)·log(1 - σ(z))), computed stably;
+    dL/dz = w·((1 + (q - 1)·y)·σ(z) - q·y)/n (σ(z) - y without weights).
 
+    Arguments:
+        reduction: "mean", "sum" or "none".
+        weight: (n,) weights of the output columns >= 0, or None.
+        pos_weight: (n,) weights of the positive examples per column >= 0, or None.
+    """
+
+    weight: tuple[float, ...] | None = None
+    pos_weight: tuple[float, ...] | None = None
     name: ClassVar[str] = "binary_cross_entropy_with_logits"
 
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "weight", _floats(self.weight, "bce weight"))
+        object.__setattr__(self, "pos_weight", _floats(self.pos_weight, "bce pos_weight"))
+
     def forward(self, logits, target, weight=None):
-        per = (torch.clamp(logits, min=0) - logits * target
-               + torch.log1p(torch.exp(-logits.abs())))
+        if self.pos_weight is None:
+            per = (torch.clamp(logits, min=0) - logits * target
+                   + torch.log1p(torch.exp(-logits.abs())))
+        else:
+            log_weight = 1 + (self._tensor(self.pos_weight, logits) - 1) * target
+            max_val = torch.clamp(-logits, min=0)
+            per = (1 - target) * logits + log_weight * (
+                torch.log(torch.exp(-max_val) + torch.exp(-logits - max_val)) + max_val)
+        if self.weight is not None:
+            per = per * self._tensor(self.weight, logits)
         value, scale = _elementwise(self, per, weight)
         return value, (logits, target, scale)
 
     def backward(self, residual, dvalue=None):
         logits, target, scale = residual
-        return _scaled((torch.sigmoid(logits) - target) * scale, dvalue)
+        if self.pos_weight is None:
+            gradient = torch.sigmoid(logits) - target
+        else:
+            positive = self._tensor(self.pos_weight, logits)
+            gradient = (1 + (positive - 1) * target) * torch.sigmoid(logits) - positive * target
+        if self.weight is not None:
+            gradient = gradient * self._tensor(self.weight, logits)
+        return _scaled(gradient * scale, dvalue)
+
+    @staticmethod
+    def _tensor(values: tuple[float, ...], like: Tensor) -> Tensor:
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+    def check_target(self, target, out_features, like, name="y"):
+        _check_width(self.weight, out_features, "outputs", "bce weight")
+        _check_width(self.pos_weight, out_features, "outputs", "bce pos_weight")
+        return super().check_target(target, out_features, like, name)
 
     def check_target_values(self, target, classes, name="y"):
         super().check_target_values(target, classes, name)
         if bool(((target < 0) | (target > 1)).any()):
             raise ValueError(f"binary targets {name} must lie in [0, 1]")
+
+
+def _dimensions(value) -> int | None:
+    import numpy as np
+
+    try:
+        return np.asarray(value).ndim
+    except Exception:  # not array-like: as_data names the problem
+        return None
 
 
 def _is_integer_array(value) -> bool:
@@ -263,5 +450,6 @@ def _is_integer_array(value) -> bool:
 mse = MSE()
 l1 = L1()
 huber = Huber()
+smooth_l1 = SmoothL1()
 cross_entropy = CrossEntropy()
 binary_cross_entropy_with_logits = BinaryCrossEntropyWithLogits()

@@ -309,7 +309,7 @@ class MLP:
     def evaluate(self, params: Params, x, y, loss: Loss = mse, *, state: State | None = None,
                  sample_weight=None) -> float:
         """The loss of the evaluation-mode predictions on (x, y), as a Python float."""
-        _check_loss(loss)
+        _check_loss(loss)  # a float: "none" has no single value
         x, y = self.check_data(params, x, y, loss=loss)
         like = _first_leaf(params)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
@@ -473,6 +473,9 @@ def _check_dtype(dtype) -> None:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
 
-def _check_loss(loss) -> None:
+def _check_loss(loss, training: bool = True) -> None:
     if not isinstance(loss, Loss):
         raise TypeError(f"loss must be an fnmlp loss such as fnmlp.mse, got {loss!r}")
+    if training and loss.reduction == "none":
+        raise ValueError(f"{loss!r} gives per-row losses; training needs reduction='mean' or "
+                         "'sum'")

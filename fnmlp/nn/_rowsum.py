@@ -49,6 +49,8 @@ def _cpu_capability() -> str:
 
 def _lanes_sum(products: torch.Tensor, lanes: int, finish: str) -> torch.Tensor:
     rows, width = products.shape
+    if width == 0:
+        return products.new_zeros(rows, 1)
     if width < lanes:  # the kernel reduces a short row lane after lane
         columns = [products[:, i] for i in range(width)]
         return functools.reduce(torch.add, columns).unsqueeze(1)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
+from typing import ClassVar
 
 import torch
 import torch.utils._pytree as pytree
@@ -63,6 +65,29 @@ def _check_range(name: str, value, low: float, high: float = math.inf, *,
         raise ValueError(f"{name} must be a number in {left}{low}, {high}{right}, got {value!r}")
 
 
+def _first_tensor(tree, name: str) -> Tensor:
+    leaves = flatten(tree)[0]
+    if not leaves:
+        raise ValueError(f"{name} holds no tensors")
+    return leaves[0]
+
+
+def _check_like(tree, name: str, leaves: list, spec, params) -> None:
+    """Raise unless ``tree`` is structured like ``params`` (``leaves``, ``spec``), leaf by
+    leaf of the same shape, dtype and device."""
+    others, other_spec = flatten(tree)
+    if other_spec != spec:
+        raise ValueError(f"{name} must be structured like params ({len(leaves)} tensors in "
+                         f"the same tree), got {len(others)} tensors in "
+                         f"{type(tree).__name__}")
+    for i, (p, g) in enumerate(zip(leaves, others)):
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            path = torch.utils._pytree.keystr(
+                torch.utils._pytree.tree_flatten_with_path(params)[0][i][0])
+            raise ValueError(f"{name}{path} is {tuple(g.shape)} {g.dtype} on {g.device} but "
+                             f"params{path} is {tuple(p.shape)} {p.dtype} on {p.device}")
+
+
 def steps_taken(state) -> Tensor:
     """The state's count of updates made, as a 0-d tensor in its learning rate's dtype."""
     return state.step.to(state.learning_rate.dtype)
@@ -107,9 +132,66 @@ class Optimizer:
         return dataclasses.replace(state, learning_rate=_scalar(lr, state.learning_rate))
 
     def _counters(self, params) -> dict:
-        like = tree_leaves(params)[0]
+        like = _first_tensor(params, "params")
         return {"step": torch.zeros((), dtype=torch.int64, device=like.device),
                 "learning_rate": _scalar(self.base_lr, like)}
+
+    state_type: ClassVar[type]
+
+    def buffers(self) -> dict[str, bool]:
+        """The state's per-parameter buffers: name -> whether these options keep it."""
+        raise NotImplementedError
+
+    def update(self, params, grads, state):
+        """``(new_params, new_state)`` after one update with ``grads``.
+
+        Arguments:
+            params: a pytree of tensors (any shapes).
+            grads: a pytree structured like ``params``, each gradient shaped like its
+                parameter, of its dtype and on its device.
+            state: this optimizer's state for these params (``init(params)`` or the last
+                ``update``).
+
+        Checks that the three match (structure, shapes, dtypes, devices) before any work, and
+        records no autograd history, whatever ``requires_grad`` the inputs have.
+        """
+        self.check(params, grads, state)
+        with torch.no_grad():
+            return self._update(params, grads, state)
+
+    def check(self, params, grads, state) -> None:
+        """Raise unless ``params``, ``grads`` (None: not checked) and ``state`` fit together."""
+        if torch.compiler.is_compiling():
+            return
+        leaves, spec = flatten(params)
+        _first_tensor(params, "params")
+        if grads is not None:
+            _check_like(grads, "grads", leaves, spec, params)
+        name = self.state_type.__name__
+        if not isinstance(state, self.state_type):
+            raise TypeError(f"state must be the {name} that this optimizer's init(params) "
+                            f"returns, got {type(state).__name__}")
+        like = leaves[0]
+        step, rate = state.step, state.learning_rate
+        if not (isinstance(step, Tensor) and step.dim() == 0 and step.dtype == torch.int64):
+            raise TypeError(f"state.step must be a 0-d int64 tensor, got {step!r}")
+        expected = _scalar(1.0, like)
+        if not (isinstance(rate, Tensor) and rate.dim() == 0 and rate.dtype == expected.dtype
+                and rate.device == like.device and step.device == like.device):
+            raise ValueError(f"state.learning_rate is {getattr(rate, 'dtype', rate)} on "
+                             f"{getattr(rate, 'device', '?')} but the parameters are "
+                             f"{like.dtype} on {like.device}; make the state with "
+                             "optimizer.init(params)")
+        for field, kept in self.buffers().items():
+            buffer = getattr(state, field)
+            if kept and buffer is None:
+                raise ValueError(f"state.{field} is None but {self!r} keeps it: the state "
+                                 "comes from another optimizer; make it with init(params)")
+            if not kept and buffer is not None:
+                raise ValueError(f"state.{field} is set but {self!r} keeps none: the state "
+                                 "comes from another optimizer; make it with init(params)")
+            if kept:
+                _check_like(buffer, f"state.{field}", leaves, spec, params)
 
 
 @pytree_dataclass
@@ -128,24 +210,33 @@ class SGD(Optimizer):
     dampening: float = 0.0
     weight_decay: float = 0.0
     nesterov: bool = False
+    maximize: bool = False
 
     def __post_init__(self):
         super().__post_init__()
+        _check_flags(self, "nesterov", "maximize")
         _check_range("momentum", self.momentum, 0.0)
         _check_range("dampening", self.dampening, 0.0, 1.0, high_open=False)
         _check_range("weight_decay", self.weight_decay, 0.0)
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise ValueError("nesterov momentum requires momentum > 0 and dampening 0")
 
+    state_type = SGDState
+
     def init(self, params) -> SGDState:
         buffer = _zeros_like(params) if self.momentum else None
         return SGDState(momentum_buffer=buffer, **self._counters(params))
 
-    def update(self, params, grads, state: SGDState):
+    def buffers(self):
+        return {"momentum_buffer": bool(self.momentum)}
+
+    def _update(self, params, grads, state: SGDState):
         neg_lr = -self.learning_rate(state)
         first = state.step == 0 if self.momentum else None
 
         def one(p, g, buffer):
+            if self.maximize:
+                g = -g
             if self.weight_decay:
                 g = g + p * self.weight_decay
             if self.momentum:
@@ -182,22 +273,34 @@ class Adam(Optimizer):
     weight_decay: float = 0.0
     amsgrad: bool = False
     decoupled: bool = False
+    maximize: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
+        _check_flags(self, "amsgrad", "decoupled", "maximize")
+        betas = self.betas
+        if isinstance(betas, list) or (isinstance(betas, tuple) and any(
+                isinstance(beta, Tensor) for beta in betas)):
+            betas = tuple(_number(beta, "betas") for beta in betas)
+            object.__setattr__(self, "betas", betas)
+        if not (isinstance(betas, tuple) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {self.betas!r}")
         _check_range("beta1", self.betas[0], 0.0, 1.0)
         _check_range("beta2", self.betas[1], 0.0, 1.0)
         _check_range("eps", self.eps, 0.0, low_open=True)
         _check_range("weight_decay", self.weight_decay, 0.0)
 
+    state_type = AdamState
+
     def init(self, params) -> AdamState:
         return AdamState(exp_avg=_zeros_like(params), exp_avg_sq=_zeros_like(params),
                          max_exp_avg_sq=_zeros_like(params) if self.amsgrad else None,
                          **self._counters(params))
 
-    def update(self, params, grads, state: AdamState):
+    def buffers(self):
+        return {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": self.amsgrad}
+
+    def _update(self, params, grads, state: AdamState):
         lr = self.learning_rate(state)
         step = steps_taken(state) + 1
         beta1, beta2 = self.betas
@@ -205,6 +308,8 @@ class Adam(Optimizer):
         correction2_sqrt = torch.sqrt(1 - beta2 ** step)
 
         def one(p, g, m, v, v_max):
+            if self.maximize:
+                g = -g
             if self.weight_decay and self.decoupled:
                 p = p * (1 - lr * self.weight_decay)
             elif self.weight_decay:
@@ -242,13 +347,17 @@ class RMSprop(Optimizer):
     weight_decay: float = 0.0
     momentum: float = 0.0
     centered: bool = False
+    maximize: bool = False
 
     def __post_init__(self):
         super().__post_init__()
+        _check_flags(self, "centered", "maximize")
         _check_range("alpha", self.alpha, 0.0, 1.0, high_open=False)
         _check_range("eps", self.eps, 0.0, low_open=True)
         _check_range("weight_decay", self.weight_decay, 0.0)
         _check_range("momentum", self.momentum, 0.0)
+
+    state_type = RMSpropState
 
     def init(self, params) -> RMSpropState:
         return RMSpropState(square_avg=_zeros_like(params),
@@ -256,10 +365,16 @@ class RMSprop(Optimizer):
                             momentum_buffer=_zeros_like(params) if self.momentum else None,
                             **self._counters(params))
 
-    def update(self, params, grads, state: RMSpropState):
+    def buffers(self):
+        return {"square_avg": True, "grad_avg": self.centered,
+                "momentum_buffer": bool(self.momentum)}
+
+    def _update(self, params, grads, state: RMSpropState):
         lr = self.learning_rate(state)
 
         def one(p, g, s, mean, buffer):
+            if self.maximize:
+                g = -g
             if self.weight_decay:
                 g = g + p * self.weight_decay
             s = torch.addcmul(s * self.alpha, g, g, value=1 - self.alpha)
@@ -297,22 +412,31 @@ class Adagrad(Optimizer):
     weight_decay: float = 0.0
     initial_accumulator_value: float = 0.0
     eps: float = 1e-10
+    maximize: bool = False
 
     def __post_init__(self):
         super().__post_init__()
+        _check_flags(self, "maximize")
         _check_range("lr_decay", self.lr_decay, 0.0)
         _check_range("weight_decay", self.weight_decay, 0.0)
         _check_range("initial_accumulator_value", self.initial_accumulator_value, 0.0)
         _check_range("eps", self.eps, 0.0, low_open=True)
 
+    state_type = AdagradState
+
     def init(self, params) -> AdagradState:
         return AdagradState(sum=_zeros_like(params, self.initial_accumulator_value),
                             **self._counters(params))
 
-    def update(self, params, grads, state: AdagradState):
+    def buffers(self):
+        return {"sum": True}
+
+    def _update(self, params, grads, state: AdagradState):
         clr = self.learning_rate(state) / (1 + steps_taken(state) * self.lr_decay)
 
         def one(p, g, s):
+            if self.maximize:
+                g = -g
             if self.weight_decay:
                 g = g + p * self.weight_decay
             s = torch.addcmul(s, g, g)
@@ -343,12 +467,22 @@ class ClipByGlobalNorm:
     def init(self, params):
         return self.inner.init(params)
 
-    def update(self, params, grads, state):
+    @property
+    def state_type(self) -> type:
+        return self.inner.state_type
+
+    def buffers(self):
+        return self.inner.buffers()
+
+    update = Optimizer.update
+    check = Optimizer.check
+
+    def _update(self, params, grads, state):
         leaves = pytree.tree_leaves(grads)
         norms = torch.stack([torch.linalg.vector_norm(g) for g in leaves])
         total = torch.linalg.vector_norm(norms)
         scale = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
-        return self.inner.update(params, pytree.tree_map(lambda g: g * scale, grads), state)
+        return self.inner._update(params, pytree.tree_map(lambda g: g * scale, grads), state)
 
     def with_learning_rate(self, state, lr):
         return self.inner.with_learning_rate(state, lr)
@@ -365,8 +499,25 @@ def _pair(values):
     return tuple(values) if isinstance(values, (list, tuple)) else values
 
 
-def sgd(lr, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-        nesterov: bool = False) -> SGD:
+def _number(value, name: str) -> float:
+    """A float from a number or a 0-d tensor."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must hold numbers or 0-d tensors, got {value!r}")
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must hold numbers, got {value!r}")
+    return float(value)
+
+
+def _check_flags(optimizer, *names: str) -> None:
+    for name in names:
+        if not isinstance(getattr(optimizer, name), bool):
+            raise TypeError(f"{name} must be True or False, got {getattr(optimizer, name)!r}")
+
+
+def sgd(lr=1e-3, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+        nesterov: bool = False, *, maximize: bool = False) -> SGD:
     """Stochastic gradient descent, as ``torch.optim.SGD``.
 
     Arguments:
@@ -375,40 +526,47 @@ def sgd(lr, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float =
         dampening: τ in [0, 1], the momentum buffer's damping.
         weight_decay: L2 penalty, added to the gradient as wd·p.
         nesterov: Nesterov momentum (needs momentum > 0 and dampening 0).
+        maximize: ascend the objective instead (every optimizer has this option).
 
     ``update(params, grads, state)`` takes pytrees of tensors of one structure (any shapes).
     """
-    return SGD(lr, momentum, dampening, weight_decay, nesterov)
+    return SGD(lr, momentum, dampening, weight_decay, nesterov, maximize)
 
 
 def adam(lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-         amsgrad: bool = False) -> Adam:
+         amsgrad: bool = False, *, maximize: bool = False,
+         decoupled_weight_decay: bool = False) -> Adam:
     """Adam, as ``torch.optim.Adam``.
 
     Arguments:
         lr: the learning rate (a positive float, a 0-d tensor or a schedule).
-        betas: (β1, β2) in [0, 1), the decay rates of the running averages of g and g².
+        betas: (β1, β2) in [0, 1), the decay rates of the running averages of g and g²
+            (numbers or 0-d tensors).
         eps: > 0, added to the denominator.
-        weight_decay: L2 penalty added to the gradient (use ``adamw`` for decoupled decay).
+        weight_decay: L2 penalty added to the gradient, or with ``decoupled_weight_decay``
+            the decay of AdamW.
         amsgrad: use the running maximum of the second moment.
+        maximize: ascend the objective instead.
+        decoupled_weight_decay: decay the parameters directly (AdamW), as torch's option.
     """
-    return Adam(lr, _pair(betas), eps, weight_decay, amsgrad, decoupled=False)
+    return Adam(lr, _pair(betas), eps, weight_decay, amsgrad, decoupled_weight_decay, maximize)
 
 
 def adamw(lr=1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2,
-          amsgrad: bool = False) -> Adam:
+          amsgrad: bool = False, *, maximize: bool = False) -> Adam:
     """AdamW, as ``torch.optim.AdamW``: Adam with decoupled weight decay (p scaled by
     1 - lr·wd before the update).
 
     Arguments:
-        lr, betas, eps, amsgrad: as ``adam``.
+        lr, betas, eps, amsgrad, maximize: as ``adam``.
         weight_decay: the decoupled decay rate wd >= 0.
     """
-    return Adam(lr, _pair(betas), eps, weight_decay, amsgrad, decoupled=True)
+    return Adam(lr, _pair(betas), eps, weight_decay, amsgrad, True, maximize)
 
 
 def rmsprop(lr=1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float = 0.0,
-            momentum: float = 0.0, centered: bool = False) -> RMSprop:
+            momentum: float = 0.0, centered: bool = False, *, maximize: bool = False
+            ) -> RMSprop:
     """RMSprop, as ``torch.optim.RMSprop``.
 
     Arguments:
@@ -418,12 +576,14 @@ def rmsprop(lr=1e-2, alpha: float = 0.99, eps: float = 1e-8, weight_decay: float
         weight_decay: L2 penalty added to the gradient.
         momentum: >= 0, a momentum buffer over the scaled gradients.
         centered: normalize by the variance estimate (subtract the running mean of g, squared).
+        maximize: ascend the objective instead.
     """
-    return RMSprop(lr, alpha, eps, weight_decay, momentum, centered)
+    return RMSprop(lr, alpha, eps, weight_decay, momentum, centered, maximize)
 
 
 def adagrad(lr=1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
-            initial_accumulator_value: float = 0.0, eps: float = 1e-10) -> Adagrad:
+            initial_accumulator_value: float = 0.0, eps: float = 1e-10, *,
+            maximize: bool = False) -> Adagrad:
     """Adagrad, as ``torch.optim.Adagrad``.
 
     Arguments:
@@ -432,8 +592,9 @@ def adagrad(lr=1e-2, lr_decay: float = 0.0, weight_decay: float = 0.0,
         weight_decay: L2 penalty added to the gradient.
         initial_accumulator_value: >= 0, where the sum of g² starts.
         eps: > 0, added to the denominator.
+        maximize: ascend the objective instead.
     """
-    return Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps)
+    return Adagrad(lr, lr_decay, weight_decay, initial_accumulator_value, eps, maximize)
 
 
 def clip_by_global_norm(optimizer, max_norm: float) -> ClipByGlobalNorm:

@@ -89,6 +89,9 @@ def fit(
     step = train_step(model, loss, optimizer, compile=compile, verify=verify, compiler=compiler)
     x, y = model.check_data(params, x, y, loss=loss)
     like = _first_leaf(params)
+    if not _all_finite(params):
+        raise ValueError("params contain NaN or inf before training; start from finite "
+                         "parameters (e.g. model.init)")
     weight = _validate.as_weights(sample_weight, x.shape[0], like)
     if valid is not None:
         if not (isinstance(valid, (tuple, list)) and len(valid) == 2):
@@ -114,6 +117,8 @@ def fit(
     with torch.no_grad():
         if opt_state is None:
             opt_state = optimizer.init(params)
+        else:
+            optimizer.check(params, None, opt_state)
         history = History()
         previous = (params, opt_state, state)
         n = x.shape[0]

@@ -15,6 +15,7 @@ from fnmlp import _validate
 from fnmlp._tree import flatten, unflatten
 from fnmlp.nn._losses import Loss
 from fnmlp.nn._model import MLP, _check_loss, value_and_grad
+from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
 
 COMPILERS = ("auto", "inductor", "dynamo")
 
@@ -25,7 +26,7 @@ def eager_step(model: MLP, loss: Loss, optimizer, params, opt_state, state, x: T
     with torch.no_grad():
         value, grads, state = value_and_grad(model, params, x, y, loss, state, key=key,
                                              weight=weight)
-        params, opt_state = optimizer.update(params, grads, opt_state)
+        params, opt_state = optimizer._update(params, grads, opt_state)  # checked by callers
     return params, opt_state, value, state
 
 
@@ -56,7 +57,7 @@ class TrainStep:
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         _check_loss(loss)
-        if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+        if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):
             raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
                             f"got {optimizer!r}")
         self.model, self.loss, self.optimizer = model, loss, optimizer
@@ -89,8 +90,11 @@ class TrainStep:
         known = self._last.knows((params, opt_state, model_state))
         like = self._last.like if known else self.model.check_params(params)
         x, y = self.model.check_data(params, x, y, loss=self.loss, finite=False, like=like)
-        if state is not None and not known:
-            self.model.check_state(state, like)
+        self.loss.check_labels(y, self.model.out_features)  # a compiled graph cannot raise
+        if not known:
+            self.optimizer.check(params, None, opt_state)
+            if state is not None:
+                self.model.check_state(state, like)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
         key = self.model.check_key(key, x.device)
         params, opt_state, value, new_state = self.run(params, opt_state, model_state, x, y,
