@@ -135,6 +135,9 @@ def _batch_norm_to_torch(primitive: BatchNorm, params, state, n_in, factory, sha
 
 
 def _batch_norm_from_torch(module: nn.BatchNorm1d):
+    if module.affine and (module.weight is None or module.bias is None):
+        raise ValueError("nn.BatchNorm1d with a scale but no shift (or the reverse) is not "
+                         "supported: fnmlp's affine BatchNorm has both")
     primitive = BatchNorm(module.momentum, module.eps, module.affine,
                           module.track_running_stats)
     params = NormParams(_copy(module.weight), _copy(module.bias)) if module.affine else ()

@@ -107,8 +107,8 @@ def _floats(values, name: str) -> tuple[float, ...] | None:
         floats = tuple(float(v) for v in values)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a 1-D sequence of numbers, got {values!r}") from None
-    if not floats or not all(math.isfinite(v) and v >= 0 for v in floats):
-        raise ValueError(f"{name} must be finite numbers >= 0, got {floats}")
+    if not floats or not all(math.isfinite(v) for v in floats):
+        raise ValueError(f"{name} must be finite numbers, got {floats}")
     return floats
 
 
@@ -227,7 +227,7 @@ class CrossEntropy(Loss):
     Arguments:
         reduction: "mean", "sum" or "none".
         label_smoothing: ε in [0, 1].
-        weight: (C,) class weights >= 0, or None.
+        weight: (C,) class weights (any finite numbers, as torch), or None.
         ignore_index: a label whose rows are ignored (labels only), or None.
     """
 
@@ -259,8 +259,9 @@ class CrossEntropy(Loss):
             value, scale = per_row.sum(), (1.0 if weight is None else weight.unsqueeze(1))
         else:
             total = divisor.sum()
-            value = per_row.sum() / total
-            scale = (1 / total if weight is None else (weight / total).unsqueeze(1))
+            value = per_row.sum() / total  # NaN when every row is ignored, as torch
+            inverse = torch.where(total != 0, 1 / total, 0.0)  # ... whose gradient is then 0
+            scale = inverse if weight is None else (weight * inverse).unsqueeze(1)
         return value, (log_probs, targets, scale, True)
 
     def _plain_labels(self, logits, log_probs, labels, weight):
@@ -379,8 +380,8 @@ class BinaryCrossEntropyWithLogits(Loss):
 
     Arguments:
         reduction: "mean", "sum" or "none".
-        weight: (n,) weights of the output columns >= 0, or None.
-        pos_weight: (n,) weights of the positive examples per column >= 0, or None.
+        weight: (n,) weights of the output columns, or None.
+        pos_weight: (n,) weights of the positive examples per column, or None.
     """
 
     weight: tuple[float, ...] | None = None

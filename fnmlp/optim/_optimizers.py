@@ -20,7 +20,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from fnmlp._tree import flatten, pytree_dataclass, tree_builder, tree_leaves
+from fnmlp._tree import flatten, pytree_dataclass, tree_builder
 from fnmlp._validate import check_learning_rate
 from fnmlp.optim.schedules import Schedule
 
