@@ -155,13 +155,14 @@ def test_state_errors_are_clear():
         model.value_and_grad(params, x, y)
     with pytest.raises(ValueError, match="keeps running statistics"):
         model.apply(params, x)  # evaluation needs the running statistics
-    with pytest.raises(ValueError, match="last batch has 1 row"):
+    with pytest.raises(ValueError, match="got 1 \(batch 2 of 9 rows in batches of 4"):
         fnmlp.fit(model, params, x[:9], y[:9], epochs=1, batch_size=4, optimizer=fnmlp.sgd(0.1))
     with pytest.raises(ValueError, match=r"state\[1\].running_mean has shape"):
         wrong = fnmlp.MLP(5, [fnmlp.Linear(7), fnmlp.BatchNorm(), "relu", fnmlp.Linear(6),
                               fnmlp.BatchNorm(momentum=None, eps=1e-3), "tanh", fnmlp.Linear(3)])
         model.value_and_grad(params, x, y, state=wrong.init_state(dtype=F64))
-    with pytest.raises(ValueError, match=r"state\[1\].running_mean is torch.float32"):
+    with pytest.raises(ValueError, match=r"state\[1\].running_mean is torch.float32 on cpu "
+                                         r"but the parameters are torch.float64"):
         model.value_and_grad(params, x, y, state=model.init_state())
     with pytest.raises(ValueError, match="momentum must be"):
         fnmlp.BatchNorm(momentum=2.0)
@@ -196,3 +197,41 @@ def test_unit_weights_give_the_unweighted_run_and_numpy_weights_work():
     weighted = fnmlp.fit(model, params, x, y, epochs=2, batch_size=8, optimizer=fnmlp.sgd(0.1),
                          sample_weight=weight.numpy())
     assert _worst(weighted.params, plain.params) > 1e-6
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_batch_statistics_need_two_counted_rows_everywhere(compile):
+    """One row (or one row of non-zero weight) has no variance: the error comes before any
+    work, from fit, the step (eager or compiled: its graph could not raise) and
+    value_and_grad; a batch whose rows all weigh 0 is skipped by fit."""
+    model = _model()
+    params = model.init(torch.Generator().manual_seed(7), dtype=F64)
+    state = model.init_state(dtype=F64)
+    x, y, _ = _data(12)
+    optimizer = fnmlp.sgd(0.1)
+    with pytest.raises(ValueError, match="BatchNorm needs at least 2 rows of non-zero weight "
+                                         "per training batch, got 1 .*batch 0"):
+        fnmlp.fit(model, params, x, y, epochs=1, batch_size=1, optimizer=optimizer)
+    step = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=compile)
+    with pytest.raises(ValueError, match="got 1"):
+        step(params, optimizer.init(params), x[:1], y[:1], state=state)
+    one = torch.tensor([0.0, 2.0, 0.0, 0.0], dtype=F64)
+    with pytest.raises(ValueError, match="got 1"):
+        model.value_and_grad(params, x[:4], y[:4], state=state, sample_weight=one)
+    with pytest.raises(ValueError, match="got 1 .*batch 1"):
+        fnmlp.fit(model, params, x[:8], y[:8], epochs=1, batch_size=4, optimizer=optimizer,
+                  sample_weight=torch.cat([torch.ones(4, dtype=F64), one]))
+    skipped = fnmlp.fit(model, params, x[:8], y[:8], epochs=1, batch_size=4, optimizer=optimizer,
+                        sample_weight=torch.cat([torch.ones(4, dtype=F64),
+                                                 torch.zeros(4, dtype=F64)]))
+    assert int(skipped.state[1].num_batches_tracked) == 1  # the all-zero batch: no step
+    assert all(torch.isfinite(t).all() for t in leaves(skipped.state))
+
+
+def test_the_twin_refuses_zero_weights_with_batch_norm():
+    model = _model()
+    params = model.init(torch.Generator().manual_seed(8), dtype=F64)
+    twin = fnmlp.TorchTwin(model, params, optimizer=fnmlp.sgd(0.1))
+    x, y, _ = _data(4)
+    with pytest.raises(ValueError, match="nn.BatchNorm1d has no row weights"):
+        twin.step(x, y, sample_weight=torch.tensor([1.0, 0.0, 1.0, 1.0], dtype=F64))

@@ -108,7 +108,7 @@ def test_bad_spec_and_params(setup):
     with pytest.raises(TypeError, match="tuple of 9"):
         model.apply(wrong, x)
     mixed = (fnmlp.LinearParams(params[0].weight.float(), params[0].bias.float()),) + params[1:]
-    with pytest.raises(ValueError, match=r"params\[2\].weight is torch.float64 .* all param"):
+    with pytest.raises(ValueError, match=r"params\[2\].weight is torch.float64 .* all must"):
         model.apply(mixed, x.float())
     shifted = (params[1],) + (params[0],) + params[2:]
     with pytest.raises(TypeError, match=r"params\[0\] does not fit Linear"):

@@ -235,7 +235,7 @@ def test_elementwise_loss_options_match_torch(loss):
     target = torch.rand(7, 3, generator=g, dtype=F64)
     target[0, 0] = 0.0  # a zero difference: the kinks
     z = pred.clone().requires_grad_(True)
-    expected = loss_to_torch(loss, dtype=F64)(z, target)
+    expected = loss_to_torch(loss, loss.reduction, dtype=F64)(z, target)
     if loss.reduction == "none":  # fnmlp's "none" is per row: the mean over a row's elements
         expected = expected.mean(dim=1)
     cotangent = torch.rand(expected.shape, dtype=F64) + 0.5
@@ -363,3 +363,36 @@ def test_loss_and_optimizer_options_inside_the_compiled_step(loss, optimizer):
         assert max(relative(a, b) for a, b in zip(leaves((new_c, state_c, loss_c)),
                                                   leaves((params, state, loss_e)))) <= 1e-13
     assert len(compiled.compiled.graphs) == 1
+
+
+def test_fit_skips_batches_whose_rows_all_weigh_zero():
+    model, params, x, y = _setup()
+    weight = torch.ones(20, dtype=F64)
+    weight[5:10] = 0
+    result = fnmlp.fit(model, params, x, y, epochs=2, batch_size=5, optimizer=fnmlp.sgd(0.1),
+                       sample_weight=weight)
+    expected = fnmlp.fit(model, params, torch.cat([x[:5], x[10:]]), torch.cat([y[:5], y[10:]]),
+                         epochs=2, batch_size=5, optimizer=fnmlp.sgd(0.1),
+                         sample_weight=torch.ones(15, dtype=F64))
+    assert result.history.train_loss == expected.history.train_loss
+    assert int(result.opt_state.step) == 6
+
+
+def test_classifier_heads_are_found_past_a_trailing_dropout():
+    model = fnmlp.MLP(3, [fnmlp.Dense(1, "sigmoid", dropout=0.2)])
+    params = model.init(torch.Generator().manual_seed(0), dtype=F64)
+    x = torch.randn(50, 3, generator=torch.Generator().manual_seed(1), dtype=F64) * 3
+    positive = model.apply(params, x)
+    torch.testing.assert_close(model.predict_proba(params, x)[:, 1:], positive)
+    assert torch.equal(model.predict_classes(params, x), (positive[:, 0] > 0.5).long())
+    dropped = model.apply(params, x, train=True)  # no key: no dropout, as documented
+    assert torch.equal(dropped, positive)
+
+
+def test_a_state_of_another_dtype_names_the_parameters():
+    model = fnmlp.MLP(3, [fnmlp.Linear(4), fnmlp.BatchNorm(), fnmlp.Linear(2)])
+    params = model.init(dtype=F64)
+    with pytest.raises(ValueError, match=r"state\[1\].running_mean is torch.float32 on cpu but "
+                                         r"the parameters are torch.float64"):
+        model.value_and_grad(params, torch.zeros(4, 3, dtype=F64), torch.zeros(4, 2, dtype=F64),
+                             state=model.init_state())

@@ -40,7 +40,8 @@ def test_optimizers_round_trip_through_torch(optimizer):
 
 
 @pytest.mark.parametrize("loss", [
-    fnmlp.MSE("sum"), fnmlp.L1(), fnmlp.Huber(delta=0.3), fnmlp.SmoothL1("none", beta=0.2),
+    fnmlp.MSE("sum"), fnmlp.L1(), fnmlp.Huber(delta=0.3), fnmlp.SmoothL1("sum", beta=0.2),
+    fnmlp.CrossEntropy("none"),
     fnmlp.CrossEntropy(label_smoothing=0.1, weight=(1.0, 0.5), ignore_index=4),
     fnmlp.BinaryCrossEntropyWithLogits("sum", weight=(0.5, 2.0), pos_weight=(3.0, 1.0))],
     ids=repr)
@@ -85,6 +86,20 @@ def test_schedulers_and_losses_fnmlp_cannot_express_are_named():
         loss_from_torch(nn.BCEWithLogitsLoss(pos_weight=torch.ones(2, 3)))
     with pytest.raises(TypeError, match="NLLLoss has no fnmlp counterpart"):
         loss_from_torch(nn.NLLLoss())
+    with pytest.raises(ValueError, match="per-element losses; fnmlp's 'none' is per row"):
+        loss_from_torch(nn.MSELoss(reduction="none"))
+    with pytest.raises(ValueError, match="fnmlp's 'none' gives per-row losses"):
+        loss_to_torch(fnmlp.L1("none"))
+
+
+def test_constant_lr_with_a_lasting_factor_converts_to_the_scaled_rate():
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=0.5, total_iters=0)
+    assert optimizer_from_torch(optimizer, scheduler) == fnmlp.sgd(S.constant(0.05))
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1)
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=0.5, total_iters=3)
+    with pytest.raises(ValueError, match="ConstantLR with factor != 1 for a number of steps"):
+        optimizer_from_torch(optimizer, scheduler)
 
 
 def test_the_twin_trains_a_scheduled_clipped_optimizer_like_fnmlp():

@@ -12,7 +12,7 @@ from helpers import leaves, relative
 
 ACTIVATIONS = ["identity", "relu", "leaky_relu", "elu", "gelu", "gelu_tanh", "silu", "softplus",
                "sigmoid", "tanh", "softmax", "log_softmax"]
-SETTINGS = settings(max_examples=40, deadline=None,
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,  # the same cases in CI
                     suppress_health_check=[HealthCheck.too_slow])
 
 
@@ -60,10 +60,14 @@ def _data(model, rows, dtype, seed):
 def test_random_networks_step_like_their_twins_and_change_no_input(network, optimizer, seed,
                                                                    weighted):
     model, rows, dtype = network
-    # The bias just before a BatchNorm has a gradient of exactly 0 in exact arithmetic, pure
-    # rounding here; adaptive optimizers scale it to a full step (±lr), so the last bits of
-    # the two runs' rounding would show. SGD keeps it at the rounding level.
-    assume(not (model.has_state and not isinstance(optimizer, fnmlp.optim.SGD)))
+    # The bias just before a BatchNorm, and everything before a LayerNorm of one feature, has a
+    # gradient of exactly 0 in exact arithmetic, pure rounding here; adaptive optimizers scale
+    # it to a full step (±lr), so the last bits of the two runs' rounding would show. SGD keeps
+    # it at the rounding level.
+    degenerate = model.has_state or any(
+        isinstance(layer, fnmlp.LayerNorm) and width == 1
+        for layer, width in zip(model.layers, model.widths))
+    assume(not (degenerate and not isinstance(optimizer, fnmlp.optim.SGD)))
     params = model.init(torch.Generator().manual_seed(seed), dtype=dtype)
     state = model.init_state(dtype=dtype)
     x, y = _data(model, rows, dtype, seed)

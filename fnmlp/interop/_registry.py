@@ -213,6 +213,7 @@ def _tuple_option(module: nn.Module, name: str) -> tuple[float, ...] | None:
 
 
 _TORCH_IGNORE_INDEX = -100  # nn.CrossEntropyLoss's default: fnmlp's ignore_index=None
+_PER_ELEMENT = (MSE, L1, Huber, SmoothL1, BinaryCrossEntropyWithLogits)  # "none" differs
 
 _LOSSES: dict[type, tuple[type, Callable, Callable]] = {
     MSE: (nn.MSELoss, lambda loss, factory: {}, lambda module: {}),
@@ -247,6 +248,9 @@ def loss_to_torch(loss: Loss, reduction: str | None = None, *, dtype=None,
     """The ``torch.nn`` loss computing ``loss`` (with another ``reduction`` if given); class
     or column weights become tensors of ``dtype`` on ``device``."""
     module, to_args, _ = _LOSSES[type(loss)]
+    if reduction is None and loss.reduction == "none" and type(loss) in _PER_ELEMENT:
+        raise ValueError(f"{loss!r}: fnmlp's 'none' gives per-row losses, torch's per-element "
+                         "ones; pass reduction='none' explicitly for torch's")
     factory = {"dtype": dtype or torch.float32, "device": device}
     return module(reduction=reduction or loss.reduction, **to_args(loss, factory))
 
@@ -255,6 +259,9 @@ def loss_from_torch(module: nn.Module) -> Loss:
     """The fnmlp loss computing the ``torch.nn`` loss ``module``."""
     for loss_type, (module_type, _, from_args) in _LOSSES.items():
         if type(module) is module_type:
+            if module.reduction == "none" and loss_type in _PER_ELEMENT:
+                raise ValueError(f"nn.{module_type.__name__}(reduction='none') gives "
+                                 "per-element losses; fnmlp's 'none' is per row")
             return loss_type(module.reduction, **from_args(module))
     raise TypeError(f"nn.{type(module).__name__} has no fnmlp counterpart; supported: "
                     + ", ".join(f"nn.{m.__name__}" for m, _, _ in _LOSSES.values()))
@@ -340,8 +347,11 @@ _SCHEDULES: dict[type, _ScheduleRule] = {
 
 
 def _constant_from_torch(scheduler, base: float) -> sched.Constant:
-    if scheduler.factor != 1.0 and scheduler.total_iters != 0:
-        raise ValueError("ConstantLR with factor != 1 has no fnmlp counterpart")
+    if scheduler.total_iters == 0:  # the factor applies for ever
+        return sched.Constant(base * scheduler.factor)
+    if scheduler.factor != 1.0:
+        raise ValueError("ConstantLR with factor != 1 for a number of steps has no fnmlp "
+                         "counterpart")
     return sched.Constant(base)
 
 

@@ -113,6 +113,11 @@ class TorchTwin:
         """One training step (autograd, clipping, ``optimizer.step``, ``scheduler.step``);
         returns the loss (a detached 0-d tensor). ``sample_weight``: (m,) row weights, the
         loss being their weighted mean (or sum) of the per-row losses."""
+        if sample_weight is not None and bool((sample_weight == 0).any()) and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.module.modules()):
+            raise ValueError("rows of weight 0 take no part in fnmlp's batch statistics, but "
+                             "nn.BatchNorm1d has no row weights: the twin cannot follow; drop "
+                             "those rows instead")
         self.module.train()
         set_dropout_key(self.module, key)
         self.optimizer.zero_grad()

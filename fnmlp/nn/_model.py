@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fnmlp import _validate
 from fnmlp._tree import flatten, tree_map
-from fnmlp.nn._activations import Activation, get_activation
+from fnmlp.nn._activations import Activation, Identity, get_activation
 from fnmlp.nn._dropout import Dropout
 from fnmlp.nn._init import get_initializer
 from fnmlp.nn._linear import Linear
@@ -128,6 +128,8 @@ class MLP:
         # derived from the fields, cached (not fields: equality and hashing ignore them)
         object.__setattr__(self, "_widths", tuple(widths))
         object.__setattr__(self, "_has_dropout", any(layer.uses_key for layer in sequence))
+        object.__setattr__(self, "_min_training_rows",
+                           max(layer.min_training_rows for layer in sequence))
 
     @property
     def widths(self) -> list[int]:
@@ -227,6 +229,21 @@ class MLP:
                 loss.check_target_values(y, self.out_features, y_name)
         return x, y
 
+    def check_training_rows(self, rows: int, weight: Tensor | None = None,
+                            where: str = "") -> None:
+        """Raise unless a training batch of ``rows`` rows (``weight``: their weights) has the
+        rows of non-zero weight a primitive needs (``BatchNorm``: 2, for a variance); a batch
+        where every row weighs 0 is skipped by ``fit``, and passes."""
+        need = self._min_training_rows
+        if need <= 1:
+            return
+        counted = rows if weight is None else int((weight != 0).sum())
+        if counted < need and not (weight is not None and counted == 0):
+            layer = next(type(layer).__name__ for layer in self.layers
+                         if layer.min_training_rows == need)
+            raise ValueError(f"{layer} needs at least {need} rows of non-zero weight per "
+                             f"training batch, got {counted}{where}")
+
     def check_key(self, key, device: torch.device | None = None) -> Tensor | None:
         """The dropout key to train with, on ``device``: required when a layer has dropout;
         None without."""
@@ -273,7 +290,11 @@ class MLP:
             state = self.init_state(dtype=like.dtype, device=like.device)
         else:
             state = self._state_for(state, like)
-        context = Context(train=True, key=self.check_key(key, x.device)) if train else EVAL
+        if train:  # dropout only with a key, as the docstring says
+            key = None if key is None else self.check_key(key, x.device)
+            context = Context(train=True, key=key)
+        else:
+            context = EVAL
         with torch.no_grad():
             return forward(self, params, x, state, context)[0]
 
@@ -300,6 +321,7 @@ class MLP:
         like = _first_leaf(params)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
         model_state = self._state_for(state, like)
+        self.check_training_rows(x.shape[0], weight)
         key = self.check_key(key, x.device)
         with torch.no_grad():
             value, grads, new_state = value_and_grad(self, params, x, y, loss, model_state,
@@ -326,7 +348,8 @@ class MLP:
         is (m, 2), columns P(class 0) and P(class 1), as scikit-learn's ``predict_proba``.
         """
         out = self.apply(params, x, state=state)
-        last = getattr(self.layers[-1], "name", None)
+        last = next((getattr(layer, "name", None) for layer in reversed(self.layers)
+                     if not isinstance(layer, (Dropout, Identity))), None)  # past dropout
         if self.out_features == 1:
             positive = out if last == "sigmoid" else torch.sigmoid(out)
             return torch.cat([1 - positive, positive], dim=1)
@@ -441,8 +464,9 @@ def _check_tree(tree, name: str, model: MLP, like: Tensor | None = None) -> Tens
                              f"{tuple(expected.shape)}")
         dtype = first.dtype if expected.is_floating_point() else expected.dtype
         if leaf.dtype != dtype or leaf.device != first.device:
-            raise ValueError(f"{path} is {leaf.dtype} on {leaf.device} but {paths[0]} is "
-                             f"{first.dtype} on {first.device}; all parameters must match")
+            reference = "the parameters are" if like is not None else f"{paths[0]} is"
+            raise ValueError(f"{path} is {leaf.dtype} on {leaf.device} but {reference} "
+                             f"{first.dtype} on {first.device}; all must match")
     if not first.dtype.is_floating_point:
         raise TypeError(f"parameters must be floating point, got {first.dtype}")
     return first

@@ -110,6 +110,7 @@ class BatchNorm(Primitive):
     eps: float = 1e-5
     affine: bool = True
     track_running_stats: bool = True
+    min_training_rows = 2  # batch statistics: a variance needs two rows
 
     def __post_init__(self):
         _check_eps(self.eps)
@@ -141,7 +142,7 @@ class BatchNorm(Primitive):
         if context.row_weight is None:
             count = x.shape[0]
             if context.train and count < 2:
-                raise ValueError("BatchNorm needs more than 1 row per batch in training, got 1")
+                raise ValueError("BatchNorm needs at least 2 rows per batch in training, got 1")
             var, mean = torch.var_mean(x, dim=0, correction=0)
         else:
             mask = (context.row_weight != 0).to(x.dtype).unsqueeze(1)

@@ -45,10 +45,12 @@ class Primitive:
     """Base class of the building blocks; subclasses are frozen dataclasses (hashable specs).
 
     Defaults describe a parameterless, stateless, width-preserving primitive; override what
-    differs. ``uses_key`` marks primitives that draw randomness from ``Context.key``.
+    differs. ``uses_key`` marks primitives that draw randomness from ``Context.key``;
+    ``min_training_rows`` is how many rows of non-zero weight a training batch needs.
     """
 
     uses_key: ClassVar[bool] = False
+    min_training_rows: ClassVar[int] = 1
 
     def out_features(self, n_in: int) -> int:
         """The output width for an input width ``n_in``."""

@@ -68,7 +68,8 @@ def fit(
             smaller).
         optimizer: an fnmlp optimizer; ``opt_state`` continues from an earlier result.
         loss: an fnmlp loss (default ``fnmlp.mse``).
-        sample_weight: (n,) non-negative row weights; each batch's loss is their weighted mean.
+        sample_weight: (n,) non-negative row weights; each batch's loss is their weighted mean
+            (a batch whose rows all weigh 0 is skipped).
         valid: ``(x_valid, y_valid)``: adds an evaluation-mode loss per epoch.
         shuffle: draw a permutation per epoch from ``generator`` (else batches in order).
         generator: the source of the shuffles and dropout keys.
@@ -102,10 +103,12 @@ def fit(
         state = model.init_state(dtype=like.dtype, device=like.device)
     else:
         model.check_state(state, like)
-    if model.has_state and x.shape[0] % batch_size == 1:
-        raise ValueError(f"with {x.shape[0]} rows and batch_size {batch_size} the last batch "
-                         "has 1 row, and BatchNorm needs more than 1 row per batch in training; "
-                         "choose another batch_size")
+    for start in range(0, x.shape[0], batch_size):  # every batch, before any work
+        model.check_training_rows(
+            min(batch_size, x.shape[0] - start),
+            None if weight is None or shuffle else weight[start:start + batch_size],
+            f" (batch {start // batch_size} of {x.shape[0]} rows in batches of {batch_size}; "
+            "choose another batch_size)")
     if (shuffle or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
@@ -134,12 +137,19 @@ def fit(
                 for batch, start in enumerate(range(0, n, batch_size)):
                     rows = slice(start, start + batch_size) if order is None else \
                         order[start:start + batch_size]
+                    batch_weight = None if weight is None else weight[rows]
+                    if batch_weight is not None:
+                        if not bool(batch_weight.any()):
+                            continue  # every row weighs 0: nothing to learn, no step
+                        if shuffle:  # a shuffled batch's weights are known only now
+                            model.check_training_rows(len(batch_weight), batch_weight,
+                                                      f" (epoch {epoch}, batch {batch})")
                     key = None
                     if dropout_seed is not None:
                         key = make_key(dropout_seed, steps_done, device=x.device)
                     new_params, new_opt_state, value, new_state = step.run(
-                        params, opt_state, state, x[rows], y[rows],
-                        weight=None if weight is None else weight[rows], key=key, pad_to=pad_to)
+                        params, opt_state, state, x[rows], y[rows], weight=batch_weight,
+                        key=key, pad_to=pad_to)
                     steps_done += 1
                     value = value.item()
                     if not math.isfinite(value):
@@ -154,7 +164,8 @@ def fit(
                     previous = (params, opt_state, state)
                     params, opt_state, state = new_params, new_opt_state, new_state
                     batch_losses.append(value)
-                history.train_loss.append(sum(batch_losses) / len(batch_losses))
+                history.train_loss.append(sum(batch_losses) / len(batch_losses)
+                                          if batch_losses else math.nan)
                 if valid is not None:
                     prediction = forward(model, params, x_valid, state, EVAL)[0]
                     history.valid_loss.append(loss(prediction, y_valid).item())

@@ -96,6 +96,7 @@ class TrainStep:
             if state is not None:
                 self.model.check_state(state, like)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
+        self.model.check_training_rows(x.shape[0], weight)  # a compiled graph cannot raise
         key = self.model.check_key(key, x.device)
         params, opt_state, value, new_state = self.run(params, opt_state, model_state, x, y,
                                                        weight=weight, key=key)
