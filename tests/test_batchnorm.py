@@ -155,7 +155,7 @@ def test_state_errors_are_clear():
         model.value_and_grad(params, x, y)
     with pytest.raises(ValueError, match="keeps running statistics"):
         model.apply(params, x)  # evaluation needs the running statistics
-    with pytest.raises(ValueError, match="got 1 \(batch 2 of 9 rows in batches of 4"):
+    with pytest.raises(ValueError, match=r"got 1 \(batch 2 of 9 rows in batches of 4"):
         fnmlp.fit(model, params, x[:9], y[:9], epochs=1, batch_size=4, optimizer=fnmlp.sgd(0.1))
     with pytest.raises(ValueError, match=r"state\[1\].running_mean has shape"):
         wrong = fnmlp.MLP(5, [fnmlp.Linear(7), fnmlp.BatchNorm(), "relu", fnmlp.Linear(6),
