@@ -12,7 +12,8 @@ Layers of the design, one subpackage each: ``fnmlp.nn`` (primitives, losses, the
 
 from fnmlp import interop, metrics, nn, optim, train, workloads
 from fnmlp._tree import pytree_dataclass
-from fnmlp.interop import TorchTwin, from_torch, set_dropout_key, to_torch
+from fnmlp.interop import (Checkpoint, CheckpointError, TorchTwin, from_torch, load, save,
+                           set_dropout_key, to_torch)
 from fnmlp.nn import (ELU, GELU, L1, MLP, MSE, BatchNorm, BinaryCrossEntropyWithLogits,
                       CrossEntropy, Dense, Dropout, Huber, Identity, LayerNorm, LeakyReLU, Linear,
                       LinearParams, LogSoftmax, NormParams, BatchNormState, Primitive, ReLU,
@@ -39,8 +40,9 @@ __all__ = [
     # training
     "train_step", "TrainStep", "fit", "FitResult", "History", "CompileVerificationError",
     "NonFiniteLossError",
-    # interop and the rest
-    "to_torch", "from_torch", "TorchTwin", "set_dropout_key", "metrics", "workloads",
+    # interop, checkpoints and the rest
+    "to_torch", "from_torch", "TorchTwin", "set_dropout_key", "save", "load", "Checkpoint",
+    "CheckpointError", "metrics", "workloads",
     "nn", "optim", "train", "interop",
 ]
 __version__ = "0.2.0"

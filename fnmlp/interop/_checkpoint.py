@@ -1,0 +1,182 @@
+"""Checkpoints: one file with the spec, the parameter/state/optimizer trees and metadata.
+
+The file is what ``torch.save`` writes for a dict of plain data and tensors: a JSON header
+(format version, the spec and optimizer as plain data, the trees' structure, dtype and device,
+fnmlp and torch versions, the user's metadata, a SHA-256 checksum) and the tensors by name. It is
+read with ``torch.load(weights_only=True)``, whose unpickler builds only tensors and plain
+containers, so loading never runs code from the file (safetensors would do as well, but is one
+more dependency for the same guarantee). Writing is atomic: a temporary file in the same folder,
+flushed, fsynced, then renamed over the target, so a writer killed midway leaves the previous
+checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+
+import torch
+from torch import Tensor
+
+from fnmlp.interop import _spec
+from fnmlp.nn._model import MLP
+
+FORMAT = "fnmlp-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A file that is not a readable fnmlp checkpoint (truncated, corrupted, foreign, newer)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """What ``fnmlp.load`` returns: ``model``, ``params``, ``state`` (a tuple of ``()`` for a
+    stateless model), ``opt_state`` and ``optimizer`` (None if not saved) and ``metadata``."""
+
+    model: MLP
+    params: tuple
+    state: tuple
+    opt_state: object = None
+    optimizer: object = None
+    metadata: dict = dataclasses.field(default_factory=dict)
+
+
+def save(path, model: MLP, params, *, state=None, opt_state=None, optimizer=None,
+         metadata: dict | None = None) -> None:
+    """Write a checkpoint to ``path`` atomically (the previous file stays intact until the new
+    one is complete on disk).
+
+    Arguments:
+        path: the file to write (its folder must exist).
+        model, params: the network and its parameters (checked against each other).
+        state: the model's state (``BatchNorm``); default the initial one.
+        opt_state, optimizer: the optimizer's state and the optimizer itself (its spec), to
+            continue training.
+        metadata: plain data (JSON: dicts with string keys, lists, strings, numbers, booleans,
+            None) stored with it.
+    """
+    like = model.check_params(params)
+    if state is None:
+        state = model.init_state(dtype=like.dtype, device=like.device)
+    model.check_state(state, like)
+    if opt_state is not None and optimizer is not None:
+        optimizer.check(params, None, opt_state)
+    try:
+        json.dumps(metadata or {})
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"metadata must be plain JSON data: {error}") from None
+    tensors: dict[str, Tensor] = {}
+    header = {
+        "format": FORMAT, "version": VERSION,
+        "model": _spec.encode_spec(model),
+        "optimizer": None if optimizer is None else _spec.encode_spec(optimizer),
+        "trees": {name: _spec.encode_tree(tree, tensors)
+                  for name, tree in (("params", params), ("state", state),
+                                     ("opt_state", opt_state))},
+        "dtype": str(like.dtype), "device": str(like.device),
+        "versions": {"fnmlp": _fnmlp_version(), "torch": torch.__version__},
+        "metadata": metadata or {},
+    }
+    tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
+    header["checksum"] = _checksum(header, tensors)
+    _write_atomically(os.fspath(path), {"header": json.dumps(header), "tensors": tensors})
+
+
+def load(path, *, map_location=None) -> Checkpoint:
+    """Read a checkpoint written by ``save``, verifying its checksum.
+
+    Arguments:
+        path: the file.
+        map_location: where to put the tensors (a device or device name; default: where they
+            were saved), as ``torch.load``'s.
+
+    Raises ``CheckpointError`` naming the path and the problem for a missing, truncated,
+    corrupted, foreign or newer-format file; nothing in the file is executed.
+    """
+    path = os.fspath(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except Exception as error:  # the safe unpickler's refusal, a broken zip, ...
+        raise CheckpointError(f"{path}: not a readable fnmlp checkpoint "
+                              f"({type(error).__name__}: {str(error)[:200]})") from None
+    try:
+        header = json.loads(payload["header"])
+        tensors = payload["tensors"]
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise KeyError("format")
+    except (TypeError, KeyError, ValueError):
+        raise CheckpointError(f"{path}: not an fnmlp checkpoint") from None
+    if header.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path}: written in checkpoint format {header['version']} by a "
+                              f"newer fnmlp; this one reads format {VERSION} and older: upgrade "
+                              "fnmlp")
+    expected = header.pop("checksum", None)
+    if expected != _checksum(header, tensors):
+        raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted")
+    try:
+        model = _spec.decode_spec(header["model"])
+        optimizer = (None if header["optimizer"] is None
+                     else _spec.decode_spec(header["optimizer"]))
+        target = map_location if map_location is not None else header["device"]
+        try:
+            tensors = {name: t.to(target) for name, t in tensors.items()}
+        except (RuntimeError, AssertionError) as error:
+            raise CheckpointError(f"{path}: saved on {header['device']}, which this machine "
+                                  f"cannot use ({error}); pass map_location='cpu'") from None
+        trees = {name: _spec.decode_tree(data, tensors) for name, data in header["trees"].items()}
+    except _spec.SpecError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    like = model.check_params(trees["params"])
+    model.check_state(trees["state"], like)
+    return Checkpoint(model=model, params=trees["params"], state=trees["state"],
+                      opt_state=trees["opt_state"], optimizer=optimizer,
+                      metadata=header["metadata"])
+
+
+def _checksum(header: dict, tensors: dict[str, Tensor]) -> str:
+    """SHA-256 over the header (without its checksum) and every tensor's name, dtype, shape and
+    bytes."""
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    for name in sorted(tensors):
+        tensor = tensors[name]
+        if not isinstance(tensor, Tensor):
+            return "not a tensor"
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        data = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def _write_atomically(path: str, payload: dict) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    handle, temporary = tempfile.mkstemp(prefix=".fnmlp-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            torch.save(payload, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    try:  # the rename itself, on disk
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError:  # pragma: no cover - file systems without directory fsync
+        pass
+
+
+def _fnmlp_version() -> str:
+    import fnmlp
+
+    return fnmlp.__version__

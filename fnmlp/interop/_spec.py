@@ -1,0 +1,130 @@
+"""Specs and pytrees as plain data (JSON-able dicts and lists), and back, for checkpoints.
+
+Only known classes are rebuilt: fnmlp's primitives, optimizers and schedules by name, and
+pytree dataclasses registered with ``fnmlp.pytree_dataclass``; nothing is imported or called by
+name from the data, so reading a spec runs no code from it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+
+from torch import Tensor
+
+from fnmlp import _tree
+from fnmlp.nn import _activations, _dropout, _linear, _norm
+from fnmlp.nn._model import MLP
+from fnmlp.optim import _optimizers, schedules
+
+_SPEC_CLASSES: dict[str, type] = {
+    cls.__name__: cls for cls in (
+        _linear.Linear, _norm.LayerNorm, _norm.BatchNorm, _dropout.Dropout,
+        _activations.Identity, _activations.ReLU, _activations.Sigmoid, _activations.Tanh,
+        _activations.Softmax, _activations.LeakyReLU, _activations.ELU, _activations.GELU,
+        _activations.SiLU, _activations.Softplus, _activations.LogSoftmax,
+        _optimizers.SGD, _optimizers.Adam, _optimizers.RMSprop, _optimizers.Adagrad,
+        _optimizers.ClipByGlobalNorm, schedules.Constant, schedules.StepDecay,
+        schedules.Exponential, schedules.Cosine, schedules.LinearWarmup)}
+
+
+class SpecError(ValueError):
+    """Plain data that does not describe an fnmlp spec or tree."""
+
+
+def encode_spec(value):
+    """A JSON-able description of a spec: an ``MLP``, a primitive, an optimizer or schedule."""
+    if isinstance(value, MLP):
+        return {"kind": "MLP", "in_features": value.in_features,
+                "layers": [encode_spec(layer) for layer in value.layers]}
+    if dataclasses.is_dataclass(value) and type(value).__name__ in _SPEC_CLASSES:
+        return {"kind": type(value).__name__,
+                "options": {f.name: _encode_option(getattr(value, f.name))
+                            for f in dataclasses.fields(value)}}
+    raise TypeError(f"{type(value).__name__} cannot be saved as a spec")
+
+
+def _encode_option(value):
+    if isinstance(value, Tensor):
+        return float(value)
+    if isinstance(value, tuple):
+        return {"tuple": [_encode_option(v) for v in value]}
+    if value is None or isinstance(value, (bool, str)) or isinstance(value, numbers.Real):
+        return value
+    return encode_spec(value)
+
+
+def decode_spec(data):
+    """The spec ``encode_spec`` described."""
+    if not isinstance(data, dict) or "kind" not in data:
+        raise SpecError(f"not a spec: {data!r}")
+    if data["kind"] == "MLP":
+        return MLP(data["in_features"], [decode_spec(layer) for layer in data["layers"]])
+    cls = _SPEC_CLASSES.get(data["kind"])
+    if cls is None:
+        raise SpecError(f"unknown kind {data['kind']!r}")
+    options = {name: _decode_option(value) for name, value in data.get("options", {}).items()}
+    try:
+        return cls(**options)
+    except (TypeError, ValueError) as error:
+        raise SpecError(f"bad options for {data['kind']}: {error}") from None
+
+
+def _decode_option(value):
+    if isinstance(value, dict):
+        if "tuple" in value:
+            return tuple(_decode_option(v) for v in value["tuple"])
+        return decode_spec(value)
+    return value
+
+
+def encode_tree(tree, tensors: dict[str, Tensor]):
+    """A JSON-able description of a pytree; its tensors are added to ``tensors`` by name."""
+    if isinstance(tree, Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = tree.detach()
+        return {"tensor": name}
+    if tree is None:
+        return None
+    if isinstance(tree, (tuple, list)):
+        return {"tuple" if isinstance(tree, tuple) else "list":
+                [encode_tree(child, tensors) for child in tree]}
+    if isinstance(tree, dict) and all(isinstance(key, str) for key in tree):
+        return {"dict": {key: encode_tree(child, tensors) for key, child in tree.items()}}
+    fields = _tree._DATACLASS_FIELDS.get(type(tree))
+    if fields is not None:
+        return {"dataclass": _qualified(type(tree)),
+                "fields": {name: encode_tree(getattr(tree, name), tensors) for name in fields}}
+    raise TypeError(f"a {type(tree).__name__} cannot be saved: trees hold tensors, tuples, "
+                    "lists, dicts with string keys and fnmlp.pytree_dataclass instances")
+
+
+def decode_tree(data, tensors: dict[str, Tensor]):
+    """The pytree ``encode_tree`` described, with its tensors taken from ``tensors``."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or len(data) not in (1, 2):
+        raise SpecError(f"not a tree: {data!r}")
+    if "tensor" in data:
+        if data["tensor"] not in tensors:
+            raise SpecError(f"tensor {data['tensor']!r} is missing")
+        return tensors[data["tensor"]]
+    if "tuple" in data:
+        return tuple(decode_tree(child, tensors) for child in data["tuple"])
+    if "list" in data:
+        return [decode_tree(child, tensors) for child in data["list"]]
+    if "dict" in data:
+        return {key: decode_tree(child, tensors) for key, child in data["dict"].items()}
+    if "dataclass" in data:
+        classes = {_qualified(cls): cls for cls in _tree._DATACLASS_FIELDS}
+        cls = classes.get(data["dataclass"])
+        if cls is None:
+            raise SpecError(f"unknown pytree dataclass {data['dataclass']!r} (register it with "
+                            "fnmlp.pytree_dataclass before loading)")
+        return cls(**{name: decode_tree(child, tensors) for name, child in
+                      data["fields"].items()})
+    raise SpecError(f"not a tree: {data!r}")
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
