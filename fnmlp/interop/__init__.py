@@ -8,5 +8,6 @@ from fnmlp.interop._registry import (ModuleRule, SharedMaskDropout, TorchOptimiz
 from fnmlp.interop._torch import TorchTwin, from_torch, set_dropout_key, to_torch
 
 __all__ = ["save", "load", "Checkpoint", "CheckpointError", "to_torch", "from_torch",
-           "TorchTwin", "SharedMaskDropout", "set_dropout_key", "loss_to_torch", "loss_from_torch", "optimizer_to_torch", "optimizer_from_torch",
-           "TorchOptimizer", "ModuleRule", "register_module", "supported_modules"]
+           "TorchTwin", "SharedMaskDropout", "set_dropout_key", "loss_to_torch",
+           "loss_from_torch", "optimizer_to_torch", "optimizer_from_torch", "TorchOptimizer",
+           "ModuleRule", "register_module", "supported_modules"]
