@@ -146,6 +146,11 @@ class MLP:
         return self._has_dropout
 
     @property
+    def has_batch_statistics(self) -> bool:
+        """Whether a primitive needs several rows per training batch (``BatchNorm``)."""
+        return self._min_training_rows > 1
+
+    @property
     def has_state(self) -> bool:
         """Whether a primitive keeps state (``BatchNorm``'s running statistics)."""
         has_state = self.__dict__.get("_has_state")

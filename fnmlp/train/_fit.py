@@ -103,8 +103,8 @@ def fit(
         state = model.init_state(dtype=like.dtype, device=like.device)
     else:
         model.check_state(state, like)
-    for start in range(0, x.shape[0], batch_size):  # every batch, before any work
-        model.check_training_rows(
+    for start in range(0, x.shape[0] if model.has_batch_statistics else 0, batch_size):
+        model.check_training_rows(  # every batch, before any work
             min(batch_size, x.shape[0] - start),
             None if weight is None or shuffle else weight[start:start + batch_size],
             f" (batch {start // batch_size} of {x.shape[0]} rows in batches of {batch_size}; "
