@@ -35,7 +35,8 @@ class CheckpointError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """What ``fnmlp.load`` returns: ``model``, ``params``, ``state`` (a tuple of ``()`` for a
-    stateless model), ``opt_state`` and ``optimizer`` (None if not saved) and ``metadata``."""
+    stateless model), ``opt_state`` and ``optimizer`` (None if not saved), ``metadata`` and the
+    ``extra`` trees (a fit's generator state and best parameters)."""
 
     model: MLP
     params: tuple
@@ -43,10 +44,11 @@ class Checkpoint:
     opt_state: object = None
     optimizer: object = None
     metadata: dict = dataclasses.field(default_factory=dict)
+    extra: dict = dataclasses.field(default_factory=dict)
 
 
 def save(path, model: MLP, params, *, state=None, opt_state=None, optimizer=None,
-         metadata: dict | None = None) -> None:
+         metadata: dict | None = None, extra: dict | None = None) -> None:
     """Write a checkpoint to ``path`` atomically (the previous file stays intact until the new
     one is complete on disk).
 
@@ -58,6 +60,7 @@ def save(path, model: MLP, params, *, state=None, opt_state=None, optimizer=None
             continue training.
         metadata: plain data (JSON: dicts with string keys, lists, strings, numbers, booleans,
             None) stored with it.
+        extra: more trees of tensors by name (``fit`` keeps its generator state here).
     """
     like = model.check_params(params)
     if state is None:
@@ -77,6 +80,8 @@ def save(path, model: MLP, params, *, state=None, opt_state=None, optimizer=None
         "trees": {name: _spec.encode_tree(tree, tensors)
                   for name, tree in (("params", params), ("state", state),
                                      ("opt_state", opt_state))},
+        "extra": {str(name): _spec.encode_tree(tree, tensors)
+                  for name, tree in (extra or {}).items()},
         "dtype": str(like.dtype), "device": str(like.device),
         "versions": {"fnmlp": _fnmlp_version(), "torch": torch.__version__},
         "metadata": metadata or {},
@@ -130,13 +135,15 @@ def load(path, *, map_location=None) -> Checkpoint:
             raise CheckpointError(f"{path}: saved on {header['device']}, which this machine "
                                   f"cannot use ({error}); pass map_location='cpu'") from None
         trees = {name: _spec.decode_tree(data, tensors) for name, data in header["trees"].items()}
+        extra = {name: _spec.decode_tree(data, tensors)
+                 for name, data in header.get("extra", {}).items()}
     except _spec.SpecError as error:
         raise CheckpointError(f"{path}: {error}") from None
     like = model.check_params(trees["params"])
     model.check_state(trees["state"], like)
     return Checkpoint(model=model, params=trees["params"], state=trees["state"],
                       opt_state=trees["opt_state"], optimizer=optimizer,
-                      metadata=header["metadata"])
+                      metadata=header["metadata"], extra=extra)
 
 
 def _checksum(header: dict, tensors: dict[str, Tensor]) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import sys
 
 import torch
 
@@ -14,7 +16,8 @@ from fnmlp.nn._losses import Loss, mse
 from fnmlp.nn._model import MLP, Params, State, _check_loss, _first_leaf, forward
 from fnmlp.nn._primitive import EVAL
 from fnmlp.train._errors import NonFiniteLossError
-from fnmlp.train._step import train_step
+from fnmlp.train._run import Run, restore_run, save_run
+from fnmlp.train._step import TrainStep, train_step
 
 
 @dataclasses.dataclass
@@ -57,6 +60,14 @@ def fit(
     compile: bool = False,
     compiler: str = "auto",
     verify: bool = False,
+    checkpoint=None,
+    checkpoint_every: int = 1,
+    resume: bool = False,
+    patience: int | None = None,
+    min_delta: float = 0.0,
+    restore_best: bool = False,
+    on_epoch_end=None,
+    progress: bool | None = None,
 ) -> FitResult:
     """Train ``params`` for ``epochs`` passes over (x, y) in minibatches of ``batch_size``.
 
@@ -79,12 +90,25 @@ def fit(
             the short last one padded with rows of weight 0); ``compiler`` chooses how
             ("auto", "inductor" or "dynamo"); ``verify`` checks its first step against the
             eager step.
+        checkpoint: a file to checkpoint the fit to (``fnmlp.save``'s format) every
+            ``checkpoint_every`` epochs and at the end; with ``resume=True`` and the file
+            present, the fit continues from it (``params``, ``opt_state`` and ``state`` passed
+            in are then ignored) and ends bit-identical to an uninterrupted fit.
+        patience, min_delta: stop after ``patience`` epochs without the validation loss
+            improving by more than ``min_delta`` (needs ``valid``).
+        restore_best: return the parameters and state of the best validation loss.
+        on_epoch_end: ``f(epoch, logs) -> stop?``, ``logs`` a dict with ``train_loss`` (and
+            ``valid_loss``); a true result stops the fit.
+        progress: a progress bar over the epochs (tqdm); default: when stderr is a terminal.
 
-    Returns a ``FitResult``; a loss that turns NaN or inf raises ``NonFiniteLossError``.
+    Returns a ``FitResult``; a loss that turns NaN or inf raises ``NonFiniteLossError`` (after
+    checkpointing the last finite parameters, when checkpointing).
     """
     _check_loss(loss)
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")
+    _check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
+                       on_epoch_end, progress, valid)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     step = train_step(model, loss, optimizer, compile=compile, verify=verify, compiler=compiler)
@@ -97,8 +121,7 @@ def fit(
     if valid is not None:
         if not (isinstance(valid, (tuple, list)) and len(valid) == 2):
             raise TypeError("valid must be a pair (x_valid, y_valid)")
-        x_valid, y_valid = model.check_data(params, *valid, loss=loss,
-                                            names=("x_valid", "y_valid"))
+        valid = model.check_data(params, *valid, loss=loss, names=("x_valid", "y_valid"))
     if state is None:
         state = model.init_state(dtype=like.dtype, device=like.device)
     else:
@@ -112,71 +135,154 @@ def fit(
     if (shuffle or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
-    dropout_seed = None
-    if model.has_dropout:
-        dropout_seed = int(torch.randint(0, 2**32, (), generator=generator,
-                                         device=generator.device))
-
-    with torch.no_grad():
+    run = restore_run(checkpoint, model, optimizer, like.device, generator) if resume else None
+    if run is None:
         if opt_state is None:
             opt_state = optimizer.init(params)
         else:
             optimizer.check(params, None, opt_state)
-        history = History()
-        previous = (params, opt_state, state)
-        n = x.shape[0]
-        pad_to = batch_size if compile and n > batch_size else None
-        steps_done = 0
+        run = Run(params, opt_state, state)
+        if model.has_dropout:
+            run.dropout_seed = int(torch.randint(0, 2**32, (), generator=generator,
+                                                 device=generator.device))
+
+    epochs_left = range(run.epoch, epochs if not run.stopped else run.epoch)
+    with torch.no_grad(), _progress_bar(progress, epochs_left) as bar:
         try:
-            for epoch in range(epochs):
-                order = None
-                if shuffle:
-                    order = torch.randperm(n, generator=generator,
-                                           device=generator.device).to(x.device)
-                batch_losses = []
-                for batch, start in enumerate(range(0, n, batch_size)):
-                    rows = slice(start, start + batch_size) if order is None else \
-                        order[start:start + batch_size]
-                    batch_weight = None if weight is None else weight[rows]
-                    if batch_weight is not None:
-                        if not bool(batch_weight.any()):
-                            continue  # every row weighs 0: nothing to learn, no step
-                        if shuffle:  # a shuffled batch's weights are known only now
-                            model.check_training_rows(len(batch_weight), batch_weight,
-                                                      f" (epoch {epoch}, batch {batch})")
-                    key = None
-                    if dropout_seed is not None:
-                        key = make_key(dropout_seed, steps_done, device=x.device)
-                    new_params, new_opt_state, value, new_state = step.run(
-                        params, opt_state, state, x[rows], y[rows], weight=batch_weight,
-                        key=key, pad_to=pad_to)
-                    steps_done += 1
-                    value = value.item()
-                    if not math.isfinite(value):
-                        if not _all_finite(params):  # the previous update overflowed: step back
-                            params, opt_state, state = previous
-                        raise NonFiniteLossError(
-                            f"the loss became {value} in epoch {epoch}, batch {batch}; the "
-                            "error carries the last finite parameters (.params) and the "
-                            "history so far; try a smaller learning rate",
-                            epoch=epoch, batch=batch, params=params, opt_state=opt_state,
-                            history=history, state=state)
-                    previous = (params, opt_state, state)
-                    params, opt_state, state = new_params, new_opt_state, new_state
-                    batch_losses.append(value)
-                history.train_loss.append(sum(batch_losses) / len(batch_losses)
-                                          if batch_losses else math.nan)
+            for epoch in epochs_left:
+                run.epoch = epoch
+                try:
+                    train_loss = _train_epoch(run, step, model, x, y, weight, batch_size,
+                                              shuffle, generator, compile)
+                except NonFiniteLossError:
+                    if checkpoint is not None:  # the last finite state, to retry this epoch
+                        save_run(checkpoint, run, model, optimizer, generator)
+                    raise
+                logs = {"train_loss": train_loss}
+                run.train_loss.append(train_loss)
                 if valid is not None:
-                    prediction = forward(model, params, x_valid, state, EVAL)[0]
-                    history.valid_loss.append(loss(prediction, y_valid).item())
-                if verbose:
-                    line = f"Epoch: {epoch} - L: {history.train_loss[-1]:.4f}"
-                    if valid is not None:
-                        line += f" - L_v {history.valid_loss[-1]:.4f}"
-                    print(line)
+                    prediction = forward(model, run.params, valid[0], run.state, EVAL)[0]
+                    logs["valid_loss"] = loss(prediction, valid[1]).item()
+                    run.valid_loss.append(logs["valid_loss"])
+                    if run.improved(logs["valid_loss"], min_delta) and restore_best:
+                        run.best = (run.params, run.state)
+                _report(epoch, logs, verbose, bar)
+                stop = patience is not None and run.waited >= patience
+                if on_epoch_end is not None and on_epoch_end(epoch, logs):
+                    stop = True
+                run.epoch, run.stopped = epoch + 1, stop
+                if checkpoint is not None and (stop or run.epoch == epochs
+                                               or run.epoch % checkpoint_every == 0):
+                    save_run(checkpoint, run, model, optimizer, generator)
+                if stop:
+                    break
         finally:
             step.forget()
-    return FitResult(params=params, opt_state=opt_state, history=history, state=state)
+    params, state = run.best if restore_best and run.best is not None else (run.params,
+                                                                            run.state)
+    return FitResult(params=params, opt_state=run.opt_state,
+                     history=History(run.train_loss, run.valid_loss), state=state)
+
+
+def _train_epoch(run: Run, step: TrainStep, model: MLP, x, y, weight, batch_size: int,
+                 shuffle: bool, generator, compile: bool) -> float:
+    """One pass over (x, y), advancing ``run``; the mean of the batch losses."""
+    n = x.shape[0]
+    pad_to = batch_size if compile and n > batch_size else None
+    order = None
+    if shuffle:
+        order = torch.randperm(n, generator=generator, device=generator.device).to(x.device)
+    batch_losses = []
+    previous = (run.params, run.opt_state, run.state)
+    for batch, start in enumerate(range(0, n, batch_size)):
+        rows = slice(start, start + batch_size) if order is None else \
+            order[start:start + batch_size]
+        batch_weight = None if weight is None else weight[rows]
+        if batch_weight is not None:
+            if not bool(batch_weight.any()):
+                continue  # every row weighs 0: nothing to learn, no step
+            if shuffle:  # a shuffled batch's weights are known only now
+                model.check_training_rows(len(batch_weight), batch_weight,
+                                          f" (epoch {run.epoch}, batch {batch})")
+        key = None
+        if run.dropout_seed is not None:
+            key = make_key(run.dropout_seed, run.steps_done, device=x.device)
+        params, opt_state, value, state = step.run(
+            run.params, run.opt_state, run.state, x[rows], y[rows], weight=batch_weight,
+            key=key, pad_to=pad_to)
+        run.steps_done += 1
+        value = value.item()
+        if not math.isfinite(value):
+            if not _all_finite(run.params):  # the previous update overflowed: step back
+                run.params, run.opt_state, run.state = previous
+            raise NonFiniteLossError(
+                f"the loss became {value} in epoch {run.epoch}, batch {batch}; the error "
+                "carries the last finite parameters (.params) and the history so far; try a "
+                "smaller learning rate",
+                epoch=run.epoch, batch=batch, params=run.params, opt_state=run.opt_state,
+                history=History(list(run.train_loss), list(run.valid_loss)), state=run.state)
+        previous = (run.params, run.opt_state, run.state)
+        run.params, run.opt_state, run.state = params, opt_state, state
+        batch_losses.append(value)
+    return sum(batch_losses) / len(batch_losses) if batch_losses else math.nan
+
+
+def _report(epoch: int, logs: dict, verbose: bool, bar) -> None:
+    if verbose:
+        line = f"Epoch: {epoch} - L: {logs['train_loss']:.4f}"
+        if "valid_loss" in logs:
+            line += f" - L_v {logs['valid_loss']:.4f}"
+        print(line)
+    if bar is not None:
+        bar.set_postfix({"loss": f"{logs['train_loss']:.4g}",
+                         **({"valid": f"{logs['valid_loss']:.4g}"} if "valid_loss" in logs
+                            else {})})
+
+
+class _progress_bar:  # noqa: N801 (a context manager used like a function)
+    """A tqdm bar over ``epochs`` when asked (or, by default, when stderr is a terminal)."""
+
+    def __init__(self, progress: bool | None, epochs: range):
+        shown = progress if progress is not None else sys.stderr.isatty()
+        self.bar = None
+        if shown and len(epochs):
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=len(epochs), unit="epoch", initial=0)
+        self._epochs = epochs
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def set_postfix(self, values: dict) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(values)
+            self.bar.update(1)
+
+
+def _check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
+                       on_epoch_end, progress, valid) -> None:
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
+    _validate.check_positive_int(checkpoint_every, "checkpoint_every")
+    if resume and checkpoint is None:
+        raise ValueError("resume=True needs checkpoint= (the file to resume from)")
+    if patience is not None:
+        _validate.check_positive_int(patience, "patience")
+    if not (isinstance(min_delta, (int, float)) and not isinstance(min_delta, bool)
+            and min_delta >= 0):
+        raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
+    if (patience is not None or restore_best) and valid is None:
+        raise ValueError("early stopping (patience=, restore_best=) watches the validation "
+                         "loss: pass valid=(x_valid, y_valid)")
+    if on_epoch_end is not None and not callable(on_epoch_end):
+        raise TypeError(f"on_epoch_end must be callable, got {on_epoch_end!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be True, False or None, got {progress!r}")
 
 
 def _all_finite(tree) -> bool:

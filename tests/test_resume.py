@@ -1,0 +1,157 @@
+"""Resumable, observable fits: checkpoints every N epochs, resume after SIGKILL bit-identical to
+an uninterrupted fit (shuffling and dropout included), early stopping, callbacks, progress."""
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fnmlp
+from helpers import leaves
+
+F64 = torch.float64
+ROOT = Path(__file__).resolve().parents[1]
+
+SETUP = """
+import torch, fnmlp
+model = fnmlp.MLP(6, [fnmlp.Dense(16, "relu", dropout=0.2), fnmlp.BatchNorm(), fnmlp.Dense(3)])
+params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+g = torch.Generator().manual_seed(1)
+x = torch.randn(600, 6, generator=g, dtype=torch.float64)
+y = torch.randn(600, 3, generator=g, dtype=torch.float64)
+optimizer = fnmlp.adam(1e-3)
+kwargs = dict(epochs=30, batch_size=8, optimizer=optimizer, shuffle=True, valid=(x[:100], y[:100]))
+"""
+
+
+def _setup():
+    names: dict = {}
+    exec(SETUP, names)  # the same model, data and settings as the killed subprocess
+    return names
+
+
+@pytest.mark.slow
+def test_a_killed_fit_resumes_bit_identical_to_an_uninterrupted_one(tmp_path):
+    path = tmp_path / "run.fnmlp"
+    script = SETUP + textwrap.dedent(f"""
+        fnmlp.fit(model, params, x, y, generator=torch.Generator().manual_seed(5),
+                  checkpoint={str(path)!r}, checkpoint_every=2, resume=True, **kwargs)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script],
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    deadline = time.monotonic() + 120
+    while not path.exists() and time.monotonic() < deadline and child.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.Random(0).uniform(0.1, 0.6))  # somewhere in a later epoch
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    saved = fnmlp.load(path).metadata["fnmlp_fit"]
+    assert 0 < saved["epoch"] < 30, saved["epoch"]  # killed in the middle of the fit
+    names = _setup()
+    resumed = fnmlp.fit(names["model"], names["params"], names["x"], names["y"],
+                        generator=torch.Generator().manual_seed(5), checkpoint=path,
+                        resume=True, **names["kwargs"])
+    names = _setup()
+    whole = fnmlp.fit(names["model"], names["params"], names["x"], names["y"],
+                      generator=torch.Generator().manual_seed(5), **names["kwargs"])
+    assert resumed.history == whole.history
+    assert all(torch.equal(a, b) for a, b in zip(
+        leaves((resumed.params, resumed.state, resumed.opt_state)),
+        leaves((whole.params, whole.state, whole.opt_state))))
+
+
+def _regression(seed=0):
+    model = fnmlp.MLP(4, [fnmlp.Dense(8, "tanh"), fnmlp.Dense(2)])
+    params = model.init(torch.Generator().manual_seed(seed), dtype=F64)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(64, 4, generator=g, dtype=F64)
+    y = x[:, :2] * 2 + 0.1 * torch.randn(64, 2, generator=g, dtype=F64)
+    return model, params, x, y
+
+
+def test_early_stopping_restores_the_best_parameters():
+    model, params, x, y = _regression()
+    kwargs = dict(batch_size=16, optimizer=fnmlp.sgd(0.5), valid=(x[:16] + 1, y[:16]))
+    full = fnmlp.fit(model, params, x, y, epochs=40, **kwargs)
+    stopped = fnmlp.fit(model, params, x, y, epochs=40, patience=3, restore_best=True,
+                        **kwargs)
+    losses = full.history.valid_loss
+    best = min(range(len(losses)), key=lambda e: (losses[e], e))
+    assert len(stopped.history.valid_loss) < 40  # it stopped early
+    assert stopped.history.valid_loss == losses[:len(stopped.history.valid_loss)]
+    assert min(stopped.history.valid_loss) == losses[best] or best >= len(
+        stopped.history.valid_loss)
+    evaluated = model.evaluate(stopped.params, x[:16] + 1, y[:16])
+    assert evaluated == min(stopped.history.valid_loss)
+
+
+def test_a_callback_sees_every_epoch_and_can_stop():
+    model, params, x, y = _regression()
+    seen = []
+
+    def on_epoch_end(epoch, logs):
+        seen.append((epoch, sorted(logs)))
+        return epoch == 2
+
+    result = fnmlp.fit(model, params, x, y, epochs=10, batch_size=16, optimizer=fnmlp.sgd(0.1),
+                       valid=(x, y), on_epoch_end=on_epoch_end)
+    assert seen == [(e, ["train_loss", "valid_loss"]) for e in range(3)]
+    assert len(result.history.train_loss) == 3
+
+
+def test_progress_bar_shows_the_epochs_and_losses(capsys):
+    model, params, x, y = _regression()
+    fnmlp.fit(model, params, x, y, epochs=3, batch_size=16, optimizer=fnmlp.sgd(0.1),
+              valid=(x, y), progress=True)
+    err = capsys.readouterr().err
+    assert "3/3" in err and "loss=" in err and "valid=" in err
+    fnmlp.fit(model, params, x, y, epochs=3, batch_size=16, optimizer=fnmlp.sgd(0.1))
+    assert capsys.readouterr().err == ""  # not a terminal: no bar unless asked
+
+
+def test_a_non_finite_loss_leaves_a_checkpoint_of_the_last_finite_state(tmp_path):
+    model, params, x, y = _regression()
+    path = tmp_path / "run.fnmlp"
+    with pytest.raises(fnmlp.NonFiniteLossError):
+        fnmlp.fit(model, params, x * 1e3, y * 1e6, epochs=50, batch_size=8,
+                  optimizer=fnmlp.sgd(1e3), checkpoint=path)
+    saved = fnmlp.load(path)
+    assert all(torch.isfinite(t).all() for t in leaves(saved.params))
+
+
+def test_resume_without_a_checkpoint_starts_afresh_and_checks_what_it_resumes(tmp_path):
+    model, params, x, y = _regression()
+    path = tmp_path / "run.fnmlp"
+    kwargs = dict(epochs=3, batch_size=16, optimizer=fnmlp.sgd(0.1))
+    fresh = fnmlp.fit(model, params, x, y, checkpoint=path, resume=True, **kwargs)
+    assert fresh.history == fnmlp.fit(model, params, x, y, **kwargs).history
+    again = fnmlp.fit(model, params, x, y, checkpoint=path, resume=True, **kwargs)
+    assert again.history == fresh.history  # finished already: nothing more to do
+    other = fnmlp.MLP(4, [fnmlp.Dense(9, "tanh"), fnmlp.Dense(2)])
+    with pytest.raises(ValueError, match="holds a fit of another model"):
+        fnmlp.fit(other, other.init(dtype=F64), x, y, checkpoint=path, resume=True, **kwargs)
+    with pytest.raises(ValueError, match="another optimizer"):
+        fnmlp.fit(model, params, x, y, checkpoint=path, resume=True, epochs=3, batch_size=16,
+                  optimizer=fnmlp.adam(0.1))
+
+
+@pytest.mark.parametrize("overrides, error, message", [
+    (dict(resume=True), ValueError, "resume=True needs checkpoint="),
+    (dict(patience=2), ValueError, "pass valid="),
+    (dict(checkpoint_every=0, checkpoint="x"), ValueError, "checkpoint_every must be"),
+    (dict(checkpoint=3), TypeError, "checkpoint must be a file path"),
+    (dict(on_epoch_end="stop"), TypeError, "on_epoch_end must be callable"),
+    (dict(min_delta=-1.0), ValueError, "min_delta must be"),
+])
+def test_bad_run_options_are_named(overrides, error, message):
+    model, params, x, y = _regression()
+    with pytest.raises(error, match=message):
+        fnmlp.fit(model, params, x, y, epochs=1, batch_size=16, optimizer=fnmlp.sgd(0.1),
+                  **overrides)
