@@ -113,8 +113,17 @@ def test_truncated_corrupted_foreign_and_newer_files_get_clear_errors(tmp_path, 
 
 def test_bad_arguments_to_save_are_named(tmp_path):
     model, params, state, optimizer = _everything()
-    with pytest.raises(TypeError, match="metadata must be plain JSON data"):
+    with pytest.raises(TypeError, match=r"metadata\['when'\] must be plain JSON data"):
         fnmlp.save(tmp_path / "a", model, params, metadata={"when": object()})
+    with pytest.raises(TypeError, match="key 1 is not a string"):
+        fnmlp.save(tmp_path / "a", model, params, metadata={1: "a"})
+
+    class MyReLU(fnmlp.ReLU):  # not fnmlp's ReLU, though it bears the name
+        pass
+
+    custom = fnmlp.MLP(3, [fnmlp.Linear(2), MyReLU()])
+    with pytest.raises(TypeError, match="MyReLU cannot be saved"):
+        fnmlp.save(tmp_path / "a", custom, custom.init(dtype=F64))
     with pytest.raises(ValueError, match=r"params\[0\].weight has shape"):
         fnmlp.save(tmp_path / "a", model, fnmlp.MLP(4, model.layers).init(dtype=F64))
     with pytest.raises(TypeError, match="state must be the AdamState"):
@@ -151,3 +160,32 @@ def test_a_writer_killed_midway_leaves_the_previous_checkpoint_intact(tmp_path):
         if list(tmp_path.glob(".fnmlp-*")):  # killed while writing: that is the case wanted
             return
     pytest.fail("no kill landed during a write")
+
+
+def test_a_crafted_header_with_a_valid_checksum_is_refused_cleanly(tmp_path):
+    import json
+
+    from fnmlp.interop import _checkpoint
+
+    model, params, state, _ = _everything()
+    path = tmp_path / "good.fnmlp"
+    fnmlp.save(path, model, params, state=state)
+    payload = torch.load(path, weights_only=True)
+    header = json.loads(payload["header"])
+    header.pop("checksum")
+    header["model"] = {"kind": "MLP", "in_features": "many", "layers": "none"}
+    header["checksum"] = _checkpoint._checksum(
+        {k: v for k, v in header.items() if k != "checksum"}, payload["tensors"])
+    crafted = tmp_path / "crafted.fnmlp"
+    torch.save({"header": json.dumps(header), "tensors": payload["tensors"]}, crafted)
+    with pytest.raises(fnmlp.CheckpointError, match="crafted.fnmlp: (bad spec|not a spec)"):
+        fnmlp.load(crafted)
+
+
+def test_checkpoints_get_ordinary_file_permissions(tmp_path):
+    model, params, state, _ = _everything()
+    path = tmp_path / "perm.fnmlp"
+    fnmlp.save(path, model, params, state=state)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

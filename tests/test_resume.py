@@ -155,3 +155,47 @@ def test_bad_run_options_are_named(overrides, error, message):
     with pytest.raises(error, match=message):
         fnmlp.fit(model, params, x, y, epochs=1, batch_size=16, optimizer=fnmlp.sgd(0.1),
                   **overrides)
+
+
+def test_an_overflow_in_an_epochs_last_step_is_caught_and_checkpointed_apart(tmp_path):
+    model = fnmlp.MLP(2, [fnmlp.Linear(1)])  # float32: one update by 1e36 overflows
+    params = model.init(torch.Generator().manual_seed(0))
+    x, y = torch.ones(4, 2), torch.full((4, 1), 1e3)
+    path = tmp_path / "run.fnmlp"
+    with pytest.raises(fnmlp.NonFiniteLossError, match="last step of epoch 0.*run.fnmlp.nonfinite"
+                       ) as info:
+        fnmlp.fit(model, params, x, y, epochs=3, batch_size=4, optimizer=fnmlp.sgd(1e36),
+                  checkpoint=path)
+    assert all(torch.isfinite(t).all() for t in leaves(info.value.params))
+    assert int(info.value.opt_state.step) == 0  # stepped back before the overflowing update
+    assert not path.exists()  # no epoch ended finite; the last finite state is kept apart
+    saved = fnmlp.load(f"{path}.nonfinite")
+    assert all(torch.isfinite(t).all() for t in leaves(saved.params))
+
+
+def test_a_resume_checks_its_settings_and_keeps_the_best_parameters(tmp_path):
+    model, params, x, y = _regression()
+    path = tmp_path / "run.fnmlp"
+    kwargs = dict(batch_size=16, optimizer=fnmlp.sgd(0.5), valid=(x[:16] + 1, y[:16]))
+    whole = fnmlp.fit(model, params, x, y, epochs=12, restore_best=True, **kwargs)
+    fnmlp.fit(model, params, x, y, epochs=6, checkpoint=path, **kwargs)  # no restore_best
+    resumed = fnmlp.fit(model, params, x, y, epochs=12, checkpoint=path, resume=True,
+                        restore_best=True, **kwargs)
+    assert resumed.history == whole.history
+    assert all(torch.equal(a, b) for a, b in zip(leaves(resumed.params), leaves(whole.params)))
+    with pytest.raises(ValueError, match="batch_size=16, this one has 8"):
+        fnmlp.fit(model, params, x, y, epochs=12, checkpoint=path, resume=True,
+                  **{**kwargs, "batch_size": 8})
+    with pytest.raises(ValueError, match="at epoch 12, past epochs=5"):
+        fnmlp.fit(model, params, x, y, epochs=5, checkpoint=path, resume=True, **kwargs)
+
+
+def test_a_fit_stopped_by_its_callback_can_be_resumed(tmp_path):
+    model, params, x, y = _regression()
+    path = tmp_path / "run.fnmlp"
+    kwargs = dict(epochs=6, batch_size=16, optimizer=fnmlp.sgd(0.1), checkpoint=path,
+                  resume=True)
+    first = fnmlp.fit(model, params, x, y, on_epoch_end=lambda epoch, logs: epoch == 1, **kwargs)
+    rest = fnmlp.fit(model, params, x, y, **kwargs)
+    whole = fnmlp.fit(model, params, x, y, epochs=6, batch_size=16, optimizer=fnmlp.sgd(0.1))
+    assert len(first.history.train_loss) == 2 and rest.history == whole.history

@@ -68,10 +68,7 @@ def save(path, model: MLP, params, *, state=None, opt_state=None, optimizer=None
     model.check_state(state, like)
     if opt_state is not None and optimizer is not None:
         optimizer.check(params, None, opt_state)
-    try:
-        json.dumps(metadata or {})
-    except (TypeError, ValueError) as error:
-        raise TypeError(f"metadata must be plain JSON data: {error}") from None
+    _check_plain(metadata or {}, "metadata")
     tensors: dict[str, Tensor] = {}
     header = {
         "format": FORMAT, "version": VERSION,
@@ -97,7 +94,7 @@ def load(path, *, map_location=None) -> Checkpoint:
     Arguments:
         path: the file.
         map_location: where to put the tensors (a device or device name; default: where they
-            were saved), as ``torch.load``'s.
+            were saved).
 
     Raises ``CheckpointError`` naming the path and the problem for a missing, truncated,
     corrupted, foreign or newer-format file; nothing in the file is executed.
@@ -117,33 +114,64 @@ def load(path, *, map_location=None) -> Checkpoint:
             raise KeyError("format")
     except (TypeError, KeyError, ValueError):
         raise CheckpointError(f"{path}: not an fnmlp checkpoint") from None
-    if header.get("version", 0) > VERSION:
+    if isinstance(header.get("version"), int) and header["version"] > VERSION:
         raise CheckpointError(f"{path}: written in checkpoint format {header['version']} by a "
                               f"newer fnmlp; this one reads format {VERSION} and older: upgrade "
                               "fnmlp")
+    if not isinstance(header.get("version"), int) or not isinstance(tensors, dict):
+        raise CheckpointError(f"{path}: not an fnmlp checkpoint")
     expected = header.pop("checksum", None)
-    if expected != _checksum(header, tensors):
+    try:
+        actual = _checksum(header, tensors)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    if expected != actual:
         raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted")
     try:
-        model = _spec.decode_spec(header["model"])
-        optimizer = (None if header["optimizer"] is None
-                     else _spec.decode_spec(header["optimizer"]))
-        target = map_location if map_location is not None else header["device"]
-        try:
-            tensors = {name: t.to(target) for name, t in tensors.items()}
-        except (RuntimeError, AssertionError) as error:
-            raise CheckpointError(f"{path}: saved on {header['device']}, which this machine "
-                                  f"cannot use ({error}); pass map_location='cpu'") from None
-        trees = {name: _spec.decode_tree(data, tensors) for name, data in header["trees"].items()}
-        extra = {name: _spec.decode_tree(data, tensors)
-                 for name, data in header.get("extra", {}).items()}
+        return _rebuild(header, tensors, map_location)
     except _spec.SpecError as error:
         raise CheckpointError(f"{path}: {error}") from None
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    except Exception as error:  # a well-formed file whose trees do not fit its model
+        raise CheckpointError(f"{path}: {type(error).__name__}: {error}") from None
+
+
+def _rebuild(header: dict, tensors: dict, map_location) -> Checkpoint:
+    """The checkpoint a verified header and its tensors describe."""
+    model = _spec.decode_spec(header["model"])
+    optimizer = None if header["optimizer"] is None else _spec.decode_spec(header["optimizer"])
+    target = map_location if map_location is not None else header["device"]
+    try:
+        tensors = {name: t.to(target) for name, t in tensors.items()}
+    except (RuntimeError, AssertionError, TypeError) as error:
+        if map_location is not None:
+            raise CheckpointError(f"map_location={map_location!r} cannot be used: "
+                                  f"{error}") from None
+        raise CheckpointError(f"saved on {header['device']}, which this machine cannot use "
+                              f"({error}); pass map_location='cpu'") from None
+    trees = {name: _spec.decode_tree(data, tensors) for name, data in header["trees"].items()}
+    extra = {name: _spec.decode_tree(data, tensors)
+             for name, data in header.get("extra", {}).items()}
     like = model.check_params(trees["params"])
     model.check_state(trees["state"], like)
     return Checkpoint(model=model, params=trees["params"], state=trees["state"],
                       opt_state=trees["opt_state"], optimizer=optimizer,
                       metadata=header["metadata"], extra=extra)
+
+
+def _check_plain(value, name: str) -> None:
+    """Raise unless ``value`` is JSON data that loads back equal (dict keys strings)."""
+    if isinstance(value, dict):
+        for key, child in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{name} must be plain JSON data: key {key!r} is not a string")
+            _check_plain(child, f"{name}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, child in enumerate(value):
+            _check_plain(child, f"{name}[{i}]")
+    elif not (value is None or isinstance(value, (bool, int, float, str))):
+        raise TypeError(f"{name} must be plain JSON data, got a {type(value).__name__}")
 
 
 def _checksum(header: dict, tensors: dict[str, Tensor]) -> str:
@@ -153,7 +181,7 @@ def _checksum(header: dict, tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         tensor = tensors[name]
         if not isinstance(tensor, Tensor):
-            return "not a tensor"
+            raise CheckpointError(f"entry {name!r} is not a tensor")
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
@@ -164,6 +192,9 @@ def _write_atomically(path: str, payload: dict) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     handle, temporary = tempfile.mkstemp(prefix=".fnmlp-", suffix=".tmp", dir=folder)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
         with os.fdopen(handle, "wb") as file:
             torch.save(payload, file)
             file.flush()

@@ -13,7 +13,7 @@ import numbers
 from torch import Tensor
 
 from fnmlp import _tree
-from fnmlp.nn import _activations, _dropout, _linear, _norm
+from fnmlp.nn import _activations, _dropout, _linear, _losses, _norm
 from fnmlp.nn._model import MLP
 from fnmlp.optim import _optimizers, schedules
 
@@ -25,7 +25,9 @@ _SPEC_CLASSES: dict[str, type] = {
         _activations.SiLU, _activations.Softplus, _activations.LogSoftmax,
         _optimizers.SGD, _optimizers.Adam, _optimizers.RMSprop, _optimizers.Adagrad,
         _optimizers.ClipByGlobalNorm, schedules.Constant, schedules.StepDecay,
-        schedules.Exponential, schedules.Cosine, schedules.LinearWarmup)}
+        schedules.Exponential, schedules.Cosine, schedules.LinearWarmup,
+        _losses.MSE, _losses.L1, _losses.Huber, _losses.SmoothL1, _losses.CrossEntropy,
+        _losses.BinaryCrossEntropyWithLogits)}
 
 
 class SpecError(ValueError):
@@ -33,11 +35,12 @@ class SpecError(ValueError):
 
 
 def encode_spec(value):
-    """A JSON-able description of a spec: an ``MLP``, a primitive, an optimizer or schedule."""
+    """A JSON-able description of a spec: an ``MLP``, a primitive, a loss, an optimizer or a
+    schedule (fnmlp's own classes: a custom primitive cannot be saved)."""
     if isinstance(value, MLP):
         return {"kind": "MLP", "in_features": value.in_features,
                 "layers": [encode_spec(layer) for layer in value.layers]}
-    if dataclasses.is_dataclass(value) and type(value).__name__ in _SPEC_CLASSES:
+    if dataclasses.is_dataclass(value) and _SPEC_CLASSES.get(type(value).__name__) is type(value):
         return {"kind": type(value).__name__,
                 "options": {f.name: _encode_option(getattr(value, f.name))
                             for f in dataclasses.fields(value)}}
@@ -58,16 +61,19 @@ def decode_spec(data):
     """The spec ``encode_spec`` described."""
     if not isinstance(data, dict) or "kind" not in data:
         raise SpecError(f"not a spec: {data!r}")
-    if data["kind"] == "MLP":
-        return MLP(data["in_features"], [decode_spec(layer) for layer in data["layers"]])
-    cls = _SPEC_CLASSES.get(data["kind"])
-    if cls is None:
-        raise SpecError(f"unknown kind {data['kind']!r}")
-    options = {name: _decode_option(value) for name, value in data.get("options", {}).items()}
     try:
+        if data["kind"] == "MLP":
+            return MLP(data["in_features"], [decode_spec(layer) for layer in data["layers"]])
+        cls = _SPEC_CLASSES.get(data["kind"])
+        if cls is None:
+            raise SpecError(f"unknown kind {data['kind']!r}")
+        options = {name: _decode_option(value) for name, value in data["options"].items()}
         return cls(**options)
-    except (TypeError, ValueError) as error:
-        raise SpecError(f"bad options for {data['kind']}: {error}") from None
+    except SpecError:
+        raise
+    except Exception as error:  # malformed data: wrong types, missing keys, bad options
+        raise SpecError(f"bad spec for {data.get('kind')!r}: {type(error).__name__}: "
+                        f"{error}") from None
 
 
 def _decode_option(value):

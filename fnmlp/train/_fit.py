@@ -132,10 +132,21 @@ def fit(
             None if weight is None or shuffle else weight[start:start + batch_size],
             f" (batch {start // batch_size} of {x.shape[0]} rows in batches of {batch_size}; "
             "choose another batch_size)")
+    settings = {}
+    if checkpoint is not None:  # refused now rather than at the first checkpoint
+        from fnmlp.interop._spec import encode_spec
+
+        encode_spec(model), encode_spec(optimizer)
+        settings = {"batch_size": batch_size, "shuffle": shuffle, "loss": encode_spec(loss),
+                    "weighted": weight is not None, "rows": x.shape[0]}
     if (shuffle or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
-    run = restore_run(checkpoint, model, optimizer, like.device, generator) if resume else None
+    run = None
+    if resume:
+        run = restore_run(checkpoint, model, optimizer, like, generator, settings, epochs)
+        if run is not None and not _all_finite(run.params):
+            raise ValueError(f"{checkpoint} holds non-finite parameters")
     if run is None:
         if opt_state is None:
             opt_state = optimizer.init(params)
@@ -154,9 +165,12 @@ def fit(
                 try:
                     train_loss = _train_epoch(run, step, model, x, y, weight, batch_size,
                                               shuffle, generator, compile)
-                except NonFiniteLossError:
-                    if checkpoint is not None:  # the last finite state, to retry this epoch
-                        save_run(checkpoint, run, model, optimizer, generator)
+                except NonFiniteLossError as error:
+                    if checkpoint is not None:  # the last finite state, beside the epoch's
+                        save_run(f"{os.fspath(checkpoint)}.nonfinite", run, model, optimizer,
+                                 generator, settings)
+                        error.args = (f"{error.args[0]}; the last finite state is saved at "
+                                      f"{os.fspath(checkpoint)}.nonfinite",)
                     raise
                 logs = {"train_loss": train_loss}
                 run.train_loss.append(train_loss)
@@ -164,17 +178,16 @@ def fit(
                     prediction = forward(model, run.params, valid[0], run.state, EVAL)[0]
                     logs["valid_loss"] = loss(prediction, valid[1]).item()
                     run.valid_loss.append(logs["valid_loss"])
-                    if run.improved(logs["valid_loss"], min_delta) and restore_best:
-                        run.best = (run.params, run.state)
+                    if run.improved(logs["valid_loss"], min_delta):
+                        run.best = (run.params, run.state)  # kept for restore_best on resume
                 _report(epoch, logs, verbose, bar)
-                stop = patience is not None and run.waited >= patience
-                if on_epoch_end is not None and on_epoch_end(epoch, logs):
-                    stop = True
-                run.epoch, run.stopped = epoch + 1, stop
-                if checkpoint is not None and (stop or run.epoch == epochs
+                early = patience is not None and run.waited >= patience  # final, even resumed
+                asked = on_epoch_end is not None and bool(on_epoch_end(epoch, logs))
+                run.epoch, run.stopped = epoch + 1, early
+                if checkpoint is not None and (early or asked or run.epoch == epochs
                                                or run.epoch % checkpoint_every == 0):
-                    save_run(checkpoint, run, model, optimizer, generator)
-                if stop:
+                    save_run(checkpoint, run, model, optimizer, generator, settings)
+                if early or asked:
                     break
         finally:
             step.forget()
@@ -193,7 +206,8 @@ def _train_epoch(run: Run, step: TrainStep, model: MLP, x, y, weight, batch_size
     if shuffle:
         order = torch.randperm(n, generator=generator, device=generator.device).to(x.device)
     batch_losses = []
-    previous = (run.params, run.opt_state, run.state)
+    if run.previous is None:
+        run.previous = (run.params, run.opt_state, run.state)
     for batch, start in enumerate(range(0, n, batch_size)):
         rows = slice(start, start + batch_size) if order is None else \
             order[start:start + batch_size]
@@ -210,21 +224,31 @@ def _train_epoch(run: Run, step: TrainStep, model: MLP, x, y, weight, batch_size
         params, opt_state, value, state = step.run(
             run.params, run.opt_state, run.state, x[rows], y[rows], weight=batch_weight,
             key=key, pad_to=pad_to)
-        run.steps_done += 1
         value = value.item()
         if not math.isfinite(value):
             if not _all_finite(run.params):  # the previous update overflowed: step back
-                run.params, run.opt_state, run.state = previous
-            raise NonFiniteLossError(
-                f"the loss became {value} in epoch {run.epoch}, batch {batch}; the error "
-                "carries the last finite parameters (.params) and the history so far; try a "
-                "smaller learning rate",
-                epoch=run.epoch, batch=batch, params=run.params, opt_state=run.opt_state,
-                history=History(list(run.train_loss), list(run.valid_loss)), state=run.state)
-        previous = (run.params, run.opt_state, run.state)
+                run.params, run.opt_state, run.state = run.previous
+                run.steps_done -= 1
+            _raise_non_finite(run, f"the loss became {value} in epoch {run.epoch}, batch {batch}",
+                              batch)
+        run.steps_done += 1
+        run.previous = (run.params, run.opt_state, run.state)
         run.params, run.opt_state, run.state = params, opt_state, state
         batch_losses.append(value)
+    if not _all_finite(run.params):  # the epoch's last update overflowed
+        run.params, run.opt_state, run.state = run.previous
+        run.steps_done -= 1
+        _raise_non_finite(run, f"the parameters became NaN or inf in the last step of epoch "
+                               f"{run.epoch}", None)
     return sum(batch_losses) / len(batch_losses) if batch_losses else math.nan
+
+
+def _raise_non_finite(run: Run, what: str, batch: int | None) -> None:
+    raise NonFiniteLossError(
+        f"{what}; the error carries the last finite parameters (.params) and the history so "
+        "far; try a smaller learning rate",
+        epoch=run.epoch, batch=batch, params=run.params, opt_state=run.opt_state,
+        history=History(list(run.train_loss), list(run.valid_loss)), state=run.state)
 
 
 def _report(epoch: int, logs: dict, verbose: bool, bar) -> None:

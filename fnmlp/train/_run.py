@@ -29,8 +29,9 @@ class Run:
     best_loss: float = math.inf
     best_epoch: int = -1
     waited: int = 0
-    best: tuple | None = None  # (params, state) at the best validation loss, for restore_best
-    stopped: bool = False
+    best: tuple | None = None  # (params, state) at the best validation loss
+    stopped: bool = False  # by early stopping: final
+    previous: tuple | None = dataclasses.field(default=None, repr=False)  # the step before
 
     def improved(self, valid_loss: float, min_delta: float) -> bool:
         """Early stopping's bookkeeping after an epoch; True when the loss improved."""
@@ -45,14 +46,17 @@ _KEYS = ("epoch", "steps_done", "train_loss", "valid_loss", "dropout_seed", "bes
          "best_epoch", "waited", "stopped")
 
 
-def save_run(path, run: Run, model, optimizer, generator: torch.Generator | None) -> None:
-    """Checkpoint ``run`` (atomically; see ``fnmlp.save``)."""
+def save_run(path, run: Run, model, optimizer, generator: torch.Generator | None,
+             settings: dict) -> None:
+    """Checkpoint ``run`` (atomically; see ``fnmlp.save``); ``settings``: what must be the same
+    to resume it (batch size, shuffling, loss, ...)."""
     extra = {}
     if generator is not None:
         extra["generator"] = generator.get_state()
     if run.best is not None:
         extra["best_params"], extra["best_state"] = run.best
     fit_state = {key: getattr(run, key) for key in _KEYS}
+    fit_state["settings"] = settings
     fit_state["best_loss"] = None if math.isinf(run.best_loss) else run.best_loss
     fit_state["train_loss"] = [_json_float(v) for v in run.train_loss]
     fit_state["valid_loss"] = [_json_float(v) for v in run.valid_loss]
@@ -60,20 +64,32 @@ def save_run(path, run: Run, model, optimizer, generator: torch.Generator | None
          optimizer=optimizer, metadata={"fnmlp_fit": fit_state}, extra=extra)
 
 
-def restore_run(path, model, optimizer, device, generator: torch.Generator | None
-                ) -> Run | None:
-    """The run checkpointed at ``path`` (None if there is no file yet), its generator state put
-    into ``generator``."""
+def restore_run(path, model, optimizer, like: torch.Tensor, generator: torch.Generator | None,
+                settings: dict, epochs: int) -> Run | None:
+    """The run checkpointed at ``path`` (None if there is no file yet), checked against this
+    fit (model, optimizer, ``settings``, the parameters' dtype and device, ``epochs``), its
+    generator state put into ``generator``."""
     if not os.path.exists(path):
         return None
-    checkpoint = load(path, map_location=device)
+    checkpoint = load(path, map_location=like.device)
     if checkpoint.model != model:
         raise ValueError(f"{path} holds a fit of another model: {checkpoint.model}")
     if checkpoint.optimizer != optimizer:
-        raise ValueError(f"{path} holds a fit with another optimizer: {checkpoint.optimizer!r}")
+        raise ValueError(f"{path} holds a fit with another optimizer: {checkpoint.optimizer!r}; "
+                         "resume with the same one (to change it, load the checkpoint and fit "
+                         "from its params and state)")
     fit_state = checkpoint.metadata.get("fnmlp_fit")
     if fit_state is None:
         raise ValueError(f"{path} is a checkpoint, but not of a fit (no fit state to resume)")
+    for name, value in fit_state.get("settings", {}).items():
+        if settings.get(name) != value:
+            raise ValueError(f"{path} holds a fit with {name}={value!r}, this one has "
+                             f"{settings.get(name)!r}; resume with the same settings")
+    first = next(iter(torch.utils._pytree.tree_leaves(checkpoint.params)))
+    if first.dtype != like.dtype:
+        raise ValueError(f"{path} holds {first.dtype} parameters, this fit's are {like.dtype}")
+    if fit_state["epoch"] > epochs:
+        raise ValueError(f"{path} holds a fit at epoch {fit_state['epoch']}, past epochs={epochs}")
     run = Run(checkpoint.params, checkpoint.opt_state, checkpoint.state,
               **{key: fit_state[key] for key in _KEYS})
     run.train_loss = [_python_float(v) for v in run.train_loss]
