@@ -199,3 +199,18 @@ def test_a_fit_stopped_by_its_callback_can_be_resumed(tmp_path):
     rest = fnmlp.fit(model, params, x, y, **kwargs)
     whole = fnmlp.fit(model, params, x, y, epochs=6, batch_size=16, optimizer=fnmlp.sgd(0.1))
     assert len(first.history.train_loss) == 2 and rest.history == whole.history
+
+
+@pytest.mark.slow
+def test_early_stopping_and_callbacks_work_with_the_compiled_step(tmp_path):
+    model, params, x, y = _regression(seed=3)
+    kwargs = dict(epochs=40, batch_size=16, optimizer=fnmlp.sgd(0.5), valid=(x[:16] + 1, y[:16]),
+                  patience=3, restore_best=True, on_epoch_end=lambda epoch, logs: epoch == 30)
+    eager = fnmlp.fit(model, params, x, y, **kwargs)
+    compiled = fnmlp.fit(model, params, x, y, compile=True, checkpoint=tmp_path / "c.fnmlp",
+                         **kwargs)
+    assert len(compiled.history.valid_loss) == len(eager.history.valid_loss) < 40
+    assert max(abs(a - b) / abs(b) for a, b in zip(compiled.history.valid_loss,
+                                                   eager.history.valid_loss)) <= 1e-12
+    assert max((a - b).abs().max().item() for a, b in zip(leaves(compiled.params),
+                                                          leaves(eager.params))) <= 1e-12
