@@ -136,7 +136,8 @@ def fit(
     if checkpoint is not None:  # refused now rather than at the first checkpoint
         from fnmlp.interop._spec import encode_spec
 
-        encode_spec(model), encode_spec(optimizer)
+        encode_spec(model)  # a custom primitive or optimizer cannot be checkpointed
+        encode_spec(optimizer)
         settings = {"batch_size": batch_size, "shuffle": shuffle, "loss": encode_spec(loss),
                     "weighted": weight is not None, "rows": x.shape[0]}
     if (shuffle or model.has_dropout) and generator is None:
