@@ -59,11 +59,6 @@ def tree_leaves(tree) -> list:
     return pytree.tree_leaves(tree)
 
 
-def tree_structure(tree):
-    """The tree's structure (a ``TreeSpec``), comparable with ``==``."""
-    return pytree.tree_structure(tree)
-
-
 def flatten(tree) -> tuple[list, object]:
     """``(leaves, spec)`` of a tree of tensors, tuples, lists and pytree dataclasses; None
     holds no leaf.

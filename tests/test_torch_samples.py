@@ -273,31 +273,40 @@ OP_CHECKS = {**{name: _check_activation for name in ACTIVATION_OPS},
              "nn.functional.binary_cross_entropy_with_logits": _check_bce}
 
 
-def _report(kind, counts, failures):
-    print(f"\n{kind}: {counts['passed']} passed, {sum(counts['skipped'].values())} skipped",
-          dict(counts["skipped"]))
-    assert not failures, failures[:10]
+class _Tally:
+    """Passed, skipped (by reason) and failed samples of one kind."""
+
+    def __init__(self):
+        self.passed, self.skipped, self.failures = 0, collections.Counter(), []
+
+    def check(self, label, check, *args) -> None:
+        try:
+            ok = check(*args)
+        except Skip as reason:
+            self.skipped[str(reason)] += 1
+            return
+        if ok:
+            self.passed += 1
+        else:
+            self.failures.append(label)
+
+    def report(self, kind) -> None:
+        print(f"\n{kind}: {self.passed} passed, {sum(self.skipped.values())} skipped",
+              dict(self.skipped))
+        assert not self.failures, self.failures[:10]
 
 
 def test_opinfo_samples_match_autograd():
-    counts = {"passed": 0, "skipped": collections.Counter()}
-    failures = []
+    tally = _Tally()
     for op in common_methods.op_db:
         check = OP_CHECKS.get(op.name)
         if check is None or op.variant_test_name not in ("", "with_dtype", "without_cudnn"):
             continue
         for sample in op.sample_inputs("cpu", F64, requires_grad=True):
-            try:
-                ok = check(op, sample)
-            except Skip as reason:
-                counts["skipped"][str(reason)] += 1
-                continue
-            if ok:
-                counts["passed"] += 1
-            else:
-                failures.append((op.name, tuple(sample.input.shape), sample.args, sample.kwargs))
-    _report("OpInfo samples", counts, failures)
-    assert counts["passed"] >= 100
+            tally.check((op.name, tuple(sample.input.shape), sample.args, sample.kwargs),
+                        check, op, sample)
+    tally.report("OpInfo samples")
+    assert tally.passed >= 100
 
 
 MODULES = (nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
@@ -348,62 +357,53 @@ def _check_module(info, module_input, training):
 def test_moduleinfo_samples_match_autograd():
     from torch.testing._internal.common_modules import module_db
 
-    counts = {"passed": 0, "skipped": collections.Counter()}
-    failures = []
+    tally = _Tally()
     for info in module_db:
         if info.module_cls not in MODULES + LOSS_MODULES:
             continue
         for training in (True, False):
             for module_input in info.module_inputs_func(info, device="cpu", dtype=F64,
                                                         requires_grad=True, training=training):
-                try:
-                    ok = _check_module(info, module_input, training)
-                except Skip as reason:
-                    counts["skipped"][str(reason)] += 1
-                    continue
-                if ok:
-                    counts["passed"] += 1
-                else:
-                    failures.append((info.module_cls.__name__, training,
-                                     module_input.constructor_input.kwargs))
-    _report("ModuleInfo samples", counts, failures)
-    assert counts["passed"] >= 50
+                tally.check((info.module_cls.__name__, training,
+                             module_input.constructor_input.kwargs),
+                            _check_module, info, module_input, training)
+    tally.report("ModuleInfo samples")
+    assert tally.passed >= 50
+
+
+def _check_optimizer(info, kwargs) -> bool:
+    """5 free steps of the torch optimizer and of its fnmlp conversion on the same gradients."""
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 4, generator=g, dtype=F64), torch.randn(3, generator=g, dtype=F64)]
+    parameters = [nn.Parameter(t.clone()) for t in tensors]
+    try:
+        torch_optimizer = info.optim_cls(parameters, **kwargs)
+        optimizer = _registry.optimizer_from_torch(torch_optimizer)
+    except (TypeError, ValueError) as error:
+        raise Skip(f"{type(error).__name__}: {str(error)[:60]}") from None
+    params = tuple(t.clone() for t in tensors)
+    state = optimizer.init(params)
+    for _ in range(5):
+        grads = tuple(torch.randn(t.shape, generator=g, dtype=F64) for t in tensors)
+        for parameter, grad in zip(parameters, grads):
+            parameter.grad = grad.clone()
+        torch_optimizer.step()
+        params, state = optimizer.update(params, grads, state)
+    return all((a - b.detach()).abs().max() <= 1e-12 * b.abs().max()
+               for a, b in zip(params, parameters))
 
 
 def test_optimizerinfo_samples_match_torch_optim():
     from torch.testing._internal.common_optimizers import optim_db
 
-    counts = {"passed": 0, "skipped": collections.Counter()}
-    failures = []
+    tally = _Tally()
     classes = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop,
                torch.optim.Adagrad)
     for info in optim_db:
         if info.optim_cls not in classes:
             continue
         for optim_input in info.optim_inputs_func(device="cpu"):
-            kwargs = dict(optim_input.kwargs)
-            g = torch.Generator().manual_seed(0)
-            tensors = [torch.randn(3, 4, generator=g, dtype=F64),
-                       torch.randn(3, generator=g, dtype=F64)]
-            parameters = [nn.Parameter(t.clone()) for t in tensors]
-            try:
-                torch_optimizer = info.optim_cls(parameters, **kwargs)
-                optimizer = _registry.optimizer_from_torch(torch_optimizer)
-            except (TypeError, ValueError) as error:
-                counts["skipped"][f"{type(error).__name__}: {str(error)[:60]}"] += 1
-                continue
-            params = tuple(t.clone() for t in tensors)
-            state = optimizer.init(params)
-            for _ in range(5):
-                grads = tuple(torch.randn(t.shape, generator=g, dtype=F64) for t in tensors)
-                for parameter, grad in zip(parameters, grads):
-                    parameter.grad = grad.clone()
-                torch_optimizer.step()
-                params, state = optimizer.update(params, grads, state)
-            if all((a - b.detach()).abs().max() <= 1e-12 * b.abs().max()
-                   for a, b in zip(params, parameters)):
-                counts["passed"] += 1
-            else:
-                failures.append((info.optim_cls.__name__, optim_input.desc))
-    _report("OptimizerInfo samples", counts, failures)
-    assert counts["passed"] >= 20
+            tally.check((info.optim_cls.__name__, optim_input.desc), _check_optimizer, info,
+                        dict(optim_input.kwargs))
+    tally.report("OptimizerInfo samples")
+    assert tally.passed >= 20

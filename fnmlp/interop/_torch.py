@@ -144,19 +144,10 @@ class TorchTwin:
 
     def _divisor_share(self, y, prediction):
         """Each row's share of torch's "mean" divisor: for class labels, its class weight (0
-        for ignored rows), as ``nn.CrossEntropyLoss``; else 1."""
-        loss = self._fnmlp_loss
-        if not isinstance(loss, CrossEntropy) or y.dim() != 1:
-            return torch.ones(y.shape[0], dtype=prediction.dtype, device=prediction.device)
-        share = torch.ones(y.shape[0], dtype=prediction.dtype, device=prediction.device)
-        labels = y
-        if loss.ignore_index is not None:
-            share = share * (y != loss.ignore_index)
-            labels = torch.where(y != loss.ignore_index, y, 0)
-        if loss.weight is not None:
-            share = share * torch.tensor(loss.weight, dtype=prediction.dtype,
-                                         device=prediction.device)[labels]
-        return share
+        for ignored rows), as ``nn.CrossEntropyLoss``; else 1 (the loss's own rule)."""
+        if isinstance(self._fnmlp_loss, CrossEntropy):
+            return self._fnmlp_loss._targets(prediction.detach(), y)[1]
+        return torch.ones(y.shape[0], dtype=prediction.dtype, device=prediction.device)
 
     def evaluate(self, x, y) -> float:
         """The loss in evaluation mode, as a Python float."""

@@ -324,9 +324,6 @@ class CrossEntropy(Loss):
         is_labels = (not target.is_floating_point() if isinstance(target, Tensor)
                      else _is_integer_array(target))
         if is_labels:
-            if isinstance(target, Tensor) and target.device != like.device:
-                raise ValueError(f"{name} is on {target.device} but the parameters are on "
-                                 f"{like.device}; move it with {name}.to('{like.device}')")
             labels = _validate.as_labels(target, name, like)
             if labels.dim() != 1:
                 raise ValueError(f"class labels {name} must be 1-D (samples,), got shape "

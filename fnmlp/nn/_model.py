@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -58,10 +57,7 @@ class Dense:
         object.__setattr__(self, "activation", get_activation(self.activation))
         if not isinstance(self.layer_norm, bool):
             raise TypeError(f"layer_norm must be True or False, got {self.layer_norm!r}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, numbers.Real) or \
-                not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be a probability in [0, 1), got {self.dropout!r}")
-        object.__setattr__(self, "dropout", float(self.dropout))
+        object.__setattr__(self, "dropout", Dropout(self.dropout).p)  # checked there
         if self.init is not None:
             get_initializer(self.init)
 
@@ -289,8 +285,13 @@ class MLP:
             train: training-mode behaviour (batch statistics; dropout with ``key``); by
                 default evaluation mode.
         """
-        x, _ = self.check_data(params, x)
-        like = _first_leaf(params)
+        like = self.check_params(params)
+        x, _ = self.check_data(params, x, like=like)
+        return self._predict(params, x, like, state, train, key)
+
+    def _predict(self, params: Params, x: Tensor, like: Tensor, state, train: bool,
+                 key) -> Tensor:
+        """``apply`` after the parameter and data checks."""
         if state is None and (train or not self.has_state):
             state = self.init_state(dtype=like.dtype, device=like.device)
         else:
@@ -322,8 +323,8 @@ class MLP:
         ``loss`` is 0-d and ``grads`` is shaped like ``params``.
         """
         _check_loss(loss)
-        x, y = self.check_data(params, x, y, loss=loss)
-        like = _first_leaf(params)
+        like = self.check_params(params)
+        x, y = self.check_data(params, x, y, loss=loss, like=like)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
         model_state = self._state_for(state, like)
         self.check_training_rows(x.shape[0], weight)
@@ -337,10 +338,10 @@ class MLP:
                  sample_weight=None) -> float:
         """The loss of the evaluation-mode predictions on (x, y), as a Python float."""
         _check_loss(loss)  # a float: "none" has no single value
-        x, y = self.check_data(params, x, y, loss=loss)
-        like = _first_leaf(params)
+        like = self.check_params(params)
+        x, y = self.check_data(params, x, y, loss=loss, like=like)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
-        prediction = self.apply(params, x, state=state)
+        prediction = self._predict(params, x, like, state, train=False, key=None)
         with torch.no_grad():
             return loss(prediction, y, weight).item()
 
@@ -480,15 +481,6 @@ def _check_tree(tree, name: str, model: MLP, like: Tensor | None = None) -> Tens
 def _leaf_paths(template, name: str) -> list[str]:
     paths = torch.utils._pytree.tree_flatten_with_path(template)[0]
     return [name + torch.utils._pytree.keystr(path) for path, _ in paths]
-
-
-def _first_leaf(tree) -> Tensor:
-    """The first tensor of a checked ``params`` (fast: no flattening)."""
-    for entry in tree:
-        leaves = flatten(entry)[0]
-        if leaves:
-            return leaves[0]
-    raise ValueError("params holds no tensors")
 
 
 def _describe(entry) -> str:

@@ -48,8 +48,13 @@ def _zeros_like(params, fill: float = 0.0):
     return pytree.tree_map(lambda t: torch.full_like(t, fill), params)
 
 
+def _rate_dtype(like: Tensor) -> torch.dtype:
+    """The learning rate's dtype for parameters like ``like``: theirs, or float32 for half."""
+    return like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+
+
 def _scalar(value, like: Tensor) -> Tensor:
-    dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+    dtype = _rate_dtype(like)
     if isinstance(value, Tensor):
         return value.detach().to(dtype=dtype, device=like.device).clone()
     return torch.tensor(value, dtype=dtype, device=like.device)
@@ -164,7 +169,8 @@ class Optimizer:
         if torch.compiler.is_compiling():
             return
         leaves, spec = flatten(params)
-        _first_tensor(params, "params")
+        if not leaves:
+            raise ValueError("params holds no tensors")
         if grads is not None:
             _check_like(grads, "grads", leaves, spec, params)
         name = self.state_type.__name__
@@ -175,8 +181,7 @@ class Optimizer:
         step, rate = state.step, state.learning_rate
         if not (isinstance(step, Tensor) and step.dim() == 0 and step.dtype == torch.int64):
             raise TypeError(f"state.step must be a 0-d int64 tensor, got {step!r}")
-        expected = _scalar(1.0, like)
-        if not (isinstance(rate, Tensor) and rate.dim() == 0 and rate.dtype == expected.dtype
+        if not (isinstance(rate, Tensor) and rate.dim() == 0 and rate.dtype == _rate_dtype(like)
                 and rate.device == like.device and step.device == like.device):
             raise ValueError(f"state.learning_rate is {getattr(rate, 'dtype', rate)} on "
                              f"{getattr(rate, 'device', '?')} but the parameters are "

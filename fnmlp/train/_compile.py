@@ -100,25 +100,20 @@ def _compile_with_inductor(function, args: list[Tensor]):
     """
     import torch._inductor
     import torch._inductor.config
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-    graph, fake_args = trace(function, args, FakeTensorMode(shape_env=ShapeEnv()), make_fx)
+    graph, fake_args = trace(function, args)
     with torch._inductor.config.patch(cpu_inductor_options()):
         return torch._inductor.compile(graph, fake_args)
 
 
-def trace(function, args: list[Tensor], fake_mode=None, make_fx=None):
+def trace(function, args: list[Tensor]):
     """``(graph, fake_args)``: ``function`` traced into an FX graph of aten ops on fake copies
     of ``args``, with plain row sums (no CPU lane-order emulation in a compiled graph)."""
-    if fake_mode is None:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
-        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
-    if make_fx is None:
-        from torch.fx.experimental.proxy_tensor import make_fx
+    fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fake_args = [fake_mode.from_tensor(arg, static_shapes=True) for arg in args]
     with fake_mode, plain_sums():
         graph = make_fx(function)(*fake_args)

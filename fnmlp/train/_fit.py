@@ -13,7 +13,7 @@ from fnmlp import _validate
 from fnmlp._tree import tree_leaves
 from fnmlp.nn._dropout import make_key
 from fnmlp.nn._losses import Loss, mse
-from fnmlp.nn._model import MLP, Params, State, _check_loss, _first_leaf, forward
+from fnmlp.nn._model import MLP, Params, State, _check_loss, forward
 from fnmlp.nn._primitive import EVAL
 from fnmlp.train._errors import NonFiniteLossError
 from fnmlp.train._run import Run, restore_run, save_run
@@ -112,8 +112,8 @@ def fit(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     step = train_step(model, loss, optimizer, compile=compile, verify=verify, compiler=compiler)
-    x, y = model.check_data(params, x, y, loss=loss)
-    like = _first_leaf(params)
+    like = model.check_params(params)
+    x, y = model.check_data(params, x, y, loss=loss, like=like)
     if not _all_finite(params):
         raise ValueError("params contain NaN or inf before training; start from finite "
                          "parameters (e.g. model.init)")
@@ -121,7 +121,8 @@ def fit(
     if valid is not None:
         if not (isinstance(valid, (tuple, list)) and len(valid) == 2):
             raise TypeError("valid must be a pair (x_valid, y_valid)")
-        valid = model.check_data(params, *valid, loss=loss, names=("x_valid", "y_valid"))
+        valid = model.check_data(params, *valid, loss=loss, like=like,
+                                 names=("x_valid", "y_valid"))
     if state is None:
         state = model.init_state(dtype=like.dtype, device=like.device)
     else:

@@ -92,8 +92,8 @@ def restore_run(path, model, optimizer, like: torch.Tensor, generator: torch.Gen
         raise ValueError(f"{path} holds a fit at epoch {fit_state['epoch']}, past epochs={epochs}")
     run = Run(checkpoint.params, checkpoint.opt_state, checkpoint.state,
               **{key: fit_state[key] for key in _KEYS})
-    run.train_loss = [_python_float(v) for v in run.train_loss]
-    run.valid_loss = [_python_float(v) for v in run.valid_loss]
+    run.train_loss = [float(v) for v in run.train_loss]  # "nan" back to a float
+    run.valid_loss = [float(v) for v in run.valid_loss]
     run.best_loss = math.inf if run.best_loss is None else run.best_loss
     if "best_params" in checkpoint.extra:
         run.best = (checkpoint.extra["best_params"], checkpoint.extra["best_state"])
@@ -104,7 +104,3 @@ def restore_run(path, model, optimizer, like: torch.Tensor, generator: torch.Gen
 
 def _json_float(value: float):
     return value if math.isfinite(value) else str(value)  # JSON has no NaN
-
-
-def _python_float(value) -> float:
-    return float(value)
