@@ -16,10 +16,10 @@ from fnmlp.interop import (Checkpoint, CheckpointError, TorchTwin, from_torch, l
                            set_dropout_key, to_torch)
 from fnmlp.nn import (ELU, GELU, L1, MLP, MSE, BatchNorm, BinaryCrossEntropyWithLogits,
                       CrossEntropy, Dense, Dropout, Huber, Identity, LayerNorm, LeakyReLU, Linear,
-                      LinearParams, LogSoftmax, NormParams, BatchNormState, Primitive, ReLU,
-                      Sigmoid, SiLU, SmoothL1, Softmax, Softplus, Tanh,
+                      LinearParams, LogSoftmax, NormParams, BatchNormState, PoissonNLL, Primitive,
+                      ReLU, Sigmoid, SiLU, SmoothL1, Softmax, Softplus, Tanh,
                       binary_cross_entropy_with_logits, cross_entropy, dropout_key, huber, l1,
-                      mse, smooth_l1)
+                      mse, poisson_nll, smooth_l1)
 from fnmlp.optim import adagrad, adam, adamw, clip_by_global_norm, rmsprop, schedules, sgd
 from fnmlp.train import (CompileVerificationError, FitResult, History, NonFiniteLossError,
                          TrainStep, fit, train_step)
@@ -32,8 +32,8 @@ __all__ = [
     "Identity", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Softplus", "Sigmoid", "Tanh",
     "Softmax", "LogSoftmax",
     # losses: classes for options, instances for the defaults
-    "MSE", "mse", "L1", "l1", "Huber", "huber", "SmoothL1", "smooth_l1", "CrossEntropy",
-    "cross_entropy",
+    "MSE", "mse", "L1", "l1", "Huber", "huber", "SmoothL1", "smooth_l1", "PoissonNLL",
+    "poisson_nll", "CrossEntropy", "cross_entropy",
     "BinaryCrossEntropyWithLogits", "binary_cross_entropy_with_logits",
     # optimizers and schedules
     "sgd", "adam", "adamw", "rmsprop", "adagrad", "clip_by_global_norm", "schedules",

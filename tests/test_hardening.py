@@ -226,7 +226,8 @@ def test_cross_entropy_options_match_torch(options, reduction):
     fnmlp.BinaryCrossEntropyWithLogits("sum", weight=(0.2, 1.0, 2.0)),
     fnmlp.BinaryCrossEntropyWithLogits("none", weight=(0.2, 1.0, 2.0), pos_weight=(2.0, 1.0, 4.0)),
     fnmlp.SmoothL1(beta=0.5), fnmlp.SmoothL1("sum", beta=0.0), fnmlp.SmoothL1("none"),
-    fnmlp.MSE("none"), fnmlp.L1("none"), fnmlp.Huber("none", delta=0.3),
+    fnmlp.MSE("none"), fnmlp.L1("none"), fnmlp.Huber("none", delta=0.3), fnmlp.PoissonNLL(),
+    fnmlp.PoissonNLL("sum"), fnmlp.PoissonNLL("none"),
 ], ids=repr)
 def test_elementwise_loss_options_match_torch(loss):
     g = torch.Generator().manual_seed(3)

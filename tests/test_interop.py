@@ -41,7 +41,7 @@ def test_optimizers_round_trip_through_torch(optimizer):
 
 @pytest.mark.parametrize("loss", [
     fnmlp.MSE("sum"), fnmlp.L1(), fnmlp.Huber(delta=0.3), fnmlp.SmoothL1("sum", beta=0.2),
-    fnmlp.CrossEntropy("none"),
+    fnmlp.PoissonNLL(), fnmlp.CrossEntropy("none"),
     fnmlp.CrossEntropy(label_smoothing=0.1, weight=(1.0, 0.5), ignore_index=4),
     fnmlp.BinaryCrossEntropyWithLogits("sum", weight=(0.5, 2.0), pos_weight=(3.0, 1.0))],
     ids=repr)

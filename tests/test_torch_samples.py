@@ -312,7 +312,7 @@ def test_opinfo_samples_match_autograd():
 MODULES = (nn.Linear, nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh,
            nn.Softmax, nn.LogSoftmax, nn.Softplus, nn.LayerNorm, nn.BatchNorm1d)
 LOSS_MODULES = (nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss, nn.HuberLoss, nn.BCEWithLogitsLoss,
-                nn.CrossEntropyLoss)
+                nn.CrossEntropyLoss, nn.PoissonNLLLoss)
 
 
 def _check_module(info, module_input, training):

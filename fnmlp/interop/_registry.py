@@ -15,7 +15,7 @@ from fnmlp.nn import _activations as act
 from fnmlp.nn._dropout import Dropout, keep_mask
 from fnmlp.nn._linear import Linear, LinearParams
 from fnmlp.nn._losses import (L1, MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Huber, Loss,
-                              SmoothL1)
+                              PoissonNLL, SmoothL1)
 from fnmlp.nn._norm import BatchNorm, BatchNormState, LayerNorm, NormParams
 from fnmlp.nn._primitive import Primitive
 from fnmlp.optim import schedules as sched
@@ -212,8 +212,16 @@ def _tuple_option(module: nn.Module, name: str) -> tuple[float, ...] | None:
     return tuple(value.tolist())
 
 
+def _poisson_options(module: nn.PoissonNLLLoss) -> dict:
+    if not module.log_input or module.full:
+        raise ValueError("nn.PoissonNLLLoss converts with log_input=True and full=False only "
+                         f"(fnmlp.PoissonNLL), got log_input={module.log_input}, "
+                         f"full={module.full}")
+    return {}
+
+
 _TORCH_IGNORE_INDEX = -100  # nn.CrossEntropyLoss's default: fnmlp's ignore_index=None
-_PER_ELEMENT = (MSE, L1, Huber, SmoothL1, BinaryCrossEntropyWithLogits)  # "none" differs
+_PER_ELEMENT = (MSE, L1, Huber, SmoothL1, PoissonNLL, BinaryCrossEntropyWithLogits)  # "none" differs
 
 _LOSSES: dict[type, tuple[type, Callable, Callable]] = {
     MSE: (nn.MSELoss, lambda loss, factory: {}, lambda module: {}),
@@ -222,6 +230,8 @@ _LOSSES: dict[type, tuple[type, Callable, Callable]] = {
             lambda module: {"delta": module.delta}),
     SmoothL1: (nn.SmoothL1Loss, lambda loss, factory: {"beta": loss.beta},
                lambda module: {"beta": module.beta}),
+    PoissonNLL: (nn.PoissonNLLLoss, lambda loss, factory: {"log_input": True, "full": False},
+                 _poisson_options),
     CrossEntropy: (
         nn.CrossEntropyLoss,
         lambda loss, factory: {

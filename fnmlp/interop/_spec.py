@@ -26,7 +26,8 @@ _SPEC_CLASSES: dict[str, type] = {
         _optimizers.SGD, _optimizers.Adam, _optimizers.RMSprop, _optimizers.Adagrad,
         _optimizers.ClipByGlobalNorm, schedules.Constant, schedules.StepDecay,
         schedules.Exponential, schedules.Cosine, schedules.LinearWarmup,
-        _losses.MSE, _losses.L1, _losses.Huber, _losses.SmoothL1, _losses.CrossEntropy,
+        _losses.MSE, _losses.L1, _losses.Huber, _losses.SmoothL1, _losses.PoissonNLL,
+        _losses.CrossEntropy,
         _losses.BinaryCrossEntropyWithLogits)}
 
 

@@ -7,8 +7,8 @@ from fnmlp.nn._activations import (ELU, GELU, Activation, Identity, LeakyReLU, L
 from fnmlp.nn._dropout import Dropout, make_key as dropout_key
 from fnmlp.nn._linear import Linear, LinearParams
 from fnmlp.nn._losses import (L1, MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Huber, Loss,
-                              SmoothL1, binary_cross_entropy_with_logits, cross_entropy, huber,
-                              l1, mse, smooth_l1)
+                              PoissonNLL, SmoothL1, binary_cross_entropy_with_logits,
+                              cross_entropy, huber, l1, mse, poisson_nll, smooth_l1)
 from fnmlp.nn._model import MLP, Dense, Params, State
 from fnmlp.nn._norm import BatchNorm, BatchNormState, LayerNorm, NormParams
 from fnmlp.nn._primitive import Context, Primitive
@@ -19,7 +19,7 @@ __all__ = [
     "Dropout", "dropout_key",
     "Activation", "Identity", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Softplus", "Sigmoid",
     "Tanh", "Softmax", "LogSoftmax", "activation_names", "get_activation",
-    "Loss", "MSE", "mse", "L1", "l1", "Huber", "huber", "SmoothL1", "smooth_l1", "CrossEntropy",
-    "cross_entropy",
+    "Loss", "MSE", "mse", "L1", "l1", "Huber", "huber", "SmoothL1", "smooth_l1", "PoissonNLL",
+    "poisson_nll", "CrossEntropy", "cross_entropy",
     "BinaryCrossEntropyWithLogits", "binary_cross_entropy_with_logits",
 ]

@@ -70,6 +70,23 @@ def _zeros(w, g):
     w.zero_()
 
 
+def _glorot_both(factor: float) -> Initializer:
+    """scikit-learn's MLP draw: W and b ~ U(±sqrt(factor / (n_in + n_out))), W drawn first."""
+
+    def initializer(n_in: int, n_out: int, generator: torch.Generator, dtype: torch.dtype):
+        bound = math.sqrt(factor / (n_in + n_out))
+        device = generator.device
+        weight = torch.empty(n_out, n_in, dtype=dtype, device=device)
+        weight.uniform_(-bound, bound, generator=generator)
+        bias = torch.empty(n_out, dtype=dtype, device=device)
+        bias.uniform_(-bound, bound, generator=generator)
+        return weight, bias
+
+    initializer.__doc__ = (f"scikit-learn's MLP: W, b ~ U(±sqrt({factor:g} / (n_in + n_out)))"
+                           f"{' (its logistic activation)' if factor == 2 else ''}.")
+    return initializer
+
+
 INITIALIZERS: dict[str, Initializer] = {
     "torch": torch_default,
     "normal": normal,
@@ -78,6 +95,8 @@ INITIALIZERS: dict[str, Initializer] = {
     "kaiming_uniform": _weight_then_zero_bias(_kaiming_uniform),
     "kaiming_normal": _weight_then_zero_bias(_kaiming_normal),
     "zeros": _weight_then_zero_bias(_zeros),
+    "sklearn": _glorot_both(6.0),
+    "sklearn_logistic": _glorot_both(2.0),
 }
 ALIASES = {"glorot_uniform": "xavier_uniform", "glorot_normal": "xavier_normal",
            "he_uniform": "kaiming_uniform", "he_normal": "kaiming_normal"}

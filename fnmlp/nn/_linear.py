@@ -10,6 +10,7 @@ Shapes: x (m, n_in), W (n_out, n_in), b (n_out,), z (m, n_out). Keeping W as (ou
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -39,6 +40,7 @@ class Linear(Primitive):
 
     units: int
     initializer: str | None = None
+    penalized: ClassVar[tuple[str, ...]] = ("weight",)  # not the bias
 
     def __post_init__(self):
         _validate.check_positive_int(self.units, "units")

@@ -370,6 +370,29 @@ class CrossEntropy(Loss):
 
 
 @dataclasses.dataclass(frozen=True)
+class PoissonNLL(Loss):
+    """Poisson negative log-likelihood of log-rates z: per element exp(z) - y·z;
+    dL/dz = exp(z) - y (``nn.PoissonNLLLoss(log_input=True, full=False)``; the predicted rate
+    is exp(z)). Targets are counts or rates y >= 0."""
+
+    name: ClassVar[str] = "poisson_nll"
+
+    def forward(self, pred, target, weight=None):
+        rate = pred.exp()
+        value, scale = _elementwise(self, rate - target * pred, weight)
+        return value, (rate - target, scale)
+
+    def backward(self, residual, dvalue=None):
+        difference, scale = residual
+        return _scaled(difference * scale, dvalue)
+
+    def check_target_values(self, target, classes, name="y"):
+        super().check_target_values(target, classes, name)
+        if bool((target < 0).any()):
+            raise ValueError(f"{name} must be >= 0 for the Poisson loss (counts or rates)")
+
+
+@dataclasses.dataclass(frozen=True)
 class BinaryCrossEntropyWithLogits(Loss):
     """Per element, with σ the sigmoid, w the column weight and q the positive weight
     (``nn.BCEWithLogitsLoss``): -w·(q·y·log σ(z) + (1 - y)·log(1 - σ(z))), computed stably;
@@ -449,5 +472,6 @@ mse = MSE()
 l1 = L1()
 huber = Huber()
 smooth_l1 = SmoothL1()
+poisson_nll = PoissonNLL()
 cross_entropy = CrossEntropy()
 binary_cross_entropy_with_logits = BinaryCrossEntropyWithLogits()

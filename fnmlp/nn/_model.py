@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple, Sequence
 
 import torch
@@ -306,7 +307,7 @@ class MLP:
 
     def value_and_grad(self, params: Params, x, y, loss: Loss = mse, *,
                        state: State | None = None, key: Tensor | None = None,
-                       sample_weight=None):
+                       sample_weight=None, l2: float = 0.0):
         """The loss and its gradients by the explicit backward rules (no autograd).
 
         Arguments:
@@ -318,6 +319,8 @@ class MLP:
                 returned as a third value.
             key: the dropout key (``fnmlp.dropout_key``), required with dropout.
             sample_weight: (m,) non-negative row weights (scikit-learn's meaning).
+            l2: an L2 penalty on the ``Linear`` weights as scikit-learn's ``alpha``: l2/(2N)·
+                sum ||W||² added to the loss, N the batch's rows (or weight sum).
 
         Returns ``(loss, grads)``, or ``(loss, grads, new_state)`` when ``state`` is passed;
         ``loss`` is 0-d and ``grads`` is shaped like ``params``.
@@ -329,9 +332,10 @@ class MLP:
         model_state = self._state_for(state, like)
         self.check_training_rows(x.shape[0], weight)
         key = self.check_key(key, x.device)
+        l2 = check_l2(l2)
         with torch.no_grad():
             value, grads, new_state = value_and_grad(self, params, x, y, loss, model_state,
-                                                     key=key, weight=weight)
+                                                     key=key, weight=weight, l2=l2)
         return (value, grads) if state is None else (value, grads, new_state)
 
     def evaluate(self, params: Params, x, y, loss: Loss = mse, *, state: State | None = None,
@@ -397,13 +401,36 @@ def backward(model: MLP, params: Params, residuals: list, dy: Tensor) -> Params:
 
 
 def value_and_grad(model: MLP, params: Params, x: Tensor, y: Tensor, loss: Loss,
-                   state: State, *, key: Tensor | None = None, weight: Tensor | None = None):
+                   state: State, *, key: Tensor | None = None, weight: Tensor | None = None,
+                   l2: float = 0.0):
     """``(loss, grads, new_state)`` without checks: the forward loop, the loss, the reverse
-    loop. ``weight``: (m,) row weights (0 for padding rows), None for all equal."""
+    loop. ``weight``: (m,) row weights (0 for padding rows), None for all equal. ``l2``: the
+    penalty of ``l2_penalty``."""
     context = Context(train=True, key=key, row_weight=weight)
     out, residuals, new_state = forward(model, params, x, state, context)
     value, loss_residual = loss.forward(out, y, weight)
-    return value, backward(model, params, residuals, loss.backward(loss_residual)), new_state
+    grads = backward(model, params, residuals, loss.backward(loss_residual))
+    if l2:
+        value, grads = l2_penalty(model, params, grads, value, l2, loss, x.shape[0], weight)
+    return value, grads, new_state
+
+
+def l2_penalty(model: MLP, params: Params, grads: Params, value: Tensor, l2: float, loss: Loss,
+               rows: int, weight: Tensor | None) -> tuple[Tensor, Params]:
+    """scikit-learn's ``alpha``: adds l2/(2N)·sum ||W||² over the penalized leaves (``Linear``
+    weights, not biases) to the loss and l2/N·W to their gradients, N the batch's rows (its
+    weight sum with row weights; 1 for a summed loss) — the penalty per unit of data."""
+    if loss.reduction == "sum":
+        scale = l2
+    else:
+        scale = l2 / (weight.sum() if weight is not None else rows)
+    grads = list(grads)
+    for i, layer in enumerate(model.layers):
+        for name in layer.penalized:
+            w = getattr(params[i], name)
+            grads[i] = dataclasses.replace(grads[i], **{name: getattr(grads[i], name) + scale * w})
+            value = value + 0.5 * scale * (w * w).sum()
+    return value, tuple(grads)
 
 
 # --- checks -----------------------------------------------------------------------------------
@@ -487,6 +514,14 @@ def _describe(entry) -> str:
     if isinstance(entry, tuple) and not entry:
         return "() (no tensors)"
     return type(entry).__name__
+
+
+def check_l2(l2) -> float:
+    """``l2`` as a float >= 0; raises on anything else."""
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not math.isfinite(l2) \
+            or l2 < 0:
+        raise ValueError(f"l2 must be a finite number >= 0, got {l2!r}")
+    return float(l2)
 
 
 def _check_dtype(dtype) -> None:

@@ -46,11 +46,13 @@ class Primitive:
 
     Defaults describe a parameterless, stateless, width-preserving primitive; override what
     differs. ``uses_key`` marks primitives that draw randomness from ``Context.key``;
-    ``min_training_rows`` is how many rows of non-zero weight a training batch needs.
+    ``min_training_rows`` is how many rows of non-zero weight a training batch needs;
+    ``penalized`` names the params fields an L2 penalty (scikit-learn's ``alpha``) applies to.
     """
 
     uses_key: ClassVar[bool] = False
     min_training_rows: ClassVar[int] = 1
+    penalized: ClassVar[tuple[str, ...]] = ()
 
     def out_features(self, n_in: int) -> int:
         """The output width for an input width ``n_in``."""

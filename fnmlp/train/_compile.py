@@ -44,7 +44,7 @@ _PAD_ROWS = 1024  # a direct call pads by at most max(this, its own rows) rather
 _CACHE_SIZE = 16
 
 
-def step_function(model, loss, optimizer, spec, keyed: bool):
+def step_function(model, loss, optimizer, spec, keyed: bool, l2: float = 0.0):
     """The pure step over flat tensors: ``(*leaves, x, y, weight[, key]) -> (*leaves, loss)``,
     ``leaves`` those of ``(params, opt_state, state)`` laid out by ``spec``."""
     build = tree_builder(spec)
@@ -54,7 +54,7 @@ def step_function(model, loss, optimizer, spec, keyed: bool):
         *leaves, x, y, weight = args[:-1] if keyed else args
         params, opt_state, state = build(leaves)
         value, grads, state = value_and_grad(model, params, x, y, loss, state, key=key,
-                                             weight=weight)
+                                             weight=weight, l2=l2)
         params, opt_state = optimizer._update(params, grads, opt_state)
         leaves, _ = flatten((params, opt_state, state))
         return (*leaves, value)
@@ -165,8 +165,9 @@ def pad_rows(values: Tensor, rows: int) -> Tensor:
 class CompiledStep:
     """The compiled graphs of one (model, loss, optimizer structure, options)."""
 
-    def __init__(self, model, loss, optimizer, *, cuda_graphs: bool | None, compiler: str):
-        self.model, self.loss, self.optimizer = model, loss, optimizer
+    def __init__(self, model, loss, optimizer, *, cuda_graphs: bool | None, compiler: str,
+                 l2: float = 0.0):
+        self.model, self.loss, self.optimizer, self.l2 = model, loss, optimizer, l2
         self.cuda_graphs, self.compiler = cuda_graphs, compiler
         self.graphs: dict[tuple, object] = {}  # what a graph is specialized on -> graph
         self.padding = BatchPadding()
@@ -200,7 +201,7 @@ class CompiledStep:
         with torch.no_grad():
             if graph is None:
                 function = step_function(self.model, self.loss, self.optimizer, spec,
-                                         keyed=key is not None)
+                                         keyed=key is not None, l2=self.l2)
                 graph = self.graphs[specialization] = compile_graph(
                     function, args, compiler=self.compiler_for(device), cuda_graphs=graphs)
             if graphs:
@@ -222,14 +223,15 @@ class CompiledStep:
 _SHARED: collections.OrderedDict[tuple, CompiledStep] = collections.OrderedDict()
 
 
-def shared_compiled_step(model, loss, optimizer, *, cuda_graphs, compiler) -> CompiledStep:
+def shared_compiled_step(model, loss, optimizer, *, cuda_graphs, compiler,
+                         l2: float = 0.0) -> CompiledStep:
     """The ``CompiledStep`` for these arguments, shared by every caller; the least recently
     used of more than ``_CACHE_SIZE`` are dropped (with their graphs)."""
-    key = (model, loss, optimizer.structure, cuda_graphs, compiler)
+    key = (model, loss, optimizer.structure, cuda_graphs, compiler, l2)
     step = _SHARED.get(key)
     if step is None:
         step = _SHARED[key] = CompiledStep(model, loss, optimizer, cuda_graphs=cuda_graphs,
-                                           compiler=compiler)
+                                           compiler=compiler, l2=l2)
         while len(_SHARED) > _CACHE_SIZE:
             _SHARED.popitem(last=False)
     _SHARED.move_to_end(key)

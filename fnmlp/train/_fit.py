@@ -50,6 +50,7 @@ def fit(
     batch_size: int,
     optimizer,
     loss: Loss = mse,
+    l2: float = 0.0,
     sample_weight=None,
     valid: tuple | None = None,
     shuffle: bool = False,
@@ -79,6 +80,8 @@ def fit(
             smaller).
         optimizer: an fnmlp optimizer; ``opt_state`` continues from an earlier result.
         loss: an fnmlp loss (default ``fnmlp.mse``).
+        l2: an L2 penalty on the ``Linear`` weights as scikit-learn's ``alpha``: l2/(2N)·
+            sum ||W||² added to every batch's loss, N its rows (or weight sum).
         sample_weight: (n,) non-negative row weights; each batch's loss is their weighted mean
             (a batch whose rows all weigh 0 is skipped).
         valid: ``(x_valid, y_valid)``: adds an evaluation-mode loss per epoch.
@@ -111,7 +114,8 @@ def fit(
                        on_epoch_end, progress, valid)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    step = train_step(model, loss, optimizer, compile=compile, verify=verify, compiler=compiler)
+    step = train_step(model, loss, optimizer, compile=compile, verify=verify, compiler=compiler,
+                      l2=l2)
     like = model.check_params(params)
     x, y = model.check_data(params, x, y, loss=loss, like=like)
     if not _all_finite(params):
@@ -140,7 +144,7 @@ def fit(
         encode_spec(model)  # a custom primitive or optimizer cannot be checkpointed
         encode_spec(optimizer)
         settings = {"batch_size": batch_size, "shuffle": shuffle, "loss": encode_spec(loss),
-                    "weighted": weight is not None, "rows": x.shape[0]}
+                    "weighted": weight is not None, "rows": x.shape[0], "l2": step.l2}
     if (shuffle or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()

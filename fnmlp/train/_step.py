@@ -14,18 +14,18 @@ from torch import Tensor
 from fnmlp import _validate
 from fnmlp._tree import flatten, unflatten
 from fnmlp.nn._losses import Loss
-from fnmlp.nn._model import MLP, _check_loss, value_and_grad
+from fnmlp.nn._model import MLP, _check_loss, check_l2, value_and_grad
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
 
 COMPILERS = ("auto", "inductor", "dynamo")
 
 
 def eager_step(model: MLP, loss: Loss, optimizer, params, opt_state, state, x: Tensor,
-               y: Tensor, weight: Tensor | None, key: Tensor | None):
+               y: Tensor, weight: Tensor | None, key: Tensor | None, l2: float = 0.0):
     """``(params, opt_state, loss, state)`` after one step of the eager functions."""
     with torch.no_grad():
         value, grads, state = value_and_grad(model, params, x, y, loss, state, key=key,
-                                             weight=weight)
+                                             weight=weight, l2=l2)
         params, opt_state = optimizer._update(params, grads, opt_state)  # checked by callers
     return params, opt_state, value, state
 
@@ -53,7 +53,8 @@ class TrainStep:
     """``step(params, opt_state, x, y) -> (params, opt_state, loss)``; see ``train_step``."""
 
     def __init__(self, model: MLP, loss: Loss, optimizer, *, compile: bool = True,
-                 verify: bool = False, cuda_graphs: bool | None = None, compiler: str = "auto"):
+                 verify: bool = False, cuda_graphs: bool | None = None, compiler: str = "auto",
+                 l2: float = 0.0):
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         _check_loss(loss)
@@ -61,12 +62,13 @@ class TrainStep:
             raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
                             f"got {optimizer!r}")
         self.model, self.loss, self.optimizer = model, loss, optimizer
+        self.l2 = check_l2(l2)
         self.compiled = None
         if compile:
             from fnmlp.train._compile import shared_compiled_step
 
             self.compiled = shared_compiled_step(model, loss, optimizer, cuda_graphs=cuda_graphs,
-                                                 compiler=compiler)
+                                                 compiler=compiler, l2=self.l2)
         self._verify_next = verify and compile
         self._last = _LastOutputs()
 
@@ -109,7 +111,8 @@ class TrainStep:
         that validated the data. ``pad_to``: pad a compiled step's short batch to this size."""
         if self.compiled is None:
             params, opt_state, value, new_state = eager_step(
-                self.model, self.loss, self.optimizer, params, opt_state, state, x, y, weight, key)
+                self.model, self.loss, self.optimizer, params, opt_state, state, x, y, weight, key,
+                self.l2)
             if not self.model.has_state:  # no tensors: keep the caller's object
                 new_state = state
             self._last.remember((params, opt_state, new_state), x)
@@ -137,13 +140,14 @@ class TrainStep:
         from fnmlp.train._compile import verify
 
         params, opt_state, value, state = eager_step(self.model, self.loss, self.optimizer,
-                                                     *trees, x, y, weight, key)
+                                                     *trees, x, y, weight, key, self.l2)
         verify(outputs, [*flatten((params, opt_state, state))[0], value])
         self._verify_next = False
 
 
 def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verify: bool = False,
-               cuda_graphs: bool | None = None, compiler: str = "auto") -> TrainStep:
+               cuda_graphs: bool | None = None, compiler: str = "auto",
+               l2: float = 0.0) -> TrainStep:
     """A pure training step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
 
     Arguments:
@@ -156,6 +160,8 @@ def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verif
         compiler: "inductor" (trace once, compile with inductor, no per-call guards),
             "dynamo" (``torch.compile(fullgraph=True)``), or "auto": inductor on CPU, dynamo
             (with CUDA graphs) on CUDA.
+        l2: an L2 penalty on the ``Linear`` weights as scikit-learn's ``alpha`` (see
+            ``MLP.value_and_grad``).
 
     Compiled graphs are shared by every step of the same (model, loss, optimizer structure,
     options), so a second ``fit`` with the same spec, dtype and device reuses them. A batch
@@ -163,4 +169,4 @@ def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verif
     short last batch costs no new graph.
     """
     return TrainStep(model, loss, optimizer, compile=compile, verify=verify,
-                     cuda_graphs=cuda_graphs, compiler=compiler)
+                     cuda_graphs=cuda_graphs, compiler=compiler, l2=l2)

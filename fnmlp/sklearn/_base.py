@@ -1,0 +1,371 @@
+"""What the two estimators share: hyperparameter checks, the network, scikit-learn's training
+loop (its batches, stopping rules and learning-rate schedules) over fnmlp's train step, and
+prediction."""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import train_test_split
+from sklearn.utils import check_random_state
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted
+
+import fnmlp
+from fnmlp.nn._dropout import make_key
+from fnmlp.nn._model import MLP, Dense
+from fnmlp.train._auto import choose_compile
+from fnmlp.train._step import TrainStep
+
+SOLVERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
+LEARNING_RATES = ("constant", "invscaling", "adaptive")
+_PREDICT_CHUNK = 65536  # rows densified (sparse input) or predicted at a time
+
+
+class BaseMLP(BaseEstimator):
+    """The shared machinery; ``MLPRegressor`` and ``MLPClassifier`` add targets and outputs."""
+
+    # --- hyperparameters ---------------------------------------------------------------------
+
+    def _check_hyperparameters(self) -> None:
+        """Raise ``ValueError`` naming the first bad hyperparameter (before any work)."""
+        if self.layers is None:
+            sizes = self.hidden_layer_sizes
+            sizes = list(sizes) if hasattr(sizes, "__iter__") else [sizes]
+            if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
+                       for s in sizes):
+                raise ValueError(f"hidden_layer_sizes must be positive integers, got "
+                                 f"{self.hidden_layer_sizes!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got "
+                             f"{self.activation!r}")
+        if self.solver == "lbfgs":
+            raise ValueError("solver='lbfgs' is not available in fnmlp (a full-batch "
+                             "quasi-Newton method); use sklearn.neural_network for it, or one "
+                             f"of {SOLVERS}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        if self.learning_rate not in LEARNING_RATES:
+            raise ValueError(f"learning_rate must be one of {LEARNING_RATES}, got "
+                             f"{self.learning_rate!r}")
+        _number(self.alpha, "alpha", 0)
+        _number(self.learning_rate_init, "learning_rate_init", 0, strict=True)
+        _number(self.power_t, "power_t", 0)
+        _number(self.tol, "tol", 0)
+        _number(self.momentum, "momentum", 0, 1)
+        _number(self.validation_fraction, "validation_fraction", 0, 1, strict_high=True)
+        _number(self.beta_1, "beta_1", 0, 1, strict_high=True)
+        _number(self.beta_2, "beta_2", 0, 1, strict_high=True)
+        _number(self.epsilon, "epsilon", 0, strict=True)
+        _integer(self.max_iter, "max_iter")
+        if self.n_iter_no_change != np.inf:
+            _integer(self.n_iter_no_change, "n_iter_no_change")
+        if self.batch_size != "auto":
+            _integer(self.batch_size, "batch_size")
+        for name in ("shuffle", "warm_start", "nesterovs_momentum", "early_stopping"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.compile not in ("auto", True, False):
+            raise ValueError(f"compile must be 'auto', True or False, got {self.compile!r}")
+        if self.dtype not in (None, "float32", "float64", torch.float32, torch.float64):
+            raise ValueError(f"dtype must be None (follow X), 'float32' or 'float64', got "
+                             f"{self.dtype!r}")
+        torch.device(self.device)  # raises on a bad device name
+
+    def _torch_dtype(self, x_dtype) -> torch.dtype:
+        if self.dtype is None:
+            return torch.float32 if x_dtype == np.float32 else torch.float64
+        return getattr(torch, self.dtype) if isinstance(self.dtype, str) else self.dtype
+
+    def _hidden_layers(self) -> list:
+        if self.layers is not None:
+            return list(self.layers)
+        sizes = self.hidden_layer_sizes
+        sizes = list(sizes) if hasattr(sizes, "__iter__") else [sizes]
+        init = "sklearn_logistic" if self.activation == "logistic" else "sklearn"
+        return [Dense(int(s), ACTIVATIONS[self.activation], init=init) for s in sizes]
+
+    def _build_model(self, n_features: int, n_outputs: int) -> MLP:
+        init = "sklearn_logistic" if self.activation == "logistic" else "sklearn"
+        return MLP(n_features, [*self._hidden_layers(),
+                                fnmlp.Linear(n_outputs, initializer=None if self.layers
+                                             is not None else init)])
+
+    def _optimizer(self):
+        lr = float(self.learning_rate_init)
+        if self.solver == "sgd":
+            return fnmlp.sgd(lr, momentum=float(self.momentum),
+                             nesterov=bool(self.nesterovs_momentum) and self.momentum > 0)
+        if self.solver in ("adam", "adamw"):
+            factory = fnmlp.adam if self.solver == "adam" else fnmlp.adamw
+            return factory(lr, betas=(float(self.beta_1), float(self.beta_2)),
+                           eps=float(self.epsilon))
+        if self.solver == "rmsprop":
+            return fnmlp.rmsprop(lr, eps=float(self.epsilon))
+        return fnmlp.adagrad(lr, eps=float(self.epsilon))
+
+    # --- fitting -----------------------------------------------------------------------------
+
+    def _fit(self, X, y, sample_weight=None, incremental: bool = False):
+        self._check_hyperparameters()
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
+        first_pass = not hasattr(self, "params_") or (not self.warm_start and not incremental)
+        X, targets = self._validate_input(X, y, incremental, reset=first_pass)
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X, dtype=X.dtype,
+                                                 ensure_non_negative=True)
+            if not sample_weight.any():
+                raise ValueError("sample_weight is zero for every sample: nothing to fit")
+        random_state = check_random_state(self.random_state)
+        outputs = targets.shape[1] if targets.ndim == 2 else 1
+        loss, out_activation = self._training_loss(outputs)
+        if first_pass:
+            self._start(X.shape[1], outputs, self._torch_dtype(X.dtype), random_state)
+        elif self.model_.out_features != outputs:
+            raise ValueError(f"y has {outputs} outputs but the fitted network has "
+                             f"{self.model_.out_features}; fit again without warm_start")
+        self.out_activation_ = out_activation
+        optimizer = self._optimizer()
+        if not incremental or self._opt_state is None:
+            self._opt_state = optimizer.init(self.params_)
+        split = self._split(X, targets, sample_weight, random_state)
+        self._run(split, loss, optimizer, random_state, incremental)
+        return self
+
+    def _start(self, n_features: int, outputs: int, dtype: torch.dtype, random_state) -> None:
+        """A fresh network and a fresh record of the fit."""
+        self.model_ = self._build_model(n_features, outputs)
+        generator = torch.Generator().manual_seed(_seed(random_state))
+        params = self.model_.init(generator, dtype=dtype)
+        device = torch.device(self.device)
+        self.params_ = fnmlp._tree.tree_map(lambda t: t.to(device), params)
+        self.state_ = self.model_.init_state(dtype=dtype, device=device)
+        self.n_outputs_, self.n_layers_ = outputs, len(self._hidden_layers()) + 2
+        self._opt_state, self._dropout_seed, self._steps = None, _seed(random_state), 0
+        self.n_iter_, self.t_ = 0, 0
+        self.loss_curve_ = []
+        self._no_improvement_count = 0
+        if self.early_stopping:
+            self.validation_scores_, self.best_validation_score_ = [], -np.inf
+            self.best_loss_ = None
+        else:
+            self.best_loss_ = np.inf
+            self.validation_scores_ = self.best_validation_score_ = None
+
+    def _split(self, X, targets, sample_weight, random_state):
+        """``(x, y, w)`` to train on and ``(x, y, w)`` to validate on (or None)."""
+        if not self.early_stopping:
+            return (X, targets, sample_weight), None
+        stratify = targets if self._stratify(targets) else None
+        arrays = [X, targets] + ([sample_weight] if sample_weight is not None else [])
+        parts = train_test_split(*arrays, random_state=random_state,
+                                 test_size=self.validation_fraction, stratify=stratify)
+        train, valid = parts[0::2], parts[1::2]
+        if valid[0].shape[0] < 2:
+            raise ValueError("The validation set is too small. Increase 'validation_fraction' "
+                             "or the size of your dataset.")
+        if len(train) == 2:
+            train, valid = (*train, None), (*valid, None)
+        return tuple(train), tuple(valid)
+
+    def _run(self, split, loss, optimizer, random_state, incremental: bool) -> None:
+        """scikit-learn's stochastic solver loop: epochs of shuffled batches, the stopping rule
+        on the training loss (or validation score), ``invscaling``/``adaptive`` rates."""
+        (x, y, weight), valid = split
+        n = x.shape[0]
+        like = self.params_[0].weight if hasattr(self.params_[0], "weight") else \
+            fnmlp._tree.tree_leaves(self.params_)[0]
+        batch_size = min(200, n) if self.batch_size == "auto" else self.batch_size
+        if batch_size > n:
+            warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is "
+                          "going to be clipped", stacklevel=3)
+        batch_size = int(np.clip(batch_size, 1, n))
+        steps = math.ceil(n / batch_size) * (1 if incremental else self.max_iter)
+        compiled, reason = choose_compile(self.compile, self.model_, steps)
+        if self.verbose:
+            print(f"fnmlp: {'compiled' if compiled else 'eager'} steps ({reason})")
+        step = TrainStep(self.model_, loss, optimizer, compile=compiled, l2=float(self.alpha))
+        x_data = x if sp.issparse(x) else torch.as_tensor(x, dtype=like.dtype, device=like.device)
+        y_data = self._target_tensor(y, like)
+        w_data = None if weight is None else torch.as_tensor(weight, dtype=like.dtype,
+                                                             device=like.device)
+        shuffler = torch.Generator().manual_seed(_seed(random_state))
+        pad_to = batch_size if compiled and n > batch_size else None
+        self.n_iter_ = 0
+        params, opt_state, state = self.params_, self._opt_state, self.state_
+        self._best = (params, state)
+        lr = float(self.learning_rate_init)
+        try:
+            for _ in range(self.max_iter):
+                xs, ys, ws = x_data, y_data, w_data
+                if self.shuffle:  # one gather per epoch; the batches are then slices
+                    order = torch.randperm(n, generator=shuffler).to(like.device)
+                    xs = _rows(x_data, order, like) if isinstance(x_data, torch.Tensor) else \
+                        x_data[order.cpu().numpy()]
+                    ys, ws = y_data[order], None if w_data is None else w_data[order]
+                total = torch.zeros((), dtype=torch.float64, device=like.device)
+                for start in range(0, n, batch_size):
+                    rows = slice(start, start + batch_size)
+                    xb = _rows(xs, rows, like)
+                    wb = None if ws is None else ws[rows]
+                    if wb is not None and not bool(wb.any()):
+                        continue  # no weight in this batch: nothing to learn
+                    key = None
+                    if self.model_.has_dropout:
+                        key = make_key(self._dropout_seed, self._steps, device=like.device)
+                    params, opt_state, value, state = step.run(
+                        params, opt_state, state, xb, ys[rows], weight=wb, key=key,
+                        pad_to=pad_to)
+                    self._steps += 1
+                    total += value * xb.shape[0]  # no sync per step
+                self.params_, self._opt_state, self.state_ = params, opt_state, state
+                self.n_iter_ += 1
+                self.loss_ = float(total) / n
+                if not math.isfinite(self.loss_):
+                    raise ValueError("Solver produced non-finite parameter weights (the loss "
+                                     f"became {self.loss_} in iteration {self.n_iter_}). The "
+                                     "input data may contain large values and need to be "
+                                     "preprocessed, or learning_rate_init is too large.")
+                self.t_ += n
+                self.loss_curve_.append(self.loss_)
+                if self.verbose:
+                    print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
+                self._update_no_improvement_count(valid)
+                if self.solver == "sgd" and self.learning_rate == "invscaling":
+                    lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
+                    opt_state = self._opt_state = optimizer.with_learning_rate(opt_state, lr)
+                if self._no_improvement_count > self.n_iter_no_change:
+                    what = ("Validation score" if self.early_stopping else "Training loss")
+                    message = (f"{what} did not improve more than tol={self.tol:f} for "
+                               f"{self.n_iter_no_change} consecutive epochs.")
+                    if self.solver != "sgd" or self.learning_rate != "adaptive":
+                        if self.verbose:
+                            print(message + " Stopping.")
+                        break
+                    if lr <= 1e-6:
+                        if self.verbose:
+                            print(message + " Learning rate too small. Stopping.")
+                        break
+                    lr /= 5.0
+                    opt_state = self._opt_state = optimizer.with_learning_rate(opt_state, lr)
+                    if self.verbose:
+                        print(message + f" Setting learning rate to {lr:f}")
+                    self._no_improvement_count = 0
+                if incremental:
+                    break
+                if self.n_iter_ == self.max_iter:
+                    warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) "
+                                  "reached and the optimization hasn't converged yet.",
+                                  ConvergenceWarning, stacklevel=3)
+        finally:
+            step.forget()
+        if self.early_stopping:
+            self.params_, self.state_ = self._best
+
+    def _update_no_improvement_count(self, valid) -> None:
+        if valid is not None:
+            x, y = valid[0], self._labels(valid[1])
+            score = self.score(x, y) if valid[2] is None else self.score(x, y, valid[2])
+            self.validation_scores_.append(score)
+            if self.verbose:
+                print("Validation score: %f" % score)
+            if score < self.best_validation_score_ + self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if score > self.best_validation_score_:
+                self.best_validation_score_ = score
+                self._best = (self.params_, self.state_)
+        else:
+            if self.loss_curve_[-1] > self.best_loss_ - self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            self.best_loss_ = min(self.best_loss_, self.loss_curve_[-1])
+
+    # --- prediction --------------------------------------------------------------------------
+
+    def _outputs(self, X) -> torch.Tensor:
+        """The network's outputs (before ``out_activation_``) for validated ``X``."""
+        check_is_fitted(self)
+        X = self._validate_predict(X)
+        like = fnmlp._tree.tree_leaves(self.params_)[0]
+        chunks = []
+        for start in range(0, X.shape[0], _PREDICT_CHUNK):
+            rows = slice(start, start + _PREDICT_CHUNK)
+            chunks.append(self.model_._predict(self.params_, _rows(X, rows, like), like,
+                                               self.state_, train=False, key=None))
+        return torch.cat(chunks) if chunks else torch.empty(0, self.n_outputs_)
+
+    def save(self, path) -> None:
+        """Write the fitted estimator to ``path`` in ``fnmlp.save``'s format (atomic, verified,
+        no pickle); ``fnmlp.sklearn.load(path)`` reads it back."""
+        from fnmlp.sklearn._persist import save
+
+        save(self, path)
+
+    def to_torch(self) -> torch.nn.Sequential:
+        """The fitted network as a ``torch.nn.Sequential`` (its outputs are before
+        ``out_activation_``: logits for a classifier, log-rates for the Poisson loss)."""
+        check_is_fitted(self)
+        return fnmlp.to_torch(self.model_, self.params_, self.state_)
+
+    @property
+    def coefs_(self) -> list[np.ndarray]:
+        """scikit-learn's view of the weights: one (fan_in, fan_out) array per ``Linear``."""
+        check_is_fitted(self)
+        return [p.weight.detach().cpu().numpy().T.copy() for p in self.params_
+                if isinstance(p, fnmlp.LinearParams)]
+
+    @property
+    def intercepts_(self) -> list[np.ndarray]:
+        """scikit-learn's view of the biases: one (fan_out,) array per ``Linear``."""
+        check_is_fitted(self)
+        return [p.bias.detach().cpu().numpy().copy() for p in self.params_
+                if isinstance(p, fnmlp.LinearParams)]
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "params_")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+
+def _rows(x, rows, like: torch.Tensor) -> torch.Tensor:
+    """Rows of a tensor, or of a sparse matrix densified into a tensor like ``like``."""
+    if isinstance(x, torch.Tensor):
+        return x[rows]
+    if isinstance(rows, torch.Tensor):
+        rows = rows.numpy()
+    part = x[rows].toarray() if sp.issparse(x) else np.ascontiguousarray(x[rows])
+    return torch.as_tensor(part, dtype=like.dtype, device=like.device)
+
+
+def _seed(random_state) -> int:
+    """A torch seed drawn from a NumPy ``RandomState`` (as scikit-learn draws its own)."""
+    return int(random_state.randint(np.iinfo(np.int32).max))
+
+
+def _number(value, name: str, low: float, high: float = math.inf, *, strict: bool = False,
+            strict_high: bool = False) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and \
+        math.isfinite(value) and (value > low if strict else value >= low) and \
+        (value < high if strict_high else value <= high)
+    if not ok:
+        interval = f"{'(' if strict else '['}{low}, {high}{')' if strict_high else ']'}"
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
+
+
+def _integer(value, name: str) -> None:
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

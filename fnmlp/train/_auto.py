@@ -1,0 +1,31 @@
+"""``compile="auto"``: compile a step only when the time it saves can pay for compiling it.
+
+The choice is a deterministic estimate made once, before the first step (never a timing, so
+the same call always trains the same way). Measured on 2-core CPUs (torch 2.13, inductor's
+cache warm): a compiled step saves 150-400 µs per ``Linear`` layer over the eager step
+(optimizer updates and small kernels fused), and compiling one graph takes 2-3 s with
+inductor's caches warm and 8-12 s in a fresh process; the estimate takes the cautious ends.
+"""
+
+from __future__ import annotations
+
+from fnmlp.nn._linear import Linear
+
+SAVED_PER_LINEAR_S = 150e-6  # per step and Linear layer, the low end of the measurements
+COMPILE_S = 10.0  # one graph, a fresh process (the high end)
+
+
+def choose_compile(compile, model, steps: int) -> tuple[bool, str]:
+    """``(compile?, why)`` for ``compile`` in (True, False, "auto") and a fit of ``model``
+    taking ``steps`` steps."""
+    if compile is not True and compile is not False and compile != "auto":
+        raise ValueError(f"compile must be True, False or 'auto', got {compile!r}")
+    if compile is not True and compile is not False:
+        linears = max(1, sum(isinstance(layer, Linear) for layer in model.layers))
+        saved = steps * SAVED_PER_LINEAR_S * linears
+        if saved > COMPILE_S:
+            return True, (f"auto: {steps} steps x ~{SAVED_PER_LINEAR_S * 1e6 * linears:.0f} µs "
+                          f"saved per step ~ {saved:.0f} s > ~{COMPILE_S:.0f} s to compile")
+        return False, (f"auto: {steps} steps x ~{SAVED_PER_LINEAR_S * 1e6 * linears:.0f} µs saved "
+                       f"per step ~ {saved:.1f} s < ~{COMPILE_S:.0f} s to compile")
+    return compile, "compile=True" if compile else "compile=False"
