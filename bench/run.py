@@ -5,7 +5,7 @@ round-robin so that machine noise hits all alike), epoch time, samples/s, ratio 
 eager, ratio to the GEMM floor (the step's matrix products alone) and first-step (compile)
 time; a parity line; cold and warm compile times of fnmlp's compiled step in fresh processes.
 
-    python bench/run.py [--workload seed|wide|all] [--device cpu|cuda] [--dtype float32|float64]
+    python bench/run.py [--workload seed|wide|all|sklearn] [--device cpu|cuda] [--dtype float32|float64]
                         [--batch-size N] [--threads N] [--quick] [--json PATH] [--plot PATH]
 """
 
@@ -36,7 +36,9 @@ from workloads import WORKLOADS  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="fnmlp benchmark")
-    parser.add_argument("--workload", default="all", choices=["all", *WORKLOADS])
+    parser.add_argument("--workload", default="all", choices=["all", *WORKLOADS, "sklearn"],
+                        help="'all': the step workloads; 'sklearn': whole fits against "
+                             "sklearn.neural_network (minutes)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
                         help="override the workload's dtype")
@@ -242,6 +244,15 @@ def main(argv=None) -> None:
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(f"fnmlp {fnmlp.__version__}, torch {torch.__version__}, {args.device} ({machine}), "
           f"{threads} threads, {datetime.date.today()}")
+    if args.workload == "sklearn":
+        import sklearn_fits
+
+        result = sklearn_fits.run(quick=args.quick)
+        print(sklearn_fits.format_result(result), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"torch": torch.__version__, "machine": machine,
+                                             "threads": threads, **result}, indent=2))
+        return
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     results = []
     for name in names:

@@ -30,3 +30,17 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
         assert result["parity"]["eager"] <= tolerance
         assert result["parity"]["compiled"] <= tolerance
     assert "fnmlp compiled" in printed and "parity" in printed
+
+
+def test_bench_sklearn_workload_quick(tmp_path):
+    out = tmp_path / "sklearn.json"
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--workload", "sklearn", "--quick",
+         "--json", str(out)], capture_output=True, text=True, timeout=900, check=True).stdout
+    figures = json.loads(out.read_text())
+    assert [r["data"].split()[0] for r in figures["results"]] == [
+        "diabetes", "digits", "breast_cancer", "synthetic"]
+    for result in figures["results"]:
+        for library in ("fnmlp", "sklearn"):
+            assert len(result[library]["fit_s"]) == 2 and result[library]["fit_s_median"] > 0
+    assert "speed-up" in printed

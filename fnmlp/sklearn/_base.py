@@ -193,10 +193,9 @@ class BaseMLP(BaseEstimator):
         if self.verbose:
             print(f"fnmlp: {'compiled' if compiled else 'eager'} steps ({reason})")
         step = TrainStep(self.model_, loss, optimizer, compile=compiled, l2=float(self.alpha))
-        x_data = x if sp.issparse(x) else torch.as_tensor(x, dtype=like.dtype, device=like.device)
+        x_data = x if sp.issparse(x) else _tensor(x, like)
         y_data = self._target_tensor(y, like)
-        w_data = None if weight is None else torch.as_tensor(weight, dtype=like.dtype,
-                                                             device=like.device)
+        w_data = None if weight is None else _tensor(weight, like)
         shuffler = torch.Generator().manual_seed(_seed(random_state))
         pad_to = batch_size if compiled and n > batch_size else None
         self.n_iter_ = 0
@@ -211,7 +210,7 @@ class BaseMLP(BaseEstimator):
                     xs = _rows(x_data, order, like) if isinstance(x_data, torch.Tensor) else \
                         x_data[order.cpu().numpy()]
                     ys, ws = y_data[order], None if w_data is None else w_data[order]
-                total = torch.zeros((), dtype=torch.float64, device=like.device)
+                values, sizes = [], []
                 for start in range(0, n, batch_size):
                     rows = slice(start, start + batch_size)
                     xb = _rows(xs, rows, like)
@@ -225,10 +224,13 @@ class BaseMLP(BaseEstimator):
                         params, opt_state, state, xb, ys[rows], weight=wb, key=key,
                         pad_to=pad_to)
                     self._steps += 1
-                    total += value * xb.shape[0]  # no sync per step
+                    values.append(value)  # no sync per step
+                    sizes.append(xb.shape[0])
                 self.params_, self._opt_state, self.state_ = params, opt_state, state
                 self.n_iter_ += 1
-                self.loss_ = float(total) / n
+                # scikit-learn's loss_: the batch losses weighted by their rows
+                self.loss_ = float(torch.stack(values).double().cpu()
+                                   @ torch.tensor(sizes, dtype=torch.float64)) / n
                 if not math.isfinite(self.loss_):
                     raise ValueError("Solver produced non-finite parameter weights (the loss "
                                      f"became {self.loss_} in iteration {self.n_iter_}). The "
@@ -348,7 +350,15 @@ def _rows(x, rows, like: torch.Tensor) -> torch.Tensor:
     if isinstance(rows, torch.Tensor):
         rows = rows.numpy()
     part = x[rows].toarray() if sp.issparse(x) else np.ascontiguousarray(x[rows])
-    return torch.as_tensor(part, dtype=like.dtype, device=like.device)
+    return _tensor(part, like)
+
+
+def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """``array`` as a tensor like ``like``, sharing memory where it can (a read-only array,
+    such as a memory map, too: fnmlp never writes to its input)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.as_tensor(array, dtype=like.dtype, device=like.device)
 
 
 def _seed(random_state) -> int:

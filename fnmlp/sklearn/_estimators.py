@@ -9,7 +9,7 @@ from sklearn.preprocessing import LabelBinarizer
 from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
 from sklearn.utils.validation import column_or_1d, validate_data
 
-from fnmlp.sklearn._base import BaseMLP
+from fnmlp.sklearn._base import BaseMLP, _tensor
 from fnmlp.sklearn._losses import classification_loss, regression_loss
 
 _SHARED_DOC = """
@@ -117,7 +117,7 @@ class MLPRegressor(RegressorMixin, BaseMLP):
 
     def _target_tensor(self, y, like: torch.Tensor) -> torch.Tensor:
         y = y.reshape(-1, 1) if y.ndim == 1 else y
-        return torch.as_tensor(np.ascontiguousarray(y), dtype=like.dtype, device=like.device)
+        return _tensor(np.ascontiguousarray(y), like)
 
     def _stratify(self, targets) -> bool:
         return False
@@ -249,7 +249,7 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
     def _target_tensor(self, y, like: torch.Tensor) -> torch.Tensor:
         if self._label_binarizer.y_type_ == "multiclass":  # class indices for cross-entropy
             return torch.as_tensor(y.argmax(axis=1), dtype=torch.long, device=like.device)
-        return torch.as_tensor(y, dtype=like.dtype, device=like.device)
+        return _tensor(y, like)
 
     def _stratify(self, targets) -> bool:
         return targets.shape[1] == 1  # binary, as scikit-learn (not multiclass or multilabel)

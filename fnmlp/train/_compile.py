@@ -172,6 +172,7 @@ class CompiledStep:
         self.graphs: dict[tuple, object] = {}  # what a graph is specialized on -> graph
         self.padding = BatchPadding()
         self._ones: dict[tuple, Tensor] = {}  # (rows, padded rows, dtype, device) -> weights
+        self._by_data: dict[tuple, object] = {}  # (spec, data shapes, device) -> last graph
 
     def compiler_for(self, device: torch.device) -> str:
         if self.compiler != "auto":
@@ -183,27 +184,38 @@ class CompiledStep:
                 and self.cuda_graphs is not False)
 
     def __call__(self, leaves: list[Tensor], spec, x: Tensor, y: Tensor, weight: Tensor | None,
-                 key: Tensor | None, pad_to: int | None = None) -> list[Tensor]:
+                 key: Tensor | None, pad_to: int | None = None, *,
+                 own_outputs: bool = False) -> list[Tensor]:
         """The outputs ``[*leaves, loss]`` of one step; a batch shorter than ``pad_to`` (or than
-        a compiled batch size near it) is zero-padded, its padding weighted 0."""
+        a compiled batch size near it) is zero-padded, its padding weighted 0. ``own_outputs``:
+        ``leaves`` are a graph's outputs of the last step (contiguous, shaped as ``spec``'s
+        graph inputs), so only the data decide which graph runs."""
         rows, device = x.shape[0], x.device
         target = self.padding.size_for(max(rows, pad_to or 0), x.dtype, device)
-        weight = self._weights(weight, rows, target, x.dtype, device)
-        args = [*leaves, pad_rows(x, target), pad_rows(y, target), weight]
+        data = [pad_rows(x, target), pad_rows(y, target),
+                self._weights(weight, rows, target, x.dtype, device)]
         if key is not None:
-            args.append(key)
-        if not all(arg.is_contiguous() for arg in args):
-            args = [arg.contiguous() for arg in args]
-        # What a directly compiled graph is specialized on; dynamo checks the same by guards.
-        specialization = (spec, *[(arg.shape, arg.dtype) for arg in args], device)
-        graph = self.graphs.get(specialization)
+            data.append(key)
+        if not all(arg.is_contiguous() for arg in data):
+            data = [arg.contiguous() for arg in data]
+        short = (spec, *[(arg.shape, arg.dtype) for arg in data], device)
+        graph = self._by_data.get(short) if own_outputs else None
+        if graph is None:
+            if not all(leaf.is_contiguous() for leaf in leaves):
+                leaves = [leaf.contiguous() for leaf in leaves]
+            # What a directly compiled graph is specialized on; dynamo checks the same.
+            specialization = (*short[:-1], *[(leaf.shape, leaf.dtype) for leaf in leaves],
+                              device)
+            graph = self.graphs.get(specialization)
         graphs = self.uses_cuda_graphs(device)
+        args = [*leaves, *data]
         with torch.no_grad():
             if graph is None:
                 function = step_function(self.model, self.loss, self.optimizer, spec,
                                          keyed=key is not None, l2=self.l2)
                 graph = self.graphs[specialization] = compile_graph(
                     function, args, compiler=self.compiler_for(device), cuda_graphs=graphs)
+            self._by_data[short] = graph
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             outputs = graph(*args)

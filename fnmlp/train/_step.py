@@ -118,11 +118,12 @@ class TrainStep:
             self._last.remember((params, opt_state, new_state), x)
             return params, opt_state, value, new_state
         trees = (params, opt_state, state)
-        if self._last.knows(trees) and self._last.leaves is not None:
+        own = self._last.knows(trees) and self._last.leaves is not None
+        if own:
             leaves, spec = self._last.leaves, self._last.spec
         else:
             leaves, spec = flatten(trees)
-        outputs = self.compiled(leaves, spec, x, y, weight, key, pad_to)
+        outputs = self.compiled(leaves, spec, x, y, weight, key, pad_to, own_outputs=own)
         if self._verify_next:
             self._verify(trees, x, y, weight, key, outputs)
         leaves = outputs[:-1]
