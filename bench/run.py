@@ -5,7 +5,8 @@ round-robin so that machine noise hits all alike), epoch time, samples/s, ratio 
 eager, ratio to the GEMM floor (the step's matrix products alone) and first-step (compile)
 time; a parity line; cold and warm compile times of fnmlp's compiled step in fresh processes.
 
-    python bench/run.py [--workload seed|wide|all|sklearn] [--device cpu|cuda] [--dtype float32|float64]
+    python bench/run.py [--workload seed|wide|all|sklearn]
+                        [--device cpu|cuda] [--dtype float32|float64]
                         [--batch-size N] [--threads N] [--quick] [--json PATH] [--plot PATH]
 """
 

@@ -221,7 +221,8 @@ def _poisson_options(module: nn.PoissonNLLLoss) -> dict:
 
 
 _TORCH_IGNORE_INDEX = -100  # nn.CrossEntropyLoss's default: fnmlp's ignore_index=None
-_PER_ELEMENT = (MSE, L1, Huber, SmoothL1, PoissonNLL, BinaryCrossEntropyWithLogits)  # "none" differs
+# "none" differs: torch's is per element, fnmlp's per row
+_PER_ELEMENT = (MSE, L1, Huber, SmoothL1, PoissonNLL, BinaryCrossEntropyWithLogits)
 
 _LOSSES: dict[type, tuple[type, Callable, Callable]] = {
     MSE: (nn.MSELoss, lambda loss, factory: {}, lambda module: {}),

@@ -424,12 +424,18 @@ def l2_penalty(model: MLP, params: Params, grads: Params, value: Tensor, l2: flo
         scale = l2
     else:
         scale = l2 / (weight.sum() if weight is not None else rows)
-    grads = list(grads)
+    grads, squares = list(grads), []
     for i, layer in enumerate(model.layers):
         for name in layer.penalized:
             w = getattr(params[i], name)
-            grads[i] = dataclasses.replace(grads[i], **{name: getattr(grads[i], name) + scale * w})
-            value = value + 0.5 * scale * (w * w).sum()
+            gradient = getattr(grads[i], name)
+            gradient = gradient.add(w, alpha=scale) if isinstance(scale, float) else \
+                gradient + scale * w
+            grads[i] = dataclasses.replace(grads[i], **{name: gradient})
+            squares.append(torch.dot(w.reshape(-1), w.reshape(-1)))
+    if squares:
+        total = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
+        value = value + (0.5 * scale) * total
     return value, tuple(grads)
 
 
