@@ -326,3 +326,23 @@ def test_compiled_fit_matches_eager():
     compiled = MLPRegressor(compile=True, **kwargs).fit(x, y)
     np.testing.assert_allclose(compiled.predict(x), eager.predict(x), rtol=1e-10)
     np.testing.assert_allclose(compiled.loss_curve_, eager.loss_curve_, rtol=1e-10)
+
+
+def test_fit_and_train_step_take_l2():
+    """fit(l2=) is the eager value_and_grad(l2=) followed by the update, step by step."""
+    model = fnmlp.MLP(3, [fnmlp.Dense(4, "tanh"), fnmlp.Dense(1)])
+    params = model.init(torch.Generator().manual_seed(0), dtype=F64)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(10, 3, generator=g, dtype=F64), torch.randn(10, 1, generator=g, dtype=F64)
+    optimizer = fnmlp.sgd(0.1)
+    result = fnmlp.fit(model, params, x, y, epochs=2, batch_size=4, optimizer=optimizer, l2=0.5)
+    expected, state = params, optimizer.init(params)
+    for _ in range(2):
+        for start in range(0, 10, 4):
+            _, grads = model.value_and_grad(expected, x[start:start + 4], y[start:start + 4],
+                                            l2=0.5)
+            expected, state = optimizer.update(expected, grads, state)
+    for a, b in zip(fnmlp._tree.tree_leaves(result.params), fnmlp._tree.tree_leaves(expected)):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="l2 must be"):
+        fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False, l2=float("nan"))
