@@ -89,14 +89,18 @@ class BaseMLP(BaseEstimator):
             return list(self.layers)
         sizes = self.hidden_layer_sizes
         sizes = list(sizes) if hasattr(sizes, "__iter__") else [sizes]
-        init = "sklearn_logistic" if self.activation == "logistic" else "sklearn"
-        return [Dense(int(s), ACTIVATIONS[self.activation], init=init) for s in sizes]
+        return [Dense(int(s), ACTIVATIONS[self.activation], init=self._initializer())
+                for s in sizes]
+
+    def _initializer(self) -> str | None:
+        """scikit-learn's draw for its own layers; fnmlp's default for a ``layers=`` spec."""
+        if self.layers is not None:
+            return None
+        return "sklearn_logistic" if self.activation == "logistic" else "sklearn"
 
     def _build_model(self, n_features: int, n_outputs: int) -> MLP:
-        init = "sklearn_logistic" if self.activation == "logistic" else "sklearn"
         return MLP(n_features, [*self._hidden_layers(),
-                                fnmlp.Linear(n_outputs, initializer=None if self.layers
-                                             is not None else init)])
+                                fnmlp.Linear(n_outputs, initializer=self._initializer())])
 
     def _optimizer(self):
         lr = float(self.learning_rate_init)
@@ -181,8 +185,7 @@ class BaseMLP(BaseEstimator):
         on the training loss (or validation score), ``invscaling``/``adaptive`` rates."""
         (x, y, weight), valid = split
         n = x.shape[0]
-        like = self.params_[0].weight if hasattr(self.params_[0], "weight") else \
-            fnmlp._tree.tree_leaves(self.params_)[0]
+        like = fnmlp._tree.tree_leaves(self.params_)[0]
         batch_size = min(200, n) if self.batch_size == "auto" else self.batch_size
         if batch_size > n:
             warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is "
@@ -207,7 +210,7 @@ class BaseMLP(BaseEstimator):
                 xs, ys, ws = x_data, y_data, w_data
                 if self.shuffle:  # one gather per epoch; the batches are then slices
                     order = torch.randperm(n, generator=shuffler).to(like.device)
-                    xs = _rows(x_data, order, like) if isinstance(x_data, torch.Tensor) else \
+                    xs = x_data[order] if isinstance(x_data, torch.Tensor) else \
                         x_data[order.cpu().numpy()]
                     ys, ws = y_data[order], None if w_data is None else w_data[order]
                 values, sizes = [], []

@@ -142,15 +142,11 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
     def predict(self, X) -> np.ndarray:
         """Class labels (n_samples,), or an indicator matrix for multilabel targets."""
         out = self._outputs(X)
-        if self.n_outputs_ == 1:
-            scores = (out[:, 0] > 0).cpu().numpy()  # logit > 0 <=> probability > 0.5
-        elif self.out_activation_ == "softmax":
-            index = out.argmax(dim=1).cpu().numpy()
-            scores = np.zeros(out.shape, dtype=bool)
-            scores[np.arange(len(index)), index] = True
-        else:
-            scores = (out > 0).cpu().numpy()
-        return self._label_binarizer.inverse_transform(scores.astype(np.int64))
+        if self.out_activation_ == "softmax":
+            return self.classes_[out.argmax(dim=1).cpu().numpy()]
+        positive = (out > 0).cpu().numpy().astype(np.int64)  # logit > 0 <=> probability > 0.5
+        return self._label_binarizer.inverse_transform(
+            positive[:, 0] if self.n_outputs_ == 1 else positive)
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (n_samples, n_classes), in the order of ``classes_``."""

@@ -23,9 +23,8 @@ def choose_compile(compile, model, steps: int) -> tuple[bool, str]:
     if compile is not True and compile is not False:
         linears = max(1, sum(isinstance(layer, Linear) for layer in model.layers))
         saved = steps * SAVED_PER_LINEAR_S * linears
-        if saved > COMPILE_S:
-            return True, (f"auto: {steps} steps x ~{SAVED_PER_LINEAR_S * 1e6 * linears:.0f} µs "
-                          f"saved per step ~ {saved:.0f} s > ~{COMPILE_S:.0f} s to compile")
-        return False, (f"auto: {steps} steps x ~{SAVED_PER_LINEAR_S * 1e6 * linears:.0f} µs saved "
-                       f"per step ~ {saved:.1f} s < ~{COMPILE_S:.0f} s to compile")
+        pays = saved > COMPILE_S
+        return pays, (f"auto: {steps} steps x ~{SAVED_PER_LINEAR_S * 1e6 * linears:.0f} µs "
+                      f"saved per step ~ {saved:.1f} s {'>' if pays else '<'} "
+                      f"~{COMPILE_S:.0f} s to compile")
     return compile, "compile=True" if compile else "compile=False"
