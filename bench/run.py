@@ -5,7 +5,7 @@ round-robin so that machine noise hits all alike), epoch time, samples/s, ratio 
 eager, ratio to the GEMM floor (the step's matrix products alone) and first-step (compile)
 time; a parity line; cold and warm compile times of fnmlp's compiled step in fresh processes.
 
-    python bench/run.py [--workload seed|wide|all|sklearn]
+    python bench/run.py [--workload seed|wide|all|sklearn|ensemble]
                         [--device cpu|cuda] [--dtype float32|float64]
                         [--batch-size N] [--threads N] [--quick] [--json PATH] [--plot PATH]
 """
@@ -37,9 +37,13 @@ from workloads import WORKLOADS  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="fnmlp benchmark")
-    parser.add_argument("--workload", default="all", choices=["all", *WORKLOADS, "sklearn"],
+    parser.add_argument("--workload", default="all",
+                        choices=["all", *WORKLOADS, "sklearn", "ensemble"],
                         help="'all': the step workloads; 'sklearn': whole fits against "
-                             "sklearn.neural_network (minutes)")
+                             "sklearn.neural_network (minutes); 'ensemble': K networks in one "
+                             "step against K sequential steps, torch.func and JAX (minutes)")
+    parser.add_argument("--sizes", type=str, default=None,
+                        help="ensemble sizes for --workload ensemble, e.g. 1,8,32,128")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "float64"], default=None,
                         help="override the workload's dtype")
@@ -253,6 +257,20 @@ def main(argv=None) -> None:
         if args.json:
             args.json.write_text(json.dumps({"torch": torch.__version__, "machine": machine,
                                              "threads": threads, **result}, indent=2))
+        return
+    if args.workload == "ensemble":
+        import ensembles
+
+        sizes = tuple(int(k) for k in args.sizes.split(",")) if args.sizes else None
+        dtypes = (args.dtype,) if args.dtype else ("float32", "float64")
+        result = ensembles.run(quick=args.quick, sizes=sizes, dtypes=dtypes,
+                               rounds=args.rounds or 7)
+        print(ensembles.format_result(result), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"torch": torch.__version__, "machine": machine,
+                                             "threads": threads, **result}, indent=2))
+        if args.plot:
+            ensembles.plot(result, args.plot)
         return
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
     results = []

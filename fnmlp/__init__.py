@@ -10,8 +10,9 @@ Layers of the design, one subpackage each: ``fnmlp.nn`` (primitives, losses, the
 ``fnmlp.interop`` (the torch twin). The common names are re-exported here.
 """
 
-from fnmlp import interop, metrics, nn, optim, train, workloads
+from fnmlp import ensemble, interop, metrics, nn, optim, train, workloads
 from fnmlp._tree import pytree_dataclass
+from fnmlp.ensemble import Ensemble
 from fnmlp.interop import (Checkpoint, CheckpointError, TorchTwin, from_torch, load, save,
                            set_dropout_key, to_torch)
 from fnmlp.nn import (ELU, GELU, L1, MLP, MSE, BatchNorm, BinaryCrossEntropyWithLogits,
@@ -39,10 +40,10 @@ __all__ = [
     "sgd", "adam", "adamw", "rmsprop", "adagrad", "clip_by_global_norm", "schedules",
     # training
     "train_step", "TrainStep", "fit", "FitResult", "History", "CompileVerificationError",
-    "NonFiniteLossError",
+    "NonFiniteLossError", "Ensemble",
     # interop, checkpoints and the rest
     "to_torch", "from_torch", "TorchTwin", "set_dropout_key", "save", "load", "Checkpoint",
     "CheckpointError", "metrics", "workloads",
-    "nn", "optim", "train", "interop",
+    "nn", "optim", "train", "interop", "ensemble",
 ]
 __version__ = "0.2.0"

@@ -73,7 +73,9 @@ def fit(
     """Train ``params`` for ``epochs`` passes over (x, y) in minibatches of ``batch_size``.
 
     Arguments:
-        model, params: the network spec and its parameters (not modified).
+        model, params: the network spec and its parameters (not modified); an
+            ``fnmlp.Ensemble`` and its stacked parameters train every member at once
+            (``Ensemble.fit``: its extra options, per-member rates and bagging, are there).
         x: (n, in_features) inputs; y: (n, out_features) targets, or (n,) class labels for
             cross-entropy. Tensors on the parameters' dtype and device, or arrays.
         epochs, batch_size: passes over the data and rows per step (the last batch may be
@@ -107,6 +109,20 @@ def fit(
     Returns a ``FitResult``; a loss that turns NaN or inf raises ``NonFiniteLossError`` (after
     checkpointing the last finite parameters, when checkpointing).
     """
+    from fnmlp.ensemble import Ensemble
+
+    if isinstance(model, Ensemble):  # every member in one step: Ensemble.fit
+        unsupported = {"checkpoint": checkpoint, "resume": resume, "verify": verify,
+                       "on_epoch_end": on_epoch_end, "progress": progress}
+        given = [name for name, value in unsupported.items() if value not in (None, False)]
+        if given:
+            raise ValueError(f"fit of an Ensemble does not support {', '.join(given)} yet")
+        return model.fit(params, x, y, epochs=epochs, batch_size=batch_size,
+                         optimizer=optimizer, loss=loss, l2=l2, sample_weight=sample_weight,
+                         valid=valid, shuffle=shuffle, generator=generator, opt_state=opt_state,
+                         state=state, patience=patience, min_delta=min_delta,
+                         restore_best=restore_best, compile=compile, compiler=compiler,
+                         verbose=verbose)
     _check_loss(loss)
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")

@@ -1,0 +1,271 @@
+"""``python bench/run.py --workload ensemble``: K seed-sized networks trained by one step.
+
+For each ensemble size K and dtype, side by side in one run (contenders interleaved round by
+round, medians): fnmlp's ensemble step (one compiled graph), K sequential compiled single-network
+steps, torch.func's documented ensembling recipe (``stack_module_state`` + ``vmap`` +
+``functional_call``, gradients by autograd), JAX's ``vmap`` of the jitted step (if installed),
+and the ensemble's GEMM floor: its own matrix products alone, same shapes, as the graph runs
+them.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import torch
+
+import fnmlp
+from fnmlp import workloads as seed
+
+SIZES = (1, 8, 32, 128)
+
+
+def _data(dtype, batch: int):
+    x, y, _, _ = seed.seed_data(dtype=dtype)
+    return x[:batch].contiguous(), y[:batch].contiguous()
+
+
+class EnsembleContender:
+    name = "fnmlp ensemble"
+
+    def __init__(self, ensemble, params, x, y, lr):
+        self.step = ensemble.train_step(fnmlp.mse, fnmlp.sgd(lr), compile=True)
+        self.params = params
+        self.opt_state = ensemble.init_optimizer(fnmlp.sgd(lr), params)
+        self.state = ensemble.check_model_state(None, x)
+        self.x, self.y = x, y
+        start = time.perf_counter()
+        self.run()
+        self.setup_seconds = time.perf_counter() - start
+
+    def run(self):
+        self.params, self.opt_state, losses, _ = self.step.run(
+            self.params, self.opt_state, self.state, self.x, self.y)
+
+
+class SequentialContender:
+    name = "fnmlp sequential"
+
+    def __init__(self, ensemble, params, x, y, lr):
+        self.model = ensemble.model
+        self.step = fnmlp.train_step(self.model, fnmlp.mse, fnmlp.sgd(lr), compile=True)
+        self.members = [fnmlp._tree.tree_map(torch.clone, ensemble.member(params, i))
+                        for i in range(ensemble.size)]
+        self.opt_states = [fnmlp.sgd(lr).init(p) for p in self.members]
+        self.state = self.model._state_for(None, None)
+        self.x, self.y = x, y
+        start = time.perf_counter()
+        self.step.run(self.members[0], self.opt_states[0], self.state, x, y)
+        self.setup_seconds = time.perf_counter() - start
+
+    def run(self):
+        for i in range(len(self.members)):
+            p, s, value, _ = self.step.run(self.members[i], self.opt_states[i], self.state,
+                                           self.x, self.y)
+            self.members[i], self.opt_states[i] = p, s
+
+
+class TorchFuncContender:
+    """torch.func's model-ensembling recipe: stacked module state, ``vmap`` over
+    ``functional_call``, gradients with ``torch.func.grad``, an SGD update over the stack."""
+
+    name = "torch.func vmap"
+
+    def __init__(self, ensemble, params, x, y, lr):
+        from torch.func import functional_call, grad, stack_module_state, vmap
+
+        twins = [fnmlp.to_torch(ensemble.model, ensemble.member(params, i))
+                 for i in range(ensemble.size)]
+        weights, buffers = stack_module_state(twins)
+        self.weights = {k: v.detach() for k, v in weights.items()}
+        base = copy.deepcopy(twins[0]).to("meta")
+
+        def loss(w, b, xb, yb):
+            return torch.nn.functional.mse_loss(functional_call(base, (w, b), (xb,)), yb)
+
+        gradient = vmap(grad(loss), in_dims=(0, 0, None, None))
+
+        def update(w, b, xb, yb):
+            grads = gradient(w, b, xb, yb)
+            return {k: w[k] - lr * grads[k] for k in w}
+
+        self.update, self.buffers, self.x, self.y = update, buffers, x, y
+        start = time.perf_counter()
+        self.run()
+        self.setup_seconds = time.perf_counter() - start
+
+    def run(self):
+        self.weights = self.update(self.weights, self.buffers, self.x, self.y)
+
+
+class JaxVmapContender:
+    """JAX: ``jit(vmap(step))`` over stacked (W, b), the batch shared (in_axes None)."""
+
+    name = "JAX jit(vmap)"
+
+    def __init__(self, ensemble, params, x, y, lr):
+        import jax
+        import jax.numpy as jnp
+
+        dtype = params[0].weight.dtype
+        if dtype == torch.float64:
+            jax.config.update("jax_enable_x64", True)
+        activations = {"identity": lambda z: z, "relu": jax.nn.relu,
+                       "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh,
+                       "softmax": lambda z: jax.nn.softmax(z, axis=-1)}
+        layers = []
+        for layer in ensemble.model.layers:
+            if isinstance(layer, fnmlp.Linear):
+                layers.append(activations["identity"])
+            else:
+                layers[-1] = activations[layer.name]
+
+        def loss_fn(ps, xb, yb):
+            a = xb
+            for (w, b), act in zip(ps, layers):
+                a = act(a @ w.T + b)
+            return jnp.mean((a - yb) ** 2)
+
+        def train(ps, xb, yb):
+            value, grads = jax.value_and_grad(loss_fn)(ps, xb, yb)
+            return [(w - lr * gw, b - lr * gb) for (w, b), (gw, gb) in zip(ps, grads)], value
+
+        self.train = jax.jit(jax.vmap(train, in_axes=(0, None, None)))
+        self.params = [(jnp.asarray(p.weight.cpu().numpy()), jnp.asarray(p.bias.cpu().numpy()))
+                       for p in params if isinstance(p, fnmlp.LinearParams)]
+        self.x, self.y = jnp.asarray(x.cpu().numpy()), jnp.asarray(y.cpu().numpy())
+        start = time.perf_counter()
+        self.run()
+        self.setup_seconds = time.perf_counter() - start
+
+    def run(self):
+        self.params, value = self.train(self.params, self.x, self.y)
+        value.block_until_ready()
+
+
+class GemmFloorContender:
+    """The ensemble step's matrix products alone: every mm/bmm/addmm/baddbmm of its traced
+    graph, same shapes and dtype, run back to back."""
+
+    name = "GEMM floor"
+    setup_seconds = 0.0
+
+    def __init__(self, ensemble, params, x, y, lr):
+        from torch.func import vmap
+        from torch.fx.experimental.proxy_tensor import make_fx
+
+        from fnmlp.ensemble._step import member_step
+
+        step = member_step(ensemble, fnmlp.mse, fnmlp.sgd(lr), 0.0)
+        opt_state = ensemble.init_optimizer(fnmlp.sgd(lr), params)
+        state = ensemble.check_model_state(None, x)
+
+        def function(p, o, s, xb, yb):
+            return vmap(step, in_dims=(0, 0, 0, None, None, None, None, None, None))(
+                p, o, s, xb, yb, None, None, None, None)
+
+        graph = make_fx(function)(params, opt_state, state, x, y)
+        g = torch.Generator().manual_seed(0)
+        self.products = []
+        products = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default,
+                    torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default}
+        for node in graph.graph.nodes:
+            if node.op == "call_function" and node.target in products:
+                args = [torch.randn(a.meta["val"].shape, dtype=x.dtype, generator=g)
+                        if isinstance(a, torch.fx.Node) else a for a in node.args]
+                self.products.append((node.target, args))
+
+    def run(self):
+        for op, args in self.products:
+            op(*args)
+
+
+def _contenders(ensemble, params, x, y, lr, with_jax: bool):
+    kinds = [EnsembleContender, SequentialContender, TorchFuncContender, GemmFloorContender]
+    if with_jax:
+        kinds.append(JaxVmapContender)
+    return [kind(ensemble, params, x, y, lr) for kind in kinds]
+
+
+def _has_jax() -> bool:
+    try:
+        import jax  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def run(quick: bool = False, sizes=None, dtypes=("float32", "float64"), rounds: int = 7,
+        batch: int = seed.SEED_BATCH_SIZE, lr: float = seed.SEED_LR) -> dict:
+    """The figures, one entry per (K, dtype)."""
+    sizes = sizes or ((1, 4) if quick else SIZES)
+    rounds = 2 if quick else rounds
+    with_jax = _has_jax()
+    results = []
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        x, y = _data(dtype, batch)
+        for size in sizes:
+            ensemble = fnmlp.Ensemble(seed.seed_model(), size=size)
+            params = ensemble.init(torch.Generator().manual_seed(0), dtype=dtype)
+            contenders = _contenders(ensemble, params, x, y, lr, with_jax)
+            repeats = max(1, 64 // size) if not quick else 1
+            for contender in contenders:  # warm: first calls allocate and load kernels
+                for _ in range(2):
+                    contender.run()
+            times = {c.name: [] for c in contenders}
+            for _ in range(rounds):
+                for contender in contenders:
+                    start = time.perf_counter()
+                    for _ in range(repeats):
+                        contender.run()
+                    times[contender.name].append((time.perf_counter() - start) / repeats)
+            medians = {name: statistics.median(t) for name, t in times.items()}
+            ours = medians["fnmlp ensemble"]
+            results.append({
+                "size": size, "dtype": dtype_name, "batch": batch,
+                "step_ms": {name: 1e3 * t for name, t in medians.items()},
+                "per_member_us": {name: 1e6 * t / size for name, t in medians.items()},
+                "speedup": {name: t / ours for name, t in medians.items()},
+                "setup_s": {c.name: c.setup_seconds for c in contenders},
+            })
+    return {"workload": "ensemble", "results": results}
+
+
+def format_result(result: dict) -> str:
+    names = list(result["results"][0]["step_ms"])
+    lines = ["\n== ensemble: K seed networks (6-32-32-32-32-3, batch 333, SGD), one step of all "
+             "K; per-member µs (ratio = that contender's time / fnmlp ensemble's)",
+             f"{'K':>4} {'dtype':>8} " + " ".join(f"{n:>24}" for n in names)]
+    for r in result["results"]:
+        cells = [f"{r['per_member_us'][n]:>10.1f} µs ({r['speedup'][n]:>5.2f}×)" for n in names]
+        lines.append(f"{r['size']:>4} {r['dtype']:>8} " + " ".join(f"{c:>24}" for c in cells))
+    lines.append("compile (first step), s: " + "; ".join(
+        f"K={r['size']} {r['dtype']}: {r['setup_s']['fnmlp ensemble']:.1f}"
+        for r in result["results"]))
+    return "\n".join(lines)
+
+
+def plot(result: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = sorted({r["dtype"] for r in result["results"]})
+    figure, axes = plt.subplots(1, len(dtypes), figsize=(6 * len(dtypes), 4), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes):
+        rows = [r for r in result["results"] if r["dtype"] == dtype]
+        for name in rows[0]["per_member_us"]:
+            ax.plot([r["size"] for r in rows], [r["per_member_us"][name] for r in rows],
+                    marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("members K")
+        ax.set_ylabel("µs per member per step")
+        ax.set_title(f"seed ensemble step, {dtype}")
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path)
