@@ -10,7 +10,7 @@ Layers of the design, one subpackage each: ``fnmlp.nn`` (primitives, losses, the
 ``fnmlp.interop`` (the torch twin). The common names are re-exported here.
 """
 
-from fnmlp import ensemble, interop, metrics, nn, optim, train, workloads
+from fnmlp import distributed, ensemble, interop, metrics, nn, optim, train, workloads
 from fnmlp._tree import pytree_dataclass
 from fnmlp.ensemble import Ensemble
 from fnmlp.interop import (Checkpoint, CheckpointError, TorchTwin, from_torch, load, save,
@@ -44,6 +44,6 @@ __all__ = [
     # interop, checkpoints and the rest
     "to_torch", "from_torch", "TorchTwin", "set_dropout_key", "save", "load", "Checkpoint",
     "CheckpointError", "metrics", "workloads",
-    "nn", "optim", "train", "interop", "ensemble",
+    "nn", "optim", "train", "interop", "ensemble", "distributed",
 ]
 __version__ = "0.2.0"

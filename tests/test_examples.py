@@ -24,3 +24,13 @@ def test_classification_example_runs():
                           "--epochs", "2"], capture_output=True, text=True, timeout=300,
                          check=True).stdout
     assert "test accuracy" in out and "max rel diff" in out
+
+
+def test_data_parallel_example_runs_on_two_ranks():
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          str(ROOT / "examples" / "data_parallel.py"), "--epochs", "2"],
+                         capture_output=True, text=True, timeout=300, check=True).stdout
+    lines = [line for line in out.splitlines() if "step by step" in line]
+    assert len(lines) == 2
+    for line in lines:
+        assert float(line.rsplit(" ", 1)[1]) <= 1e-13

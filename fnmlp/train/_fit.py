@@ -69,6 +69,7 @@ def fit(
     restore_best: bool = False,
     on_epoch_end=None,
     progress: bool | None = None,
+    distributed: bool = False,
 ) -> FitResult:
     """Train ``params`` for ``epochs`` passes over (x, y) in minibatches of ``batch_size``.
 
@@ -105,6 +106,11 @@ def fit(
         on_epoch_end: ``f(epoch, logs) -> stop?``, ``logs`` a dict with ``train_loss`` (and
             ``valid_loss``); a true result stops the fit.
         progress: a progress bar over the epochs (tqdm); default: when stderr is a terminal.
+        distributed: data-parallel over the ranks ``torchrun`` started (``fnmlp.distributed``):
+            every rank runs this fit on the same data; each global batch's rows are split
+            across the ranks, their gradients summed by one all-reduce, and the result is the
+            one-process fit of the same global batches (to rounding). Rank 0's parameters (and
+            shuffling stream) are broadcast first; only rank 0 prints and checkpoints.
 
     Returns a ``FitResult``; a loss that turns NaN or inf raises ``NonFiniteLossError`` (after
     checkpointing the last finite parameters, when checkpointing).
@@ -130,9 +136,20 @@ def fit(
                        on_epoch_end, progress, valid)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    step = train_step(model, loss, optimizer, compile=compile, verify=verify, compiler=compiler,
-                      l2=l2)
     like = model.check_params(params)
+    if distributed:
+        from fnmlp import distributed as data_parallel
+
+        if verify:
+            raise ValueError("verify=True is not supported with distributed=True")
+        data_parallel.init(device=like.device)
+        step = data_parallel.DistributedStep(model, loss, optimizer, compile=compile, l2=l2)
+        lead = data_parallel.rank() == 0
+        verbose, progress = verbose and lead, progress and lead
+    else:
+        step = train_step(model, loss, optimizer, compile=compile, verify=verify,
+                          compiler=compiler, l2=l2)
+        lead = True
     x, y = model.check_data(params, x, y, loss=loss, like=like)
     if not _all_finite(params):
         raise ValueError("params contain NaN or inf before training; start from finite "
@@ -164,6 +181,8 @@ def fit(
     if (shuffle or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
+    if distributed:  # every rank starts from rank 0's parameters and shuffling stream
+        params, opt_state, generator = data_parallel.start_alike(params, opt_state, generator)
     run = None
     if resume:
         run = restore_run(checkpoint, model, optimizer, like, generator, settings, epochs)
@@ -188,7 +207,7 @@ def fit(
                     train_loss = _train_epoch(run, step, model, x, y, weight, batch_size,
                                               shuffle, generator, compile)
                 except NonFiniteLossError as error:
-                    if checkpoint is not None:  # the last finite state, beside the epoch's
+                    if checkpoint is not None and lead:  # the last finite state too
                         save_run(f"{os.fspath(checkpoint)}.nonfinite", run, model, optimizer,
                                  generator, settings)
                         error.args = (f"{error.args[0]}; the last finite state is saved at "
@@ -206,8 +225,8 @@ def fit(
                 early = patience is not None and run.waited >= patience  # final, even resumed
                 asked = on_epoch_end is not None and bool(on_epoch_end(epoch, logs))
                 run.epoch, run.stopped = epoch + 1, early
-                if checkpoint is not None and (early or asked or run.epoch == epochs
-                                               or run.epoch % checkpoint_every == 0):
+                if checkpoint is not None and lead and (early or asked or run.epoch == epochs
+                                                        or run.epoch % checkpoint_every == 0):
                     save_run(checkpoint, run, model, optimizer, generator, settings)
                 if early or asked:
                     break

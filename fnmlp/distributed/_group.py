@@ -1,0 +1,111 @@
+"""The process group a data-parallel fit runs in: joining the one ``torchrun`` set up, the
+collectives fnmlp uses (broadcast, all-reduce), each failing with a clear error within a bounded
+time instead of torch's 30-minute default."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+DEFAULT_TIMEOUT = 60.0  # seconds a collective may wait for the other ranks
+
+
+class DistributedError(RuntimeError):
+    """Another rank failed, died or stopped responding (or the group could not be joined)."""
+
+
+_timeout = DEFAULT_TIMEOUT
+
+
+def init(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+         device: torch.device | str = "cpu") -> None:
+    """Join the process group ``torchrun`` described in the environment (``RANK``,
+    ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), unless one is joined already.
+
+    Arguments:
+        backend: "gloo" or "nccl"; default: NCCL for CUDA parameters, gloo on the CPU.
+        timeout: seconds a collective waits for the other ranks before failing with
+            ``DistributedError`` (torch's default is 30 minutes).
+        device: where the parameters live (chooses the default backend).
+    """
+    global _timeout
+    if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+            and timeout > 0):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    _timeout = float(timeout)
+    if dist.is_initialized():
+        return
+    missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if name not in os.environ]
+    if missing:
+        raise DistributedError(
+            f"distributed=True needs a process group: run under torchrun "
+            f"(torchrun --nproc_per_node=N script.py) or set {', '.join(missing)}")
+    if backend is None:
+        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout))
+    except Exception as error:  # noqa: BLE001 (any failure to join is this error)
+        raise DistributedError(f"could not join the process group ({backend}): {error}") \
+            from error
+
+
+def rank() -> int:
+    """This process's rank (0 when not distributed)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """The number of ranks (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_reduce_sum(bucket: Tensor, what: str) -> Tensor:
+    """``bucket`` summed over the ranks (in place on a fresh copy; one collective)."""
+    bucket = bucket.clone()
+    _collective(lambda: dist.all_reduce(bucket, op=dist.ReduceOp.SUM), what)
+    return bucket
+
+
+def broadcast(tensors: list[Tensor], what: str) -> list[Tensor]:
+    """Rank 0's ``tensors`` on every rank, as one flat bucket per dtype (fresh tensors)."""
+    out: list = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(index)
+    for indices in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        _collective(lambda: dist.broadcast(flat, src=0), what)
+        for i, piece in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            out[i] = piece.view(tensors[i].shape)
+    return out
+
+
+def _collective(run, what: str) -> None:
+    try:
+        run()
+    except Exception as error:  # noqa: BLE001 (gloo and NCCL raise various types)
+        raise DistributedError(
+            f"rank {rank()} of {world_size()}: {what} failed — another rank raised, died or "
+            f"did not answer within {_timeout:g} s ({type(error).__name__}: {error})") from error
+
+
+def start_alike(params, opt_state, generator: torch.Generator | None):
+    """Rank 0's ``params``, ``opt_state`` (when given) and ``generator`` state on every rank, so
+    that all ranks start the same run."""
+    from fnmlp._tree import flatten, unflatten
+
+    trees = (params, opt_state)
+    leaves, spec = flatten(trees)
+    params, opt_state = unflatten(broadcast(leaves, "broadcasting rank 0's parameters"), spec)
+    if generator is not None:
+        state = generator.get_state()
+        (state,) = broadcast([state], "broadcasting rank 0's generator state")
+        generator.set_state(state)
+    return params, opt_state, generator
