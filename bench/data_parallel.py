@@ -84,6 +84,19 @@ def ranked(name: str, steps: int, compile: bool, quick: bool) -> dict:
             parts[part].append(seconds)
     result = {f"{part}_us": 1e6 * statistics.median(t) for part, t in parts.items()}
     result["step_us"] = sum(result.values())
+    if compile:  # whole steps: the all-reduce between two graphs, or inside one graph
+        state = model._state_for(None, None)
+        for collective in ("between", "in_graph"):
+            whole = fnmlp.distributed.DistributedStep(model, fnmlp.mse, optimizer, compile=True,
+                                                      collective=collective)
+            out = whole.run(params, opt_state, state, x, y)
+            times = []
+            for _ in range(steps):
+                torch.distributed.barrier()
+                start = time.perf_counter()
+                out = whole.run(out[0], out[1], state, x, y)
+                times.append(time.perf_counter() - start)
+            result[f"whole_step_{collective}_us"] = 1e6 * statistics.median(times)
     result["bucket_bytes"] = bucket.numel() * bucket.element_size()
     result["rows_per_rank"] = size
     torch.distributed.destroy_process_group()
@@ -137,6 +150,10 @@ def main() -> None:
               f"; 2 ranks x 1 thread {ranks['step_us']:.0f} (gradient {ranks['gradient_us']:.0f}"
               f" + all-reduce {ranks['all_reduce_us']:.0f} of {ranks['bucket_bytes']} bytes + "
               f"update {ranks['update_us']:.0f}), {ranks['rows_per_rank']} rows per rank")
+        if "whole_step_in_graph_us" in ranks:
+            print(f"  whole step, all-reduce between two graphs "
+                  f"{ranks['whole_step_between_us']:.0f}, inside one graph "
+                  f"{ranks['whole_step_in_graph_us']:.0f}")
     if args.json:
         args.json.write_text(json.dumps({"torch": torch.__version__, "mode": mode,
                                          "figures": figures}, indent=2))

@@ -29,8 +29,8 @@ def main(out_dir: str, mode: str, options: dict) -> None:
     dtype = torch.float64
     model = seed_model()
     params = model.init(torch.Generator().manual_seed(0), dtype=dtype)
-    x, y, _, _ = seed_data(dtype=dtype, samples=options.get("rows", 1000),
-                           train=options.get("rows", 1000))
+    rows = options.get("rows", 1000)
+    x, y, x_valid, y_valid = seed_data(dtype=dtype, samples=rows + 301, train=rows)
     optimizer = getattr(fnmlp, options.get("optimizer", "sgd"))(options.get("lr", 0.01))
     l2 = options.get("l2", 0.0)
     result = {"rank": rank}
@@ -39,7 +39,8 @@ def main(out_dir: str, mode: str, options: dict) -> None:
         if distributed:
             step = fnmlp.distributed.DistributedStep(model, fnmlp.mse, optimizer,
                                                      compile=options.get("compile", False),
-                                                     l2=l2)
+                                                     l2=l2, collective=options.get(
+                                                         "collective", "in_graph"))
         else:
             step = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False, l2=l2)
         opt_state, state = optimizer.init(params), model._state_for(None, None)
@@ -67,10 +68,12 @@ def main(out_dir: str, mode: str, options: dict) -> None:
                         optimizer=optimizer, shuffle=True,
                         generator=torch.Generator().manual_seed(options.get("seed", 0)),
                         l2=l2, compile=options.get("compile", False),
+                        valid=(x_valid, y_valid),
                         checkpoint=options.get("checkpoint"), resume=options.get("resume", False),
                         on_epoch_end=on_epoch_end, distributed=distributed)
         result["params"] = flatten(fit.params)[0]
         result["train_loss"] = fit.history.train_loss
+        result["valid_loss"] = fit.history.valid_loss
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

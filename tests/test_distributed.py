@@ -100,8 +100,10 @@ def test_fit_on_two_ranks_then_resumed_on_one_equals_one_process(tmp_path):
     for resumed in (two_then_one, one_then_two):
         for a, b in zip(resumed["params"], reference["params"]):
             assert relative(a, b) <= TOLERANCE
-        for a, b in zip(resumed["train_loss"], reference["train_loss"]):
+        for a, b in zip(resumed["train_loss"] + resumed["valid_loss"],
+                        reference["train_loss"] + reference["valid_loss"]):
             assert abs(a - b) <= TOLERANCE * abs(b)
+        assert len(resumed["valid_loss"]) == 4
 
 
 @pytest.mark.parametrize("kind", ["raise", "die", "hang"])
@@ -143,9 +145,11 @@ def test_distributed_refuses_what_it_cannot_reproduce():
 
 
 @pytest.mark.slow
-def test_compiled_two_ranks_equal_one_process(tmp_path):
-    """Compiled: the gradient graph, the all-reduce, the update graph."""
-    options = {"compile": True, "batch": 250, "rows": 750}
+@pytest.mark.parametrize("collective", ["in_graph", "between"])
+def test_compiled_two_ranks_equal_one_process(tmp_path, collective):
+    """Compiled: one graph with the all-reduce inside, or the gradient graph, the all-reduce,
+    the update graph."""
+    options = {"compile": True, "batch": 250, "rows": 750, "collective": collective}
     single, double = run((tmp_path / "single", "steps", options, 1),
                          (tmp_path / "double", "steps", options, 2))
     for (params1, loss1), (params2, loss2) in zip(single["history"], double["history"]):

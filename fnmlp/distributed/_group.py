@@ -87,9 +87,26 @@ def broadcast(tensors: list[Tensor], what: str) -> list[Tensor]:
     return out
 
 
-def _collective(run, what: str) -> None:
+def wait_for_all(what: str, timeout: float) -> None:
+    """A barrier allowed ``timeout`` seconds (at least the collectives'): after compiling,
+    which may take one rank much longer than another (a cold compiler cache)."""
+    if not dist.is_initialized():
+        return
+    seconds = datetime.timedelta(seconds=max(timeout, _timeout))
+    if dist.get_backend() == "gloo":
+        _collective(lambda: dist.monitored_barrier(timeout=seconds, wait_all_ranks=True), what)
+    else:
+        _collective(dist.barrier, what)
+
+
+def collective_call(run, what: str):
+    """``run()``'s result; its failure (a collective inside it) as ``DistributedError``."""
+    return _collective(run, what)
+
+
+def _collective(run, what: str):
     try:
-        run()
+        return run()
     except Exception as error:  # noqa: BLE001 (gloo and NCCL raise various types)
         raise DistributedError(
             f"rank {rank()} of {world_size()}: {what} failed — another rank raised, died or "

@@ -99,6 +99,7 @@ class EnsembleStep:
         self._graphs: dict[tuple, object] = {}
         self._decay: dict[tuple, Tensor] = {}
         self._rows: dict[tuple, int] = {}  # data layout -> rows of its compiled graph
+        self._constants: dict[tuple, Tensor] = {}
 
     def __call__(self, params, opt_state, x, y, *, state=None, sample_weight=None,
                  key: Tensor | None = None, active=None):
@@ -167,9 +168,9 @@ class EnsembleStep:
 
         size, rows = self.ensemble.size, x.shape[-2]
         if weight is None:
-            weight = torch.ones(rows, dtype=x.dtype, device=x.device)
+            weight = self._ones(rows, x.dtype, x.device)
         if active is None:
-            active = torch.ones(size, dtype=torch.bool, device=x.device)
+            active = self._ones(size, torch.bool, x.device)
         layout = (x.dim(), y.dim(), weight.dim(), x.dtype, x.device)
         target = max(rows, self._rows.get(layout, 0))
         if target > rows:  # a short batch runs padded (weight 0) in the graph compiled already
@@ -196,6 +197,14 @@ class EnsembleStep:
             outputs = list(graph(*args))
         params, opt_state, state = tree_builder(spec)(outputs[:-1])
         return params, opt_state, outputs[-1], state
+
+    def _ones(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """A (size,) tensor of ones, made once (graph inputs are never written)."""
+        ones = self._constants.get((size, dtype, device))
+        if ones is None:
+            ones = self._constants[(size, dtype, device)] = torch.ones(size, dtype=dtype,
+                                                                       device=device)
+        return ones
 
     def _flat_function(self, spec, x_per_member: bool, y_per_member: bool,
                        weight_per_member: bool,

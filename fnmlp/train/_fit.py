@@ -216,8 +216,11 @@ def fit(
                 logs = {"train_loss": train_loss}
                 run.train_loss.append(train_loss)
                 if valid is not None:
-                    prediction = forward(model, run.params, valid[0], run.state, EVAL)[0]
-                    logs["valid_loss"] = loss(prediction, valid[1]).item()
+                    if distributed:  # each rank its shard of the rows, summed
+                        logs["valid_loss"] = step.evaluate(run.params, *valid)
+                    else:
+                        prediction = forward(model, run.params, valid[0], run.state, EVAL)[0]
+                        logs["valid_loss"] = loss(prediction, valid[1]).item()
                     run.valid_loss.append(logs["valid_loss"])
                     if run.improved(logs["valid_loss"], min_delta):
                         run.best = (run.params, run.state)  # kept for restore_best on resume
