@@ -83,6 +83,7 @@ def test_two_ranks_step_by_step_equal_one_process(tmp_path, options):
         assert abs(loss2 - loss1) <= TOLERANCE * abs(loss1)
 
 
+@pytest.mark.slow
 def test_fit_on_two_ranks_then_resumed_on_one_equals_one_process(tmp_path):
     """The global batch defines the run: a fit checkpointed by 2 ranks and resumed by one
     process (and the reverse) ends where one process ends."""
@@ -106,6 +107,7 @@ def test_fit_on_two_ranks_then_resumed_on_one_equals_one_process(tmp_path):
         assert len(resumed["valid_loss"]) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["raise", "die", "hang"])
 def test_a_failing_rank_fails_the_others_within_the_timeout(tmp_path, kind):
     timeout = 5.0
