@@ -123,6 +123,40 @@ class SklearnContender:
     step = None  # timed per epoch only
 
 
+def jax_sgd_step(model, params, lr):
+    """``(train, jax_params)``: JAX's value_and_grad + SGD over a list of (W, b) for ``model``
+    (not jitted), and ``params`` as that list. Float64 turns on JAX's x64 mode."""
+    import jax
+    import jax.numpy as jnp
+
+    if params[0].weight.dtype == torch.float64:
+        jax.config.update("jax_enable_x64", True)
+    activations = {"identity": lambda z: z, "relu": jax.nn.relu,
+                   "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh,
+                   "softmax": lambda z: jax.nn.softmax(z, axis=-1)}
+    # per Linear, the activation after it (the seed's Dense layers: Linear, activation)
+    layers = []
+    for layer in model.layers:
+        if isinstance(layer, fnmlp.Linear):
+            layers.append(activations["identity"])
+        else:
+            layers[-1] = activations[layer.name]
+
+    def loss_fn(ps, xb, yb):
+        a = xb
+        for (w, b), act in zip(ps, layers):
+            a = act(a @ w.T + b)
+        return jnp.mean((a - yb) ** 2)
+
+    def train(ps, xb, yb):
+        value, grads = jax.value_and_grad(loss_fn)(ps, xb, yb)
+        return [(w - lr * gw, b - lr * gb) for (w, b), (gw, gb) in zip(ps, grads)], value
+
+    jax_params = [(jnp.asarray(p.weight.cpu().numpy()), jnp.asarray(p.bias.cpu().numpy()))
+                  for p in params if isinstance(p, fnmlp.LinearParams)]
+    return train, jax_params
+
+
 class JaxContender:
     """JAX: jit of value_and_grad + SGD over a list of (W, b). Used only if jax is installed."""
 
@@ -130,34 +164,9 @@ class JaxContender:
         import jax
         import jax.numpy as jnp
 
-        if params[0].weight.dtype == torch.float64:
-            jax.config.update("jax_enable_x64", True)
         self.name, self.batch_size = name, batch_size
-        activations = {"identity": lambda z: z, "relu": jax.nn.relu,
-                       "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh,
-                       "softmax": lambda z: jax.nn.softmax(z, axis=1)}
-        # per Linear, the activation after it (the seed's Dense layers: Linear, activation)
-        layers = []
-        for layer in model.layers:
-            if isinstance(layer, fnmlp.Linear):
-                layers.append(activations["identity"])
-            else:
-                layers[-1] = activations[layer.name]
-
-        def loss_fn(ps, xb, yb):
-            a = xb
-            for (w, b), act in zip(ps, layers):
-                a = act(a @ w.T + b)
-            return jnp.mean((a - yb) ** 2)
-
-        @jax.jit
-        def train(ps, xb, yb):
-            value, grads = jax.value_and_grad(loss_fn)(ps, xb, yb)
-            return [(w - lr * gw, b - lr * gb) for (w, b), (gw, gb) in zip(ps, grads)], value
-
-        self.train = train
-        self.params = [(jnp.asarray(p.weight.cpu().numpy()), jnp.asarray(p.bias.cpu().numpy()))
-                       for p in params if isinstance(p, fnmlp.LinearParams)]
+        train, self.params = jax_sgd_step(model, params, lr)
+        self.train = jax.jit(train)
         self.x, self.y = jnp.asarray(x.cpu().numpy()), jnp.asarray(y.cpu().numpy())
         self.xb, self.yb = self.x[:batch_size], self.y[:batch_size]
         start = time.perf_counter()

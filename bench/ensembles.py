@@ -109,32 +109,10 @@ class JaxVmapContender:
         import jax
         import jax.numpy as jnp
 
-        dtype = params[0].weight.dtype
-        if dtype == torch.float64:
-            jax.config.update("jax_enable_x64", True)
-        activations = {"identity": lambda z: z, "relu": jax.nn.relu,
-                       "sigmoid": jax.nn.sigmoid, "tanh": jnp.tanh,
-                       "softmax": lambda z: jax.nn.softmax(z, axis=-1)}
-        layers = []
-        for layer in ensemble.model.layers:
-            if isinstance(layer, fnmlp.Linear):
-                layers.append(activations["identity"])
-            else:
-                layers[-1] = activations[layer.name]
+        from contenders import jax_sgd_step
 
-        def loss_fn(ps, xb, yb):
-            a = xb
-            for (w, b), act in zip(ps, layers):
-                a = act(a @ w.T + b)
-            return jnp.mean((a - yb) ** 2)
-
-        def train(ps, xb, yb):
-            value, grads = jax.value_and_grad(loss_fn)(ps, xb, yb)
-            return [(w - lr * gw, b - lr * gb) for (w, b), (gw, gb) in zip(ps, grads)], value
-
+        train, self.params = jax_sgd_step(ensemble.model, params, lr)
         self.train = jax.jit(jax.vmap(train, in_axes=(0, None, None)))
-        self.params = [(jnp.asarray(p.weight.cpu().numpy()), jnp.asarray(p.bias.cpu().numpy()))
-                       for p in params if isinstance(p, fnmlp.LinearParams)]
         self.x, self.y = jnp.asarray(x.cpu().numpy()), jnp.asarray(y.cpu().numpy())
         start = time.perf_counter()
         self.run()

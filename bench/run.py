@@ -5,7 +5,7 @@ round-robin so that machine noise hits all alike), epoch time, samples/s, ratio 
 eager, ratio to the GEMM floor (the step's matrix products alone) and first-step (compile)
 time; a parity line; cold and warm compile times of fnmlp's compiled step in fresh processes.
 
-    python bench/run.py [--workload seed|wide|all|sklearn|ensemble]
+    python bench/run.py [--workload seed|wide|all|sklearn|ensemble|sweep] [--load N]
                         [--device cpu|cuda] [--dtype float32|float64]
                         [--batch-size N] [--threads N] [--quick] [--json PATH] [--plot PATH]
 """
@@ -13,6 +13,7 @@ time; a parity line; cold and warm compile times of fnmlp's compiled step in fre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -38,10 +39,11 @@ from workloads import WORKLOADS  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="fnmlp benchmark")
     parser.add_argument("--workload", default="all",
-                        choices=["all", *WORKLOADS, "sklearn", "ensemble"],
+                        choices=["all", *WORKLOADS, "sklearn", "ensemble", "sweep"],
                         help="'all': the step workloads; 'sklearn': whole fits against "
                              "sklearn.neural_network (minutes); 'ensemble': K networks in one "
-                             "step against K sequential steps, torch.func and JAX (minutes)")
+                             "step against K sequential steps, torch.func and JAX (minutes); "
+                             "'sweep': fits over hidden widths, compiles included")
     parser.add_argument("--sizes", type=str, default=None,
                         help="ensemble sizes for --workload ensemble, e.g. 1,8,32,128")
     parser.add_argument("--device", default="cpu")
@@ -56,7 +58,23 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="skip the cold/warm compile measurement in fresh processes")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG bar chart here")
+    parser.add_argument("--load", type=int, default=0,
+                        help="N busy processes (one spinning loop each) run beside the "
+                             "measurement, the same for every contender: a shared machine")
     return parser.parse_args(argv)
+
+
+@contextlib.contextmanager
+def busy_processes(count: int):
+    """``count`` processes spinning a core each while the block runs (``--load``)."""
+    processes = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+                 for _ in range(count)]
+    try:
+        yield
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
 
 
 def time_rounds(contenders, method: str, rounds: int, repeats: int, device: str):
@@ -248,12 +266,28 @@ def main(argv=None) -> None:
     machine = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                else f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores")
     print(f"fnmlp {fnmlp.__version__}, torch {torch.__version__}, {args.device} ({machine}), "
-          f"{threads} threads, {datetime.date.today()}")
+          f"{threads} threads, {datetime.date.today()}"
+          + (f", {args.load} busy processes beside" if args.load else ""))
+    with busy_processes(args.load):
+        run_all(args, threads, machine)
+
+
+def run_all(args, threads: int, machine: str) -> None:
+    """The workloads ``args`` ask for, printed (and written to ``--json``, ``--plot``)."""
     if args.workload == "sklearn":
         import sklearn_fits
 
         result = sklearn_fits.run(quick=args.quick)
         print(sklearn_fits.format_result(result), flush=True)
+        if args.json:
+            args.json.write_text(json.dumps({"torch": torch.__version__, "machine": machine,
+                                             "threads": threads, **result}, indent=2))
+        return
+    if args.workload == "sweep":
+        import sweep
+
+        result = sweep.run(quick=args.quick)
+        print(sweep.format_result(result), flush=True)
         if args.json:
             args.json.write_text(json.dumps({"torch": torch.__version__, "machine": machine,
                                              "threads": threads, **result}, indent=2))

@@ -44,3 +44,26 @@ def test_bench_sklearn_workload_quick(tmp_path):
         for library in ("fnmlp", "sklearn"):
             assert len(result[library]["fit_s"]) == 2 and result[library]["fit_s_median"] > 0
     assert "speed-up" in printed
+
+
+def test_bench_ensemble_and_sweep_workloads_quick(tmp_path):
+    out = tmp_path / "ensemble.json"
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--workload", "ensemble", "--quick",
+         "--sizes", "2", "--dtype", "float32", "--json", str(out)], capture_output=True,
+        text=True, timeout=900, check=True).stdout
+    figures = json.loads(out.read_text())
+    (result,) = figures["results"]
+    assert result["size"] == 2 and result["dtype"] == "float32"
+    for name in ("fnmlp ensemble", "fnmlp sequential", "torch.func vmap", "GEMM floor"):
+        assert result["step_ms"][name] > 0
+    assert "per-member" in printed
+    out = tmp_path / "sweep.json"
+    printed = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--workload", "sweep", "--quick",
+         "--json", str(out)], capture_output=True, text=True, timeout=900, check=True).stdout
+    figures = json.loads(out.read_text())
+    assert figures["widths"] == [16, 32]
+    for name in ("fnmlp eager", "fnmlp compiled"):
+        assert figures["results"][name]["total_s"] > 0
+    assert "sweep" in printed

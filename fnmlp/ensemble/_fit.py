@@ -15,6 +15,7 @@ from fnmlp._tree import tree_map
 from fnmlp.ensemble._ensemble import Ensemble
 from fnmlp.nn._losses import Loss, mse
 from fnmlp.nn._model import EVAL, forward
+from fnmlp.train._fit import _check_run_options
 
 
 @dataclasses.dataclass
@@ -69,14 +70,7 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     """
     _validate.check_positive_int(epochs, "epochs")
     _validate.check_positive_int(batch_size, "batch_size")
-    if patience is not None:
-        _validate.check_positive_int(patience, "patience")
-    if not (isinstance(min_delta, (int, float)) and not isinstance(min_delta, bool)
-            and min_delta >= 0):
-        raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
-    if (patience is not None or restore_best) and valid is None:
-        raise ValueError("early stopping (patience=, restore_best=) watches the validation "
-                         "loss: pass valid=(x_valid, y_valid)")
+    _check_run_options(None, 1, False, patience, min_delta, restore_best, None, None, valid)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     like = ensemble.check_params(params)
