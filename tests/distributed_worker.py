@@ -31,6 +31,8 @@ def main(out_dir: str, mode: str, options: dict) -> None:
     params = model.init(torch.Generator().manual_seed(0), dtype=dtype)
     rows = options.get("rows", 1000)
     x, y, x_valid, y_valid = seed_data(dtype=dtype, samples=rows + 301, train=rows)
+    if options.get("other_data_on_rank_1") and rank == 1:
+        x = x + 1
     optimizer = getattr(fnmlp, options.get("optimizer", "sgd"))(options.get("lr", 0.01))
     l2 = options.get("l2", 0.0)
     result = {"rank": rank}
@@ -62,7 +64,7 @@ def main(out_dir: str, mode: str, options: dict) -> None:
                     time.sleep(600)
                 if fault["kind"] == "die":
                     os.kill(os.getpid(), signal.SIGKILL)
-            return False
+            return options.get("stop_on_rank_1") and rank == 1
 
         fit = fnmlp.fit(model, params, x, y, epochs=options.get("epochs", 3), batch_size=333,
                         optimizer=optimizer, shuffle=True,

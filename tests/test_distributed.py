@@ -123,6 +123,19 @@ def test_a_failing_rank_fails_the_others_within_the_timeout(tmp_path, kind):
     assert elapsed < 45  # start-up (imports, group) plus the 5 s timeout, never torch's 30 min
 
 
+@pytest.mark.slow
+def test_ranks_must_agree_and_one_stop_request_stops_all(tmp_path):
+    other_data = launch(tmp_path / "data", "fit", {"epochs": 2, "other_data_on_rank_1": True},
+                        2)
+    stopped = launch(tmp_path / "stop", "fit", {"epochs": 3, "stop_on_rank_1": True}, 2)
+    for code, stderr in finish(other_data):
+        assert code != 0 and "ValueError: the ranks differ" in stderr and "sum of x" in stderr
+    for code, stderr in finish(stopped):
+        assert code == 0, stderr[-2000:]
+    for rank in (0, 1):
+        assert len(torch.load(tmp_path / "stop" / f"rank{rank}.pt")["train_loss"]) == 1
+
+
 def test_distributed_refuses_what_it_cannot_reproduce():
     with pytest.raises(ValueError, match="BatchNorm"):
         fnmlp.distributed.check_distributable(

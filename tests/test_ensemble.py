@@ -295,3 +295,54 @@ def test_compiled_ensemble_step_matches_eager_without_recompiles(seed_batch):
         assert_trees_close(sc, se)
         assert relative(lc, le) <= TOLERANCE
     assert len(compiled._graphs) == 1
+
+
+def test_fit_freezes_diverged_members_and_checks_its_inputs(seed_batch):
+    x, y = seed_data(dtype=F64)[:2]
+    x, y = x[:120], y[:120]
+    ensemble = fnmlp.Ensemble(seed_model(), size=3)
+    params = ensemble.init(torch.Generator().manual_seed(0), dtype=F64)
+    result = ensemble.fit(params, x, y, epochs=3, batch_size=40, optimizer=fnmlp.sgd(0.01),
+                          lr=[0.01, 1e30, 0.01])
+    history = result.history
+    assert history.diverged_epoch[1] is not None and history.diverged_epoch[0] is None
+    assert all(bool(torch.isfinite(leaf).all()) for leaf in flatten(result.params)[0])
+    assert math.isfinite(history.train_loss[-1][0]) and math.isfinite(history.train_loss[-1][2])
+    # a member without any weight: no step, no loss
+    weight = torch.ones(3, 120, dtype=F64)
+    weight[2] = 0
+    result = ensemble.fit(params, x, y, epochs=1, batch_size=40, optimizer=fnmlp.sgd(0.01),
+                          sample_weight=weight)
+    assert math.isnan(result.history.train_loss[0][2])
+    assert_trees_close(ensemble.member(result.params, 2), ensemble.member(params, 2), 0.0)
+    with pytest.raises(TypeError, match="pair"):
+        ensemble.fit(params, x, y, epochs=1, batch_size=40, optimizer=fnmlp.sgd(0.01),
+                     valid=(x,))
+    with pytest.raises(ValueError, match="shared by the members"):
+        ensemble.fit(params, x, torch.stack([y] * 3), epochs=1, batch_size=40,
+                     optimizer=fnmlp.sgd(0.01))
+
+
+def test_labels_targets_and_batch_statistics_are_checked_before_work(seed_batch):
+    x, _ = seed_batch
+    classifier = fnmlp.Ensemble(fnmlp.MLP(6, [fnmlp.Dense(8, "relu"), fnmlp.Linear(3)]), 2)
+    params = classifier.init(torch.Generator().manual_seed(0), dtype=F64)
+    step = classifier.train_step(fnmlp.cross_entropy, fnmlp.sgd(0.1), compile=False)
+    opt_state = classifier.init_optimizer(fnmlp.sgd(0.1), params)
+    labels = torch.zeros(64, dtype=torch.int64)
+    labels[5] = 7
+    with pytest.raises(ValueError, match="out of range"):
+        step(params, opt_state, x, labels)
+    # integer targets of a regression loss are shared targets, not per-member labels
+    regressor = fnmlp.Ensemble(fnmlp.MLP(6, [fnmlp.Linear(2)]), 3)
+    values, _ = regressor.value_and_grad(regressor.init(dtype=F64), x.numpy(),
+                                         torch.randint(0, 5, (64, 2)).numpy())
+    assert values.shape == (3,)
+    normed = fnmlp.Ensemble(small_model(fnmlp.BatchNorm()), 2)
+    params = normed.init(torch.Generator().manual_seed(0), dtype=F64)
+    fitted = fnmlp.fit(normed, params, x, x[:, :3], epochs=1, batch_size=32,
+                       optimizer=fnmlp.sgd(0.01))  # state=None: a fresh stacked state
+    assert flatten(fitted.state)[0][0].shape[0] == 2
+    with pytest.raises(ValueError, match="BatchNorm needs at least 2 rows"):
+        fnmlp.fit(normed, params, x[:33], x[:33, :3], epochs=1, batch_size=32,
+                  optimizer=fnmlp.sgd(0.01))

@@ -11,9 +11,10 @@ fails, dies or hangs.
 """
 
 from fnmlp.distributed._group import (DEFAULT_TIMEOUT, DistributedError, all_reduce_sum,
-                                      broadcast, init, rank, start_alike, world_size)
+                                      any_rank, broadcast, check_same, check_same_run, init,
+                                      rank, start_alike, wait_for_all, world_size)
 from fnmlp.distributed._step import DistributedStep, check_distributable
 
 __all__ = ["init", "rank", "world_size", "DistributedStep", "DistributedError",
-           "DEFAULT_TIMEOUT", "all_reduce_sum", "broadcast", "start_alike",
-           "check_distributable"]
+           "DEFAULT_TIMEOUT", "all_reduce_sum", "any_rank", "broadcast", "check_same",
+           "check_same_run", "start_alike", "wait_for_all", "check_distributable"]

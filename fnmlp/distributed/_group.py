@@ -21,24 +21,36 @@ class DistributedError(RuntimeError):
 _timeout = DEFAULT_TIMEOUT
 
 
-def init(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
+def init(backend: str | None = None, *, timeout: float | None = None,
          device: torch.device | str = "cpu") -> None:
     """Join the process group ``torchrun`` described in the environment (``RANK``,
     ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), unless one is joined already.
 
     Arguments:
-        backend: "gloo" or "nccl"; default: NCCL for CUDA parameters, gloo on the CPU.
+        backend: "gloo" or "nccl"; default: NCCL for CUDA parameters (with gloo beside it for
+            CPU tensors), gloo on the CPU.
         timeout: seconds a collective waits for the other ranks before failing with
-            ``DistributedError`` (torch's default is 30 minutes).
-        device: where the parameters live (chooses the default backend).
+            ``DistributedError`` (default 60; torch's is 30 minutes). Given when the group is
+            joined already, it only changes what the errors say.
+        device: where the parameters live (chooses the default backend). On CUDA each rank's
+            parameters must be on its own device, ``cuda:LOCAL_RANK``.
     """
     global _timeout
-    if not (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
-            and timeout > 0):
+    if timeout is not None and not (isinstance(timeout, (int, float))
+                                    and not isinstance(timeout, bool) and timeout > 0):
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
-    _timeout = float(timeout)
+    device = torch.device(device)
+    local = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and local is not None:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index != int(local):
+            raise DistributedError(f"rank with LOCAL_RANK={local} has its parameters on "
+                                   f"cuda:{index}; put each rank's on cuda:LOCAL_RANK")
     if dist.is_initialized():
+        if timeout is not None:
+            _timeout = float(timeout)
         return
+    _timeout = float(timeout) if timeout is not None else DEFAULT_TIMEOUT
     missing = [name for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
                if name not in os.environ]
     if missing:
@@ -46,8 +58,8 @@ def init(backend: str | None = None, *, timeout: float = DEFAULT_TIMEOUT,
             f"distributed=True needs a process group: run under torchrun "
             f"(torchrun --nproc_per_node=N script.py) or set {', '.join(missing)}")
     if backend is None:
-        backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-    if backend not in ("gloo", "nccl"):
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    elif backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
     try:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=_timeout))
@@ -113,6 +125,58 @@ def _collective(run, what: str):
             f"did not answer within {_timeout:g} s ({type(error).__name__}: {error})") from error
 
 
+def check_same(fields: dict[str, float], what: str) -> None:
+    """Raise ``ValueError`` naming the first of ``fields`` whose value differs between ranks."""
+    if not dist.is_initialized():
+        return
+    values = torch.tensor([float(v) for v in fields.values()], dtype=torch.float64,
+                          device=_small_tensor_device())
+    both = all_reduce_max(torch.cat([values, -values]), f"comparing {what}").cpu()
+    highest, lowest = both[:len(values)], -both[len(values):]
+    for name, high, low in zip(fields, highest.tolist(), lowest.tolist()):
+        if high != low:
+            raise ValueError(f"the ranks differ in {what}: {name} is {low:g} on one rank and "
+                             f"{high:g} on another; every rank must run the same fit")
+
+
+def check_same_run(x: Tensor, y: Tensor, weight: Tensor | None, valid, *, epochs: int,
+                   batch_size: int, shuffle: bool, resume: bool) -> None:
+    """Every rank of a data-parallel fit must have the same data and loop: compared by size,
+    settings and checksums (sums of the values) before any work."""
+    def checksum(values: Tensor | None) -> float:
+        return 0.0 if values is None else float(values.double().sum())
+
+    check_same({"rows": x.shape[0], "batch_size": batch_size, "epochs": epochs,
+                "shuffle": shuffle, "resume": resume, "sample_weight given": weight is not None,
+                "validation rows": -1 if valid is None else valid[0].shape[0],
+                "the sum of x": checksum(x), "the sum of y": checksum(y),
+                "the sum of sample_weight": checksum(weight),
+                "the sum of the validation data": 0.0 if valid is None else
+                checksum(valid[0]) + checksum(valid[1])}, "their data or fit settings")
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the same answer)."""
+    if not dist.is_initialized():
+        return flag
+    flags = torch.tensor([float(flag)], dtype=torch.float64, device=_small_tensor_device())
+    return bool(all_reduce_max(flags, "sharing a stop request")[0] > 0)
+
+
+def _small_tensor_device() -> torch.device:
+    """Where this group can reduce small CPU-made tensors: the CPU, unless the group is NCCL
+    alone (then the current CUDA device)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_max(values: Tensor, what: str) -> Tensor:
+    values = values.clone()
+    _collective(lambda: dist.all_reduce(values, op=dist.ReduceOp.MAX), what)
+    return values
+
+
 def start_alike(params, opt_state, generator: torch.Generator | None):
     """Rank 0's ``params``, ``opt_state`` (when given) and ``generator`` state on every rank, so
     that all ranks start the same run."""
@@ -121,8 +185,8 @@ def start_alike(params, opt_state, generator: torch.Generator | None):
     trees = (params, opt_state)
     leaves, spec = flatten(trees)
     params, opt_state = unflatten(broadcast(leaves, "broadcasting rank 0's parameters"), spec)
-    if generator is not None:
-        state = generator.get_state()
+    if generator is not None and dist.is_initialized():
+        state = generator.get_state().to(_small_tensor_device())
         (state,) = broadcast([state], "broadcasting rank 0's generator state")
-        generator.set_state(state)
+        generator.set_state(state.cpu())
     return params, opt_state, generator

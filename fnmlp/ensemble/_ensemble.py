@@ -26,7 +26,7 @@ from torch.func import vmap
 from fnmlp import _validate
 from fnmlp._tree import flatten, tree_map
 from fnmlp.nn._dropout import make_key
-from fnmlp.nn._losses import Loss, mse
+from fnmlp.nn._losses import CrossEntropy, Loss, mse
 from fnmlp.nn._model import EVAL, MLP, Context, _check_loss, check_l2, forward, value_and_grad
 
 
@@ -130,7 +130,7 @@ class Ensemble:
     def per_member(self, value, name: str, like: Tensor) -> Tensor:
         """``value`` (a number or K of them) as a (K,) tensor like ``like``."""
         if isinstance(value, Tensor):
-            value = value.detach().to(dtype=like.dtype, device=like.device)
+            value = value.detach().to(dtype=like.dtype, device=like.device).clone()
         else:
             value = torch.as_tensor(value, dtype=like.dtype, device=like.device)
         if value.dim() == 0:
@@ -234,7 +234,7 @@ class Ensemble:
         def member(p, s, x, y, w, k):
             return value_and_grad(self.model, p, x, y, loss, s, key=k, weight=w, l2=l2)
 
-        dims = (0, 0, *batch_dims(x, y, weight), None if key is None else 0)
+        dims = (0, 0, *batch_dims(x, y, weight, loss), None if key is None else 0)
         with torch.no_grad():
             values, grads, new_state = vmap(member, in_dims=dims)(params, model_state, x, y,
                                                                   weight, key)
@@ -269,7 +269,7 @@ class Ensemble:
     def check_batch(self, x, y, loss: Loss, sample_weight, like: Tensor, finite: bool = True):
         """``(x, y, weight)`` validated: each shared or per member."""
         x = self.check_inputs(x, like, finite=finite)
-        per_member_y = per_member_targets(y)
+        per_member_y = per_member_targets(y, loss)
         if per_member_y:
             if y.shape[0] != self.size:
                 raise ValueError(f"per-member y must have K={self.size} first, got shape "
@@ -281,11 +281,23 @@ class Ensemble:
         rows = x.shape[-2]
         if y.shape[int(per_member_y)] != rows:
             raise ValueError(f"x has {rows} rows but y has {y.shape[int(per_member_y)]}")
-        if finite:
-            for target in (y if per_member_y else [y]):
+        for target in (y if per_member_y else [y]):
+            if finite:
                 loss.check_target_values(target, self.model.out_features, "y")
+            else:  # class labels in range (a compiled graph cannot raise)
+                loss.check_labels(target, self.model.out_features)
         weight = self.check_weights(sample_weight, rows, like)
+        self.check_training_rows(rows, weight)
         return x, y, weight
+
+    def check_training_rows(self, rows: int, weight: Tensor | None, where: str = "") -> None:
+        """Raise unless every member's batch has the rows of non-zero weight a primitive
+        needs (``BatchNorm``: 2); a member without weight in it (no step) passes."""
+        if not self.model.has_batch_statistics:
+            return
+        for member_weight in (weight if weight is not None and weight.dim() == 2
+                              else [weight]):
+            self.model.check_training_rows(rows, member_weight, where)
 
     def check_model_state(self, state, like: Tensor):
         if state is None:
@@ -306,16 +318,17 @@ class Ensemble:
         return key.to(device) if self.model.has_dropout else None
 
 
-def per_member_targets(y) -> bool:
-    """Whether ``y`` holds one target set per member: (K, m) class labels or (K, m, out)
-    values (shared targets are (m,) labels or (m, out) values)."""
+def per_member_targets(y, loss: Loss) -> bool:
+    """Whether ``y`` holds one target set per member: (K, m) class labels for cross-entropy,
+    (K, m, out) values otherwise (shared targets are (m,) labels or (m, out) values)."""
     if not hasattr(y, "ndim") or not hasattr(y, "dtype"):
         return False
-    floating = y.is_floating_point() if isinstance(y, Tensor) else y.dtype.kind == "f"
-    return y.ndim == (3 if floating else 2)
+    integer = (not y.is_floating_point() if isinstance(y, Tensor)
+               else y.dtype.kind in "iub")
+    return y.ndim == (2 if integer and isinstance(loss, CrossEntropy) else 3)
 
 
-def batch_dims(x: Tensor, y: Tensor, weight: Tensor | None) -> tuple:
+def batch_dims(x: Tensor, y: Tensor, weight: Tensor | None, loss: Loss) -> tuple:
     """vmap's ``in_dims`` for (x, y, weight): 0 where per member, None where shared."""
-    return (0 if x.dim() == 3 else None, 0 if per_member_targets(y) else None,
+    return (0 if x.dim() == 3 else None, 0 if per_member_targets(y, loss) else None,
             None if weight is None or weight.dim() == 1 else 0)

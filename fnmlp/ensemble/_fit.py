@@ -12,7 +12,7 @@ from torch.func import vmap
 
 from fnmlp import _validate
 from fnmlp._tree import tree_map
-from fnmlp.ensemble._ensemble import Ensemble
+from fnmlp.ensemble._ensemble import Ensemble, per_member_targets
 from fnmlp.nn._losses import Loss, mse
 from fnmlp.nn._model import EVAL, forward
 from fnmlp.train._fit import _check_run_options
@@ -20,15 +20,18 @@ from fnmlp.train._fit import _check_run_options
 
 @dataclasses.dataclass
 class EnsembleHistory:
-    """Per epoch, one float per member: the mean of its batch losses and its loss on ``valid``
-    (if given). ``best_epoch``: per member, the epoch of its lowest validation loss (None
-    without validation); ``stopped_epoch``: the epoch count after which it stopped early (None
-    when it trained to the end)."""
+    """Per epoch, one float per member: the mean of its batch losses (NaN for a member without
+    weight in the epoch) and its loss on ``valid`` (if given). ``best_epoch``: per member, the
+    epoch of its lowest validation loss (None without validation); ``stopped_epoch``: the
+    epoch count after which it stopped early (None when it trained to the end);
+    ``diverged_epoch``: the epoch whose loss became NaN or inf (the member is then put back to
+    that epoch's start and trains no more; None when it never did)."""
 
     train_loss: list[list[float]] = dataclasses.field(default_factory=list)
     valid_loss: list[list[float]] = dataclasses.field(default_factory=list)
     best_epoch: list[int | None] = dataclasses.field(default_factory=list)
     stopped_epoch: list[int | None] = dataclasses.field(default_factory=list)
+    diverged_epoch: list[int | None] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,21 +70,30 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
             ``patience`` epochs without its validation loss improving by more than
             ``min_delta``; the fit ends when every member has stopped.
         restore_best: return each member's parameters from its best validation epoch.
+
+    A member whose epoch loss is NaN or inf goes back to that epoch's start and trains no more
+    (``history.diverged_epoch``); the others go on.
     """
-    _validate.check_positive_int(epochs, "epochs")
+    _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")
     _check_run_options(None, 1, False, patience, min_delta, restore_best, None, None, valid)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     like = ensemble.check_params(params)
+    model = ensemble.model
     x, y, weight = ensemble.check_batch(x, y, loss, sample_weight, like)
-    if x.dim() == 3:
-        raise ValueError("fit takes data shared by the members, x (n, in); for per-member "
-                         "samples use bagging=True or per-member sample_weight (K, n)")
+    if x.dim() == 3 or per_member_targets(y, loss):
+        raise ValueError("fit takes data shared by the members, x (n, in) and y (n, ...); "
+                         "for per-member samples use bagging=True or per-member "
+                         "sample_weight (K, n)")
     if valid is not None:
-        valid = ensemble.model.check_data(ensemble.member(params, 0), *valid, loss=loss,
-                                          like=like, names=("valid x", "valid y"))
-    model_state = ensemble.check_model_state(state, like)
+        if not (isinstance(valid, (tuple, list)) and len(valid) == 2):
+            raise TypeError("valid must be a pair (x_valid, y_valid)")
+        valid = model.check_data(ensemble.member(params, 0), *valid, loss=loss, like=like,
+                                 names=("x_valid", "y_valid"))
+    model_state = (ensemble.init_state(dtype=like.dtype, device=like.device)
+                   if state is None and model.has_state
+                   else ensemble.check_model_state(state, like))
     step = ensemble.train_step(loss, optimizer, compile=compile, weight_decay=weight_decay,
                                l2=l2, compiler=compiler)
     if opt_state is None:
@@ -89,34 +101,47 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     else:
         ensemble._check_stacked(opt_state, "opt_state")
         optimizer.check(ensemble.member(params, 0), None, ensemble.member(opt_state, 0))
-    if (shuffle or bagging or ensemble.model.has_dropout) and generator is None:
+    n, size = x.shape[0], ensemble.size
+    for start in range(0, n if weight is None and model.has_batch_statistics else 0,
+                       batch_size):  # every batch, before any work
+        ensemble.check_training_rows(min(batch_size, n - start), None,
+                                     f" (batch {start // batch_size}; choose another "
+                                     "batch_size)")
+    if (shuffle or bagging or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
-    n, size = x.shape[0], ensemble.size
     if bagging:
         weight = _bootstrap_counts(size, n, generator, like) * (1 if weight is None else weight)
     dropout_seed = None
-    if ensemble.model.has_dropout:
+    if model.has_dropout:
         dropout_seed = int(torch.randint(0, 2**32, (), generator=generator,
                                          device=generator.device))
-    active = torch.ones(size, dtype=torch.bool, device=like.device)
-    history = EnsembleHistory(best_epoch=[None] * size, stopped_epoch=[None] * size)
-    best_loss = [math.inf] * size
-    waited = [0] * size
+    history = EnsembleHistory(best_epoch=[None] * size, stopped_epoch=[None] * size,
+                              diverged_epoch=[None] * size)
+    best_loss, waited = [math.inf] * size, [0] * size
     best = (params, model_state)
     steps = 0
     with torch.no_grad():
         for epoch in range(epochs):
+            active = torch.tensor([history.stopped_epoch[k] is None
+                                   and history.diverged_epoch[k] is None for k in range(size)],
+                                  device=like.device)
+            if not bool(active.any()):
+                break
+            epoch_start = (params, opt_state, model_state)
             order = None
             if shuffle:
                 order = torch.randperm(n, generator=generator,
                                        device=generator.device).to(x.device)
             totals = torch.zeros(size, dtype=torch.float64, device=like.device)
             counts = torch.zeros(size, dtype=torch.float64, device=like.device)
-            for start in range(0, n, batch_size):
+            for batch, start in enumerate(range(0, n, batch_size)):
                 rows = slice(start, start + batch_size) if order is None else \
                     order[start:start + batch_size]
                 batch_weight = None if weight is None else weight[..., rows]
+                if batch_weight is not None and model.has_batch_statistics:
+                    ensemble.check_training_rows(batch_weight.shape[-1], batch_weight,
+                                                 f" (epoch {epoch}, batch {batch})")
                 keys = (ensemble.dropout_keys(dropout_seed, steps, device=x.device)
                         if dropout_seed is not None else None)
                 params, opt_state, losses, model_state = step.run(
@@ -129,28 +154,33 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
                 totals = totals + losses.to(torch.float64) * stepped
                 counts = counts + stepped
                 steps += 1
-            train_loss = (totals / counts.clamp_min(1)).tolist()
-            history.train_loss.append(train_loss)
-            logs = f"epoch {epoch + 1}/{epochs}: train loss {_summary(train_loss)}"
+            # a member without weight all epoch has no loss (NaN); one whose loss is not
+            # finite diverged: it goes back to the epoch's start and trains no more
+            train_loss = torch.where(counts > 0, totals / counts.clamp_min(1), math.nan)
+            diverged = (counts > 0) & ~torch.isfinite(train_loss) & active
+            if bool(diverged.any()):
+                params, opt_state, model_state = _select(~diverged, (params, opt_state,
+                                                                     model_state), epoch_start)
+                for k in torch.nonzero(diverged).flatten().tolist():
+                    history.diverged_epoch[k] = epoch
+            history.train_loss.append(train_loss.tolist())
+            logs = f"epoch {epoch + 1}/{epochs}: train loss {_summary(history.train_loss[-1])}"
             if valid is not None:
                 valid_loss = _valid_losses(ensemble, loss, params, model_state, *valid)
                 history.valid_loss.append(valid_loss)
                 logs += f", valid loss {_summary(valid_loss)}"
                 improved = _track(epoch, valid_loss, best_loss, waited, history, min_delta,
-                                  active)
+                                  active & ~diverged)
                 if restore_best and any(improved):
                     mask = torch.tensor(improved, device=like.device)
                     best = (_select(mask, (params, model_state), best))
                 if patience is not None:
                     for k in range(size):
-                        if bool(active[k]) and waited[k] >= patience:
+                        if (history.stopped_epoch[k] is None and bool(active[k])
+                                and waited[k] >= patience):
                             history.stopped_epoch[k] = epoch + 1
-                    active = torch.tensor([s is None for s in history.stopped_epoch],
-                                          device=like.device)
             if verbose:
                 print(logs)
-            if not bool(active.any()):
-                break
     if restore_best:
         params, model_state = best
     return EnsembleFitResult(params=params, opt_state=opt_state, history=history,

@@ -22,6 +22,7 @@ from fnmlp.ensemble._ensemble import Ensemble, batch_dims, per_member_targets
 from fnmlp.nn._losses import Loss
 from fnmlp.nn._model import _check_loss, check_l2, value_and_grad
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
+from fnmlp.train._step import COMPILERS
 
 _unique = itertools.count()
 
@@ -88,6 +89,8 @@ class EnsembleStep:
     def __init__(self, ensemble: Ensemble, loss: Loss, optimizer, *, compile: bool = True,
                  weight_decay=None, l2: float = 0.0, compiler: str = "auto"):
         _check_loss(loss)
+        if compiler not in COMPILERS:
+            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):
             raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
                             f"got {optimizer!r}")
@@ -145,7 +148,7 @@ class EnsembleStep:
             # a member may have no weight in this batch: it must not step
             active = torch.ones(self.ensemble.size, dtype=torch.bool, device=x.device)
         if not self.compile:
-            dims = (0, 0, 0, *batch_dims(x, y, weight), None if key is None else 0,
+            dims = (0, 0, 0, *batch_dims(x, y, weight, self.loss), None if key is None else 0,
                     None if active is None else 0, None if decay is None else 0)
             with torch.no_grad():
                 (params, opt_state, state), losses = vmap(self._step, in_dims=dims)(
@@ -175,7 +178,7 @@ class EnsembleStep:
         target = max(rows, self._rows.get(layout, 0))
         if target > rows:  # a short batch runs padded (weight 0) in the graph compiled already
             x = _pad(x, target, x.dim() - 2)
-            y = _pad(y, target, int(per_member_targets(y)))
+            y = _pad(y, target, int(per_member_targets(y, self.loss)))
             weight = _pad(weight, target, weight.dim() - 1)
         self._rows[layout] = target
         leaves, spec = flatten((params, opt_state, state))
@@ -185,7 +188,7 @@ class EnsembleStep:
         specialization = (spec, *[(t.shape, t.dtype) for t in args], x.device)
         graph = self._graphs.get(specialization)
         if graph is None:
-            function = self._flat_function(spec, x.dim() == 3, per_member_targets(y),
+            function = self._flat_function(spec, x.dim() == 3, per_member_targets(y, self.loss),
                                            weight.dim() == 2,
                                            decay is not None, key is not None)
             compiler = self.compiler if self.compiler != "auto" else (

@@ -119,7 +119,8 @@ def fit(
 
     if isinstance(model, Ensemble):  # every member in one step: Ensemble.fit
         unsupported = {"checkpoint": checkpoint, "resume": resume, "verify": verify,
-                       "on_epoch_end": on_epoch_end, "progress": progress}
+                       "on_epoch_end": on_epoch_end, "progress": progress,
+                       "distributed": distributed}
         given = [name for name, value in unsupported.items() if value not in (None, False)]
         if given:
             raise ValueError(f"fit of an Ensemble does not support {', '.join(given)} yet")
@@ -140,12 +141,12 @@ def fit(
     if distributed:
         from fnmlp import distributed as data_parallel
 
-        if verify:
-            raise ValueError("verify=True is not supported with distributed=True")
+        if verify or compiler != "auto":
+            raise ValueError("verify= and compiler= are not supported with distributed=True")
         data_parallel.init(device=like.device)
         step = data_parallel.DistributedStep(model, loss, optimizer, compile=compile, l2=l2)
         lead = data_parallel.rank() == 0
-        verbose, progress = verbose and lead, progress and lead
+        verbose, progress = verbose and lead, progress if lead else False
     else:
         step = train_step(model, loss, optimizer, compile=compile, verify=verify,
                           compiler=compiler, l2=l2)
@@ -181,8 +182,9 @@ def fit(
     if (shuffle or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
-    if distributed:  # every rank starts from rank 0's parameters and shuffling stream
-        params, opt_state, generator = data_parallel.start_alike(params, opt_state, generator)
+    if distributed:  # the same data and loop on every rank, or a clear error before any work
+        data_parallel.check_same_run(x, y, weight, valid, epochs=epochs, batch_size=batch_size,
+                                     shuffle=shuffle, resume=resume)
     run = None
     if resume:
         run = restore_run(checkpoint, model, optimizer, like, generator, settings, epochs)
@@ -197,6 +199,11 @@ def fit(
         if model.has_dropout:
             run.dropout_seed = int(torch.randint(0, 2**32, (), generator=generator,
                                                  device=generator.device))
+    if distributed:  # every rank goes on from rank 0's parameters and shuffling stream
+        data_parallel.check_same({"epoch": run.epoch, "steps done": run.steps_done},
+                                 "the run each rank starts or resumes (its checkpoint file)")
+        run.params, run.opt_state, generator = data_parallel.start_alike(
+            run.params, run.opt_state, generator)
 
     epochs_left = range(run.epoch, epochs if not run.stopped else run.epoch)
     with torch.no_grad(), _progress_bar(progress, epochs_left) as bar:
@@ -227,6 +234,8 @@ def fit(
                 _report(epoch, logs, verbose, bar)
                 early = patience is not None and run.waited >= patience  # final, even resumed
                 asked = on_epoch_end is not None and bool(on_epoch_end(epoch, logs))
+                if distributed:  # one rank's callback stops every rank
+                    asked = data_parallel.any_rank(asked)
                 run.epoch, run.stopped = epoch + 1, early
                 if checkpoint is not None and lead and (early or asked or run.epoch == epochs
                                                         or run.epoch % checkpoint_every == 0):
@@ -235,6 +244,8 @@ def fit(
                     break
         finally:
             step.forget()
+    if distributed:  # return once rank 0's last checkpoint is written
+        data_parallel.wait_for_all("waiting for rank 0 to finish", data_parallel.DEFAULT_TIMEOUT)
     params, state = run.best if restore_best and run.best is not None else (run.params,
                                                                             run.state)
     return FitResult(params=params, opt_state=run.opt_state,
