@@ -308,3 +308,22 @@ def test_fast_flatten_round_trips_every_node_kind(setup):
     assert tree_flatten(rebuilt)[1] == tree_flatten(tree)[1]
     assert all(a is b for a, b in zip(tree_flatten(rebuilt)[0], tree_flatten(tree)[0]))
     assert rebuilt[1].max_exp_avg_sq is None and rebuilt[2][1] is None and rebuilt[4] == ()
+
+
+def test_fit_compiles_only_when_it_pays(capsys):
+    """compile="auto" (fit's default): an estimate before the first step, said by verbose."""
+    from fnmlp.train._auto import choose_compile
+
+    model = fnmlp.workloads.seed_model()
+    x, y, _, _ = fnmlp.workloads.seed_data(samples=400, train=400)
+    params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+    fnmlp.fit(model, params, x, y, epochs=1, batch_size=200, optimizer=fnmlp.sgd(0.01),
+              verbose=True)
+    assert "fnmlp: eager steps (auto: 2 steps" in capsys.readouterr().out
+    assert choose_compile("auto", model, 100_000)[0]
+    assert not choose_compile("auto", model, 600)[0]
+    assert choose_compile("auto", model, 1000, cached=True)[0]  # compiled before: cheap
+    assert choose_compile(False, model, 10**9) == (False, "compile=False")
+    with pytest.raises(ValueError, match="compile must be"):
+        fnmlp.fit(model, params, x, y, epochs=1, batch_size=200, optimizer=fnmlp.sgd(0.01),
+                  compile="yes")

@@ -15,6 +15,7 @@ from fnmlp._tree import tree_map
 from fnmlp.ensemble._ensemble import Ensemble, per_member_targets
 from fnmlp.nn._losses import Loss, mse
 from fnmlp.nn._model import EVAL, forward
+from fnmlp.train._auto import choose_compile
 from fnmlp.train._fit import _check_run_options
 
 
@@ -50,14 +51,15 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
                  sample_weight=None, bagging: bool = False, valid: tuple | None = None,
                  shuffle: bool = False, generator: torch.Generator | None = None,
                  opt_state=None, state=None, patience: int | None = None,
-                 min_delta: float = 0.0, restore_best: bool = False, compile: bool = False,
+                 min_delta: float = 0.0, restore_best: bool = False,
+                 compile: bool | str = "auto",
                  compiler: str = "auto", verbose: bool = False) -> EnsembleFitResult:
     """Train all members of ``ensemble`` for ``epochs`` passes over (x, y).
 
     Arguments:
         params: stacked parameters (``Ensemble.init``); not modified.
         x, y, epochs, batch_size, optimizer, loss, l2, shuffle, generator, opt_state, state,
-            compile, compiler, verbose: as ``fnmlp.fit``; every member sees the same batches
+            compile, compiler, verbose: as ``fnmlp.fit`` ("auto" counts member-steps); every member sees the same batches
             (one shuffle per epoch), unless bagging.
         lr: one learning rate or one per member (ignored with ``opt_state``, which holds them).
         weight_decay: one weight decay per member (see ``Ensemble.train_step``).
@@ -94,6 +96,11 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     model_state = (ensemble.init_state(dtype=like.dtype, device=like.device)
                    if state is None and model.has_state
                    else ensemble.check_model_state(state, like))
+    n, size = x.shape[0], ensemble.size
+    compile, reason = choose_compile(compile, model, -(-n // batch_size) * epochs * size)
+    if verbose:
+        print(f"fnmlp: {'compiled' if compile else 'eager'} ensemble step ({reason}, "
+              f"counting member-steps)")
     step = ensemble.train_step(loss, optimizer, compile=compile, weight_decay=weight_decay,
                                l2=l2, compiler=compiler)
     if opt_state is None:
@@ -101,7 +108,6 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     else:
         ensemble._check_stacked(opt_state, "opt_state")
         optimizer.check(ensemble.member(params, 0), None, ensemble.member(opt_state, 0))
-    n, size = x.shape[0], ensemble.size
     for start in range(0, n if weight is None and model.has_batch_statistics else 0,
                        batch_size):  # every batch, before any work
         ensemble.check_training_rows(min(batch_size, n - start), None,

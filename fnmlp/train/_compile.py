@@ -250,6 +250,12 @@ def shared_compiled_step(model, loss, optimizer, *, cuda_graphs, compiler,
     return step
 
 
+def has_graphs(model, loss, optimizer, l2: float) -> bool:
+    """Whether a shared compiled step of (model, loss, optimizer structure, l2) holds a graph."""
+    return any(key[:3] == (model, loss, optimizer.structure) and key[5] == l2 and step.graphs
+               for key, step in _SHARED.items())
+
+
 # --- outputs ----------------------------------------------------------------------------------
 
 

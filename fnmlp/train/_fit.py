@@ -13,9 +13,10 @@ from fnmlp import _validate
 from fnmlp._tree import tree_leaves
 from fnmlp.nn._dropout import make_key
 from fnmlp.nn._losses import Loss, mse
-from fnmlp.nn._model import MLP, Params, State, _check_loss, forward
+from fnmlp.nn._model import MLP, Params, State, _check_loss, check_l2, forward
 from fnmlp.nn._primitive import EVAL
 from fnmlp.train._errors import NonFiniteLossError
+from fnmlp.train._auto import choose_compile, compiled_before
 from fnmlp.train._run import Run, restore_run, save_run
 from fnmlp.train._step import TrainStep, train_step
 
@@ -58,7 +59,7 @@ def fit(
     opt_state=None,
     state: State | None = None,
     verbose: bool = False,
-    compile: bool = False,
+    compile: bool | str = "auto",
     compiler: str = "auto",
     verify: bool = False,
     checkpoint=None,
@@ -92,10 +93,14 @@ def fit(
         generator: the source of the shuffles and dropout keys.
         state: the model's state (``BatchNorm``); default ``model.init_state``.
         verbose: print a line per epoch.
-        compile: train with the compiled step (``fnmlp.train_step``; one graph for every batch,
-            the short last one padded with rows of weight 0); ``compiler`` chooses how
-            ("auto", "inductor" or "dynamo"); ``verify`` checks its first step against the
-            eager step.
+        compile: True: the compiled step (``fnmlp.train_step``; one graph for every batch, the
+            short last one padded with rows of weight 0); False: the eager step; "auto" (the
+            default): compiled only when an estimate made before the first step says
+            compiling pays for itself (steps x the time a compiled step saves against the
+            compile time, cheap when this process compiled the same step before;
+            ``fnmlp.train._auto``); ``verbose`` says which and why. ``compiler`` chooses how
+            ("auto", "inductor" or "dynamo"); ``verify`` checks the first compiled step
+            against the eager step.
         checkpoint: a file to checkpoint the fit to (``fnmlp.save``'s format) every
             ``checkpoint_every`` epochs and at the end; with ``resume=True`` and the file
             present, the fit continues from it (``params``, ``opt_state`` and ``state`` passed
@@ -138,20 +143,27 @@ def fit(
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     like = model.check_params(params)
+    choose_compile(compile, model, 0)  # a bad value is refused before any work
+    lead = True
     if distributed:
         from fnmlp import distributed as data_parallel
 
         if verify or compiler != "auto":
             raise ValueError("verify= and compiler= are not supported with distributed=True")
         data_parallel.init(device=like.device)
-        step = data_parallel.DistributedStep(model, loss, optimizer, compile=compile, l2=l2)
         lead = data_parallel.rank() == 0
         verbose, progress = verbose and lead, progress if lead else False
+    x, y = model.check_data(params, x, y, loss=loss, like=like)
+    compile, reason = choose_compile(
+        compile, model, -(-x.shape[0] // batch_size) * epochs,
+        cached=compile == "auto" and compiled_before(model, loss, optimizer, check_l2(l2)))
+    if verbose:
+        print(f"fnmlp: {'compiled' if compile else 'eager'} steps ({reason})")
+    if distributed:
+        step = data_parallel.DistributedStep(model, loss, optimizer, compile=compile, l2=l2)
     else:
         step = train_step(model, loss, optimizer, compile=compile, verify=verify,
                           compiler=compiler, l2=l2)
-        lead = True
-    x, y = model.check_data(params, x, y, loss=loss, like=like)
     if not _all_finite(params):
         raise ValueError("params contain NaN or inf before training; start from finite "
                          "parameters (e.g. model.init)")
