@@ -20,7 +20,7 @@ from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 import fnmlp
 from fnmlp.nn._dropout import make_key
 from fnmlp.nn._model import MLP, Dense
-from fnmlp.train._auto import choose_compile
+from fnmlp.train._auto import choose_compile, compiled_before
 from fnmlp.train._step import TrainStep
 
 SOLVERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
@@ -192,7 +192,10 @@ class BaseMLP(BaseEstimator):
                           "going to be clipped", stacklevel=3)
         batch_size = int(np.clip(batch_size, 1, n))
         steps = math.ceil(n / batch_size) * (1 if incremental else self.max_iter)
-        compiled, reason = choose_compile(self.compile, self.model_, steps)
+        compiled, reason = choose_compile(
+            self.compile, self.model_, steps,
+            cached=self.compile == "auto" and compiled_before(self.model_, loss, optimizer,
+                                                              float(self.alpha)))
         if self.verbose:
             print(f"fnmlp: {'compiled' if compiled else 'eager'} steps ({reason})")
         step = TrainStep(self.model_, loss, optimizer, compile=compiled, l2=float(self.alpha))
