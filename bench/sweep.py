@@ -4,7 +4,8 @@ The seed network at hidden widths 16, 32, 64 and 128, each trained for the seed 
 epochs (batch 333, SGD 0.01, float64) one after the other in one process, as a user sweeping a
 hyperparameter does: total wall time per contender, compiles included (each width is a new
 graph), and each width's share. Contenders: fnmlp with ``fit``'s default ``compile="auto"``,
-fnmlp eager, fnmlp compiled (``fit(compile=True)``) and JAX (``jit`` of value_and_grad + SGD, a new trace per width) when installed.
+fnmlp eager, fnmlp compiled (``fit(compile=True)``) and JAX (``jit`` of value_and_grad + SGD,
+a new trace per width) when installed.
 """
 
 from __future__ import annotations

@@ -59,8 +59,8 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     Arguments:
         params: stacked parameters (``Ensemble.init``); not modified.
         x, y, epochs, batch_size, optimizer, loss, l2, shuffle, generator, opt_state, state,
-            compile, compiler, verbose: as ``fnmlp.fit`` ("auto" counts member-steps); every member sees the same batches
-            (one shuffle per epoch), unless bagging.
+            compile, compiler, verbose: as ``fnmlp.fit`` ("auto" counts member-steps); every
+            member sees the same batches (one shuffle per epoch), unless bagging.
         lr: one learning rate or one per member (ignored with ``opt_state``, which holds them).
         weight_decay: one weight decay per member (see ``Ensemble.train_step``).
         sample_weight: (n,) row weights, or (K, n) one set per member.
