@@ -2,10 +2,11 @@
 
 The choice is an estimate made once, before the first step, from the fit's size and whether
 this process compiled the same step already (never a timing, so the same call in the same
-process trains the same way; eager and compiled steps agree within 1e-13 anyway). Measured
-on 2-core CPUs (torch 2.13, inductor's cache warm): a compiled step saves 150-400 µs per ``Linear`` layer over the eager step
-(optimizer updates and small kernels fused), and compiling one graph takes 2-3 s with
-inductor's caches warm and 8-12 s in a fresh process; the estimate takes the cautious ends.
+process trains the same way; eager and compiled steps agree within 1e-13 anyway). Measured on
+2-core CPUs (torch 2.13, inductor's cache warm): a compiled step saves 150-400 µs per
+``Linear`` layer over the eager step (optimizer updates and small kernels fused), and compiling
+one graph takes 2-3 s with inductor's caches warm and 8-12 s in a fresh process; the estimate
+takes the cautious ends.
 """
 
 from __future__ import annotations
