@@ -157,6 +157,8 @@ def fit(
     compile, reason = choose_compile(
         compile, model, -(-x.shape[0] // batch_size) * epochs,
         cached=compile == "auto" and compiled_before(model, loss, optimizer, check_l2(l2)))
+    if distributed and data_parallel.any_rank(compile) != compile:  # all ranks alike
+        compile, reason = True, "another rank compiles"
     if verbose:
         print(f"fnmlp: {'compiled' if compile else 'eager'} steps ({reason})")
     if distributed:
