@@ -125,8 +125,10 @@ def _collective(run, what: str):
             f"did not answer within {_timeout:g} s ({type(error).__name__}: {error})") from error
 
 
-def check_same(fields: dict[str, float], what: str) -> None:
-    """Raise ``ValueError`` naming the first of ``fields`` whose value differs between ranks."""
+def check_same(fields: dict[str, float], what: str, *, sums: tuple[str, ...] = ()) -> None:
+    """Raise ``ValueError`` naming the first of ``fields`` whose value differs between ranks;
+    ``sums``: fields that are floating sums, compared to 1e-9 relative (a sum's last bits
+    depend on the thread count that added it)."""
     if not dist.is_initialized():
         return
     values = torch.tensor([float(v) for v in fields.values()], dtype=torch.float64,
@@ -134,7 +136,8 @@ def check_same(fields: dict[str, float], what: str) -> None:
     both = all_reduce_max(torch.cat([values, -values]), f"comparing {what}").cpu()
     highest, lowest = both[:len(values)], -both[len(values):]
     for name, high, low in zip(fields, highest.tolist(), lowest.tolist()):
-        if high != low:
+        slack = 1e-9 * max(abs(high), abs(low)) if name in sums else 0.0
+        if high - low > slack:
             raise ValueError(f"the ranks differ in {what}: {name} is {low:g} on one rank and "
                              f"{high:g} on another; every rank must run the same fit")
 
@@ -146,13 +149,14 @@ def check_same_run(x: Tensor, y: Tensor, weight: Tensor | None, valid, *, epochs
     def checksum(values: Tensor | None) -> float:
         return 0.0 if values is None else float(values.double().sum())
 
+    sums = {"the sum of x": checksum(x), "the sum of y": checksum(y),
+            "the sum of sample_weight": checksum(weight),
+            "the sum of the validation data": 0.0 if valid is None else
+            checksum(valid[0]) + checksum(valid[1])}
     check_same({"rows": x.shape[0], "batch_size": batch_size, "epochs": epochs,
                 "shuffle": shuffle, "resume": resume, "sample_weight given": weight is not None,
-                "validation rows": -1 if valid is None else valid[0].shape[0],
-                "the sum of x": checksum(x), "the sum of y": checksum(y),
-                "the sum of sample_weight": checksum(weight),
-                "the sum of the validation data": 0.0 if valid is None else
-                checksum(valid[0]) + checksum(valid[1])}, "their data or fit settings")
+                "validation rows": -1 if valid is None else valid[0].shape[0], **sums},
+               "their data or fit settings", sums=tuple(sums))
 
 
 def any_rank(flag: bool) -> bool:
