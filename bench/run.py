@@ -272,6 +272,13 @@ def main(argv=None) -> None:
         run_all(args, threads, machine)
 
 
+def write_json(path: Path | None, result: dict, machine: str, threads: int) -> None:
+    """``result`` with the machine's description at ``path`` (``--json``), if given."""
+    if path:
+        path.write_text(json.dumps({"torch": torch.__version__, "machine": machine,
+                                    "threads": threads, **result}, indent=2))
+
+
 def run_all(args, threads: int, machine: str) -> None:
     """The workloads ``args`` ask for, printed (and written to ``--json``, ``--plot``)."""
     if args.workload == "sklearn":
@@ -279,18 +286,14 @@ def run_all(args, threads: int, machine: str) -> None:
 
         result = sklearn_fits.run(quick=args.quick)
         print(sklearn_fits.format_result(result), flush=True)
-        if args.json:
-            args.json.write_text(json.dumps({"torch": torch.__version__, "machine": machine,
-                                             "threads": threads, **result}, indent=2))
+        write_json(args.json, result, machine, threads)
         return
     if args.workload == "sweep":
         import sweep
 
         result = sweep.run(quick=args.quick)
         print(sweep.format_result(result), flush=True)
-        if args.json:
-            args.json.write_text(json.dumps({"torch": torch.__version__, "machine": machine,
-                                             "threads": threads, **result}, indent=2))
+        write_json(args.json, result, machine, threads)
         return
     if args.workload == "ensemble":
         import ensembles
@@ -300,9 +303,7 @@ def run_all(args, threads: int, machine: str) -> None:
         result = ensembles.run(quick=args.quick, sizes=sizes, dtypes=dtypes,
                                rounds=args.rounds or 7)
         print(ensembles.format_result(result), flush=True)
-        if args.json:
-            args.json.write_text(json.dumps({"torch": torch.__version__, "machine": machine,
-                                             "threads": threads, **result}, indent=2))
+        write_json(args.json, result, machine, threads)
         if args.plot:
             ensembles.plot(result, args.plot)
         return

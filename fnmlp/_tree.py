@@ -90,6 +90,23 @@ def _flatten_into(tree, leaves: list):
     return ("pytree", spec, len(children))
 
 
+def through_flat_buckets(tensors, act=None) -> list:
+    """Fresh copies of ``tensors``, made as one concatenation per dtype (one kernel instead of
+    a copy per tensor) that ``act(flat)`` may change in place before the copies, views of it,
+    are returned."""
+    copies: list = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for index, tensor in enumerate(tensors):
+        by_dtype.setdefault(tensor.dtype, []).append(index)
+    for indices in by_dtype.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        if act is not None:
+            act(flat)
+        for i, piece in zip(indices, flat.split([tensors[i].numel() for i in indices])):
+            copies[i] = piece.view(tensors[i].shape)
+    return copies
+
+
 def unflatten(leaves, spec):
     """The tree of ``spec`` (from ``flatten``) holding ``leaves``."""
     return tree_builder(spec)(leaves)

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from fnmlp._tree import through_flat_buckets
+
 DEFAULT_TIMEOUT = 60.0  # seconds a collective may wait for the other ranks
 
 
@@ -87,16 +89,8 @@ def all_reduce_sum(bucket: Tensor, what: str) -> Tensor:
 
 def broadcast(tensors: list[Tensor], what: str) -> list[Tensor]:
     """Rank 0's ``tensors`` on every rank, as one flat bucket per dtype (fresh tensors)."""
-    out: list = [None] * len(tensors)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for index, tensor in enumerate(tensors):
-        by_dtype.setdefault(tensor.dtype, []).append(index)
-    for indices in by_dtype.values():
-        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
-        _collective(lambda: dist.broadcast(flat, src=0), what)
-        for i, piece in zip(indices, flat.split([tensors[i].numel() for i in indices])):
-            out[i] = piece.view(tensors[i].shape)
-    return out
+    return through_flat_buckets(
+        tensors, lambda flat: _collective(lambda: dist.broadcast(flat, src=0), what))
 
 
 def wait_for_all(what: str, timeout: float) -> None:

@@ -89,11 +89,13 @@ class DistributedStep:
             weight: Tensor | None = None, key: Tensor | None = None,
             pad_to: int | None = None):
         """``(params, opt_state, loss, state)`` after one step on the global batch."""
+        from fnmlp.train._compile import pad_rows  # no compiler: the shared padding
+
         mine, size = self.shard(x.shape[0], pad_to)
         xs, ys = x[mine], y[mine]
         ws = (torch.ones(xs.shape[0], dtype=x.dtype, device=x.device) if weight is None
               else weight[mine])
-        xs, ys, ws = _pad(xs, size), _pad(ys, size), _pad(ws, size)
+        xs, ys, ws = pad_rows(xs, size), pad_rows(ys, size), pad_rows(ws, size)
         param_leaves, param_spec = flatten(params)
         opt_leaves, opt_spec = flatten(opt_state)
         collective = self.collective or ("in_graph" if xs.device.type == "cpu" else "between")
@@ -132,17 +134,20 @@ class DistributedStep:
         return (pair[0] / pair[1]).item() if self.mean else pair[0].item()
 
     def _functions(self, param_spec, opt_spec, xs, ys, ws, param_leaves, opt_leaves):
-        """The gradient and update functions (compiled once per shapes with ``compile``)."""
-        gradient = self._gradient_function(param_spec)
-        update = self._update_function(param_spec, opt_spec, [p.shape for p in param_leaves])
-        if not self.compile:
-            return gradient, update
-        from fnmlp.train._compile import compile_graph
-
+        """The gradient and update functions, made once per shapes (compiled with
+        ``compile``)."""
         specialization = (param_spec, opt_spec, *[(t.shape, t.dtype) for t in
                                                   (*param_leaves, *opt_leaves, xs, ys, ws)])
         graphs = self._graphs.get(specialization)
-        if graphs is None:
+        if graphs is not None:
+            return graphs
+        gradient = self._gradient_function(param_spec)
+        update = self._update_function(param_spec, opt_spec, [p.shape for p in param_leaves])
+        if not self.compile:
+            graphs = self._graphs[specialization] = (gradient, update)
+        else:
+            from fnmlp.train._compile import compile_graph
+
             compiler = "inductor" if xs.device.type == "cpu" else "dynamo"
             with torch.no_grad():
                 bucket = gradient(*param_leaves, xs, ys, ws)
@@ -229,10 +234,3 @@ class DistributedStep:
             return (*flatten(params)[0], *flatten(opt_state)[0], value)
 
         return fnmlp_update
-
-
-def _pad(values: Tensor, rows: int) -> Tensor:
-    missing = rows - values.shape[0]
-    if missing <= 0:
-        return values
-    return torch.cat([values, values.new_zeros((missing, *values.shape[1:]))])

@@ -173,10 +173,10 @@ class Ensemble:
             if weight.shape[0] != self.size:
                 raise ValueError(f"per-member sample_weight must be (K={self.size}, rows), got "
                                  f"shape {tuple(weight.shape)}")
-            flat = _validate.as_weights(weight.reshape(-1), weight.numel(), like)
             if weight.shape[1] != rows:
                 raise ValueError(f"per-member sample_weight must have one weight per row "
                                  f"({self.size}, {rows}), got shape {tuple(weight.shape)}")
+            flat = _validate.as_weights(weight.reshape(-1), weight.numel(), like)
             return flat.reshape(self.size, rows)
         return _validate.as_weights(weight, rows, like)
 

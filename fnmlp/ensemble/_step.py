@@ -167,7 +167,7 @@ class EnsembleStep:
         return decay
 
     def _run_compiled(self, params, opt_state, state, x, y, weight, key, active, decay):
-        from fnmlp.train._compile import compile_graph
+        from fnmlp.train._compile import compile_graph, pad_rows
 
         size, rows = self.ensemble.size, x.shape[-2]
         if weight is None:
@@ -177,9 +177,9 @@ class EnsembleStep:
         layout = (x.dim(), y.dim(), weight.dim(), x.dtype, x.device)
         target = max(rows, self._rows.get(layout, 0))
         if target > rows:  # a short batch runs padded (weight 0) in the graph compiled already
-            x = _pad(x, target, x.dim() - 2)
-            y = _pad(y, target, int(per_member_targets(y, self.loss)))
-            weight = _pad(weight, target, weight.dim() - 1)
+            x = pad_rows(x, target, x.dim() - 2)
+            y = pad_rows(y, target, int(per_member_targets(y, self.loss)))
+            weight = pad_rows(weight, target, weight.dim() - 1)
         self._rows[layout] = target
         leaves, spec = flatten((params, opt_state, state))
         data = [x, y, weight, active] + ([decay] if decay is not None else []) + (
@@ -234,13 +234,3 @@ class EnsembleStep:
         code = code.replace(co_name=f"{code.co_name}_{next(_unique)}")
         return types.FunctionType(code, fnmlp_ensemble_step.__globals__, code.co_name, None,
                                   fnmlp_ensemble_step.__closure__)
-
-
-def _pad(values: Tensor, rows: int, axis: int) -> Tensor:
-    """``values`` zero-padded to ``rows`` along ``axis`` (its rows)."""
-    missing = rows - values.shape[axis]
-    if missing <= 0:
-        return values
-    shape = list(values.shape)
-    shape[axis] = missing
-    return torch.cat([values, values.new_zeros(shape)], dim=axis)

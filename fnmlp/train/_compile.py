@@ -34,7 +34,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from fnmlp._tree import flatten, tree_builder
+from fnmlp._tree import flatten, through_flat_buckets, tree_builder
 from fnmlp.nn._model import value_and_grad
 from fnmlp.nn._rowsum import plain_sums
 from fnmlp.train._errors import CompileVerificationError
@@ -150,12 +150,14 @@ class BatchPadding:
         return rows
 
 
-def pad_rows(values: Tensor, rows: int) -> Tensor:
-    """``values`` (m, ...) zero-padded to (rows, ...)."""
-    if values.shape[0] == rows:
+def pad_rows(values: Tensor, rows: int, axis: int = 0) -> Tensor:
+    """``values`` zero-padded to ``rows`` along ``axis`` (its rows: (m, ...) by default)."""
+    if values.shape[axis] >= rows:
         return values
-    padded = values.new_zeros((rows, *values.shape[1:]))
-    padded[: values.shape[0]] = values
+    shape = list(values.shape)
+    shape[axis] = rows
+    padded = values.new_zeros(shape)
+    padded.narrow(axis, 0, values.shape[axis]).copy_(values)
     return padded
 
 
@@ -265,16 +267,7 @@ def copy_out_of_graph_pool(outputs) -> list[Tensor]:
     One concatenation (one kernel) per dtype instead of a copy per tensor; the results are
     views of it.
     """
-    copies: list = [None] * len(outputs)
-    by_dtype: dict[torch.dtype, list[int]] = {}
-    for index, output in enumerate(outputs):
-        by_dtype.setdefault(output.dtype, []).append(index)
-    for indices in by_dtype.values():
-        flat = torch.cat([outputs[i].reshape(-1) for i in indices])
-        pieces = flat.split([outputs[i].numel() for i in indices])
-        for i, piece in zip(indices, pieces):
-            copies[i] = piece.view(outputs[i].shape)
-    return copies
+    return through_flat_buckets(outputs)
 
 
 def verify(outputs: list[Tensor], reference: list[Tensor]) -> None:
