@@ -5,7 +5,7 @@ round-robin so that machine noise hits all alike), epoch time, samples/s, ratio 
 eager, ratio to the GEMM floor (the step's matrix products alone) and first-step (compile)
 time; a parity line; cold and warm compile times of fnmlp's compiled step in fresh processes.
 
-    python bench/run.py [--workload seed|wide|all|sklearn|ensemble|sweep] [--load N]
+    python bench/run.py [--workload seed|wide|all|sklearn|ensemble|sweep|threads] [--load N]
                         [--device cpu|cuda] [--dtype float32|float64]
                         [--batch-size N] [--threads N] [--quick] [--json PATH] [--plot PATH]
 """
@@ -39,11 +39,12 @@ from workloads import WORKLOADS  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="fnmlp benchmark")
     parser.add_argument("--workload", default="all",
-                        choices=["all", *WORKLOADS, "sklearn", "ensemble", "sweep"],
+                        choices=["all", *WORKLOADS, "sklearn", "ensemble", "sweep", "threads"],
                         help="'all': the step workloads; 'sklearn': whole fits against "
                              "sklearn.neural_network (minutes); 'ensemble': K networks in one "
                              "step against K sequential steps, torch.func and JAX (minutes); "
-                             "'sweep': fits over hidden widths, compiles included")
+                             "'sweep': fits over hidden widths, compiles included; 'threads': "
+                             "steps on one thread against all, by hidden width")
     parser.add_argument("--sizes", type=str, default=None,
                         help="ensemble sizes for --workload ensemble, e.g. 1,8,32,128")
     parser.add_argument("--device", default="cpu")
@@ -293,6 +294,14 @@ def run_all(args, threads: int, machine: str) -> None:
 
         result = sweep.run(quick=args.quick)
         print(sweep.format_result(result), flush=True)
+        write_json(args.json, result, machine, threads)
+        return
+    if args.workload == "threads":
+        import threads as thread_table
+
+        dtype = getattr(torch, args.dtype) if args.dtype else torch.float64
+        result = thread_table.run(quick=args.quick, dtype=dtype, rounds=args.rounds or 9)
+        print(thread_table.format_result(result), flush=True)
         write_json(args.json, result, machine, threads)
         return
     if args.workload == "ensemble":

@@ -23,6 +23,7 @@ from fnmlp.nn._losses import Loss
 from fnmlp.nn._model import _check_loss, check_l2, value_and_grad
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
 from fnmlp.train._step import COMPILERS
+from fnmlp.train._threads import choose_threads, intra_op_threads
 
 _unique = itertools.count()
 
@@ -141,7 +142,13 @@ class EnsembleStep:
     def run(self, params, opt_state, state, x: Tensor, y: Tensor, *,
             weight: Tensor | None = None, key: Tensor | None = None,
             active: Tensor | None = None):
-        """``(params, opt_state, losses, state)``: ``__call__`` without its checks."""
+        """``(params, opt_state, losses, state)``: ``__call__`` without its checks; on one
+        thread when all members' step is small (``fnmlp.train_step``'s ``threads="auto"``)."""
+        count = choose_threads("auto", self.ensemble.model, x.shape[-2], self.ensemble.size)
+        with intra_op_threads(count):
+            return self._run(params, opt_state, state, x, y, weight, key, active)
+
+    def _run(self, params, opt_state, state, x, y, weight, key, active):
         like = x
         decay = self._decay_for(like)
         if active is None and weight is not None and weight.dim() == 2:
@@ -185,7 +192,8 @@ class EnsembleStep:
         data = [x, y, weight, active] + ([decay] if decay is not None else []) + (
             [key] if key is not None else [])
         args = [t.contiguous() for t in (*leaves, *data)]
-        specialization = (spec, *[(t.shape, t.dtype) for t in args], x.device)
+        specialization = (spec, *[(t.shape, t.dtype) for t in args], torch.get_num_threads(),
+                          x.device)
         graph = self._graphs.get(specialization)
         if graph is None:
             function = self._flat_function(spec, x.dim() == 3, per_member_targets(y, self.loss),

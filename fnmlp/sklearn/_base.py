@@ -22,6 +22,7 @@ from fnmlp.nn._dropout import make_key
 from fnmlp.nn._model import MLP, Dense
 from fnmlp.train._auto import choose_compile, compiled_before
 from fnmlp.train._step import TrainStep
+from fnmlp.train._threads import describe_threads
 
 SOLVERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
@@ -197,7 +198,8 @@ class BaseMLP(BaseEstimator):
             cached=self.compile == "auto" and compiled_before(self.model_, loss, optimizer,
                                                               float(self.alpha)))
         if self.verbose:
-            print(f"fnmlp: {'compiled' if compiled else 'eager'} steps ({reason})")
+            print(f"fnmlp: {'compiled' if compiled else 'eager'} steps ({reason}); "
+                  f"{describe_threads('auto', self.model_, batch_size)}")
         step = TrainStep(self.model_, loss, optimizer, compile=compiled, l2=float(self.alpha))
         x_data = x if sp.issparse(x) else _tensor(x, like)
         y_data = self._target_tensor(y, like)

@@ -89,8 +89,8 @@ def compile_graph(function, args: list[Tensor], *, compiler: str, cuda_graphs: b
 
 
 def _compile_with_inductor(function, args: list[Tensor]):
-    """Trace ``function`` once on fake copies of ``args`` and compile it with inductor (the
-    one place that uses torch's private compiler APIs).
+    """Trace ``function`` once on fake copies of ``args`` and compile it with inductor (with
+    ``_inductor_setup``, the one place that uses torch's private compiler APIs).
 
     Tracing under a fake mode with a shape environment (static shapes) lets inductor's on-disk
     FX graph cache serve a second process; without one it bypasses the cache. The graph's
@@ -99,10 +99,11 @@ def _compile_with_inductor(function, args: list[Tensor]):
     precompiled header, instead of a shared object per kernel (a cold compile ~40% shorter).
     """
     import torch._inductor
-    import torch._inductor.config
+
+    from fnmlp.train._inductor_setup import cpu_compile
 
     graph, fake_args = trace(function, args)
-    with torch._inductor.config.patch(cpu_inductor_options()):
+    with cpu_compile(cpu_inductor_options()):
         return torch._inductor.compile(graph, fake_args)
 
 
@@ -200,7 +201,9 @@ class CompiledStep:
             data.append(key)
         if not all(arg.is_contiguous() for arg in data):
             data = [arg.contiguous() for arg in data]
-        short = (spec, *[(arg.shape, arg.dtype) for arg in data], device)
+        # A CPU graph is specialized on the thread count too (inductor's kernels are).
+        short = (spec, *[(arg.shape, arg.dtype) for arg in data], torch.get_num_threads(),
+                 device)
         graph = self._by_data.get(short) if own_outputs else None
         if graph is None:
             if not all(leaf.is_contiguous() for leaf in leaves):

@@ -17,6 +17,7 @@ from fnmlp.nn._model import MLP, Params, State, _check_loss, check_l2, forward
 from fnmlp.nn._primitive import EVAL
 from fnmlp.train._errors import NonFiniteLossError
 from fnmlp.train._auto import choose_compile, compiled_before
+from fnmlp.train._threads import check_threads, describe_threads
 from fnmlp.train._run import Run, restore_run, save_run
 from fnmlp.train._step import TrainStep, train_step
 
@@ -62,6 +63,7 @@ def fit(
     compile: bool | str = "auto",
     compiler: str = "auto",
     verify: bool = False,
+    threads: int | str = "auto",
     checkpoint=None,
     checkpoint_every: int = 1,
     resume: bool = False,
@@ -101,6 +103,10 @@ def fit(
             ``fnmlp.train._auto``); ``verbose`` says which and why. ``compiler`` chooses how
             ("auto", "inductor" or "dynamo"); ``verify`` checks the first compiled step
             against the eager step.
+        threads: intra-op threads per step (``fnmlp.train_step``'s): "auto" runs a small
+            step (below ~16 million multiply-adds) on one thread, a larger one on torch's
+            current count; or a count (at most torch's current count). Set for each step and
+            put back after it; ``verbose`` says which.
         checkpoint: a file to checkpoint the fit to (``fnmlp.save``'s format) every
             ``checkpoint_every`` epochs and at the end; with ``resume=True`` and the file
             present, the fit continues from it (``params``, ``opt_state`` and ``state`` passed
@@ -127,6 +133,7 @@ def fit(
                        "on_epoch_end": on_epoch_end, "progress": progress,
                        "distributed": distributed}
         given = [name for name, value in unsupported.items() if value not in (None, False)]
+        given += ["threads"] if threads != "auto" else []
         if given:
             raise ValueError(f"fit of an Ensemble does not support {', '.join(given)} yet")
         return model.fit(params, x, y, epochs=epochs, batch_size=batch_size,
@@ -144,12 +151,14 @@ def fit(
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     like = model.check_params(params)
     choose_compile(compile, model, 0)  # a bad value is refused before any work
+    check_threads(threads)
     lead = True
     if distributed:
         from fnmlp import distributed as data_parallel
 
-        if verify or compiler != "auto":
-            raise ValueError("verify= and compiler= are not supported with distributed=True")
+        if verify or compiler != "auto" or threads != "auto":
+            raise ValueError("verify=, compiler= and threads= are not supported with "
+                             "distributed=True")
         data_parallel.init(device=like.device)
         lead = data_parallel.rank() == 0
         verbose, progress = verbose and lead, progress if lead else False
@@ -160,12 +169,13 @@ def fit(
     if distributed and data_parallel.any_rank(compile) != compile:  # all ranks alike
         compile, reason = True, "another rank compiles"
     if verbose:
-        print(f"fnmlp: {'compiled' if compile else 'eager'} steps ({reason})")
+        print(f"fnmlp: {'compiled' if compile else 'eager'} steps ({reason})"
+              + ("" if distributed else f"; {describe_threads(threads, model, batch_size)}"))
     if distributed:
         step = data_parallel.DistributedStep(model, loss, optimizer, compile=compile, l2=l2)
     else:
         step = train_step(model, loss, optimizer, compile=compile, verify=verify,
-                          compiler=compiler, l2=l2)
+                          compiler=compiler, l2=l2, threads=threads)
     if not _all_finite(params):
         raise ValueError("params contain NaN or inf before training; start from finite "
                          "parameters (e.g. model.init)")

@@ -16,6 +16,7 @@ from fnmlp._tree import flatten, unflatten
 from fnmlp.nn._losses import Loss
 from fnmlp.nn._model import MLP, _check_loss, check_l2, value_and_grad
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
+from fnmlp.train._threads import check_threads, choose_threads, intra_op_threads
 
 COMPILERS = ("auto", "inductor", "dynamo")
 
@@ -54,15 +55,17 @@ class TrainStep:
 
     def __init__(self, model: MLP, loss: Loss, optimizer, *, compile: bool = True,
                  verify: bool = False, cuda_graphs: bool | None = None, compiler: str = "auto",
-                 l2: float = 0.0):
+                 l2: float = 0.0, threads: int | str = "auto"):
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
+        check_threads(threads)
         _check_loss(loss)
         if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):
             raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
                             f"got {optimizer!r}")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.l2 = check_l2(l2)
+        self.threads = threads
         self.compiled = None
         if compile:
             from fnmlp.train._compile import shared_compiled_step
@@ -109,6 +112,11 @@ class TrainStep:
             weight: Tensor | None = None, key: Tensor | None = None, pad_to: int | None = None):
         """``(params, opt_state, loss, state)``: ``__call__`` without its checks, for callers
         that validated the data. ``pad_to``: pad a compiled step's short batch to this size."""
+        rows = max(x.shape[0], pad_to or 0)
+        with intra_op_threads(choose_threads(self.threads, self.model, rows)):
+            return self._run(params, opt_state, state, x, y, weight, key, pad_to)
+
+    def _run(self, params, opt_state, state, x, y, weight, key, pad_to):
         if self.compiled is None:
             params, opt_state, value, new_state = eager_step(
                 self.model, self.loss, self.optimizer, params, opt_state, state, x, y, weight, key,
@@ -148,7 +156,7 @@ class TrainStep:
 
 def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verify: bool = False,
                cuda_graphs: bool | None = None, compiler: str = "auto",
-               l2: float = 0.0) -> TrainStep:
+               l2: float = 0.0, threads: int | str = "auto") -> TrainStep:
     """A pure training step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
 
     Arguments:
@@ -163,6 +171,11 @@ def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verif
             (with CUDA graphs) on CUDA.
         l2: an L2 penalty on the ``Linear`` weights as scikit-learn's ``alpha`` (see
             ``MLP.value_and_grad``).
+        threads: intra-op threads for each step, never more than torch's current count
+            (``torch.get_num_threads()``, as ``OMP_NUM_THREADS`` or ``threadpoolctl`` set it):
+            "auto" runs a step below ~16 million multiply-adds on one thread (tiny kernels
+            cannot pay for a second thread's fork and barrier, and a busy core stalls every
+            barrier), larger ones on all; or a count. Set for the step, put back after it.
 
     Compiled graphs are shared by every step of the same (model, loss, optimizer structure,
     options), so a second ``fit`` with the same spec, dtype and device reuses them. A batch
@@ -170,4 +183,4 @@ def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verif
     short last batch costs no new graph.
     """
     return TrainStep(model, loss, optimizer, compile=compile, verify=verify,
-                     cuda_graphs=cuda_graphs, compiler=compiler, l2=l2)
+                     cuda_graphs=cuda_graphs, compiler=compiler, l2=l2, threads=threads)

@@ -1,0 +1,141 @@
+"""Two fixed costs of inductor's CPU compile that fnmlp's compiled step does without.
+
+Measured on a 2-core machine, for a graph never compiled before (torch 2.13), a first step of
+~6-7 s had two parts that do not depend on the graph:
+
+- **the vector-ISA probe**: before its first CPU kernel, every process checks which vector
+  instruction sets (AVX2, AVX-512, ...) the C++ compiler can build and the machine can load, by
+  ``dlopen``-ing a tiny library per ISA in a fresh Python subprocess, every time (~0.3 s
+  each). The answer depends only on the machine, the compiler and torch, so it is recorded
+  in inductor's cache folder once a probe accepted every ISA the CPU reports; in later
+  processes fnmlp's compile takes each ISA's load as done (its library is still built, or
+  found in the cache). Where the probe rejected an ISA nothing is recorded and inductor
+  probes as before.
+- **one compiler at a time**: with a C++ wrapper built apart from its kernels, inductor builds
+  the wrapper's object file, then the kernels', then links, one after the other.
+  ``cpu_compile`` builds the two object files side by side (two compiler processes, then the
+  link), only for the duration of fnmlp's own compile.
+
+Both lean on torch internals; on a torch where these are not as expected they do nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import platform
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+_RECORD = "fnmlp-vec-isa-{key}.ok"
+_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def cpu_compile(options: dict):
+    """Inductor's config patched with ``options`` (plus ``cpp.vec_isa_ok`` where recorded) and
+    object files built side by side, for one compile; the probe's answer recorded after it."""
+    import torch._inductor.config as config
+
+    with _PATCH_LOCK, config.patch(options), _recorded_isa_loads(), _parallel_objects():
+        yield
+    _record_isa()
+
+
+# --- the vector-ISA probe ---------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _recorded_isa_loads():
+    """During the block, each ISA library's load test passes without a subprocess where an
+    earlier probe with this machine, compiler and torch accepted every ISA the CPU reports."""
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        probe = cpu_vec_isa.VecISA._probe_load
+        path = _record_path()
+    except (ImportError, AttributeError, OSError):
+        path = None
+    if path is None or not os.path.exists(path):
+        yield
+        return
+    cpu_vec_isa.VecISA._probe_load = lambda self, library: os.path.isfile(library)
+    try:
+        yield
+    finally:
+        cpu_vec_isa.VecISA._probe_load = probe
+
+
+def _record_isa() -> None:
+    """Record the probe's answer when it accepted every ISA the CPU reports (a no-op when
+    recorded already, when nothing was probed, or on an unexpected torch)."""
+    try:
+        from torch._inductor import config, cpu_vec_isa
+
+        path = _record_path()
+        if path is None or os.path.exists(path) or config.cpp.vec_isa_ok is not None:
+            return
+        if cpu_vec_isa.valid_vec_isa_list.cache_info().currsize == 0:
+            return  # inductor has not probed in this process
+        probed = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list()]
+        with config.patch({"cpp.vec_isa_ok": True}):
+            reported = [str(isa) for isa in cpu_vec_isa.valid_vec_isa_list.__wrapped__()]
+        if probed and probed == reported and os.path.isdir(os.path.dirname(path)):
+            with open(path, "w") as file:
+                file.write(" ".join(probed) + "\n")
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
+def _record_path() -> str | None:
+    """The record's path for this machine, compiler and torch; None off x86 Linux."""
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    import torch
+    from torch._inductor import cpp_builder, cpu_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    compiler = cpp_builder.get_cpp_compiler()
+    identity = "\n".join([torch.__version__, sys.executable, compiler,
+                          cpp_builder.get_compiler_version_info(compiler),
+                          " ".join(cpu_vec_isa.x86_isa_checker())])
+    key = hashlib.sha256(identity.encode()).hexdigest()[:24]
+    folder = os.path.abspath(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or default_cache_dir())
+    return os.path.join(folder, _RECORD.format(key=key))
+
+
+# --- object files side by side ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _parallel_objects():
+    """During the block, inductor's in-process build of (wrapper object, kernels object,
+    linker) compiles the two objects concurrently; any other build runs as before."""
+    try:
+        from torch._inductor import codecache
+
+        serial = codecache._worker_compile_cpp
+        from torch.utils._filelock import FileLock
+    except (ImportError, AttributeError):
+        yield
+        return
+
+    def build(lock_path, builders):
+        if len(builders) != 3:
+            return serial(lock_path, builders)
+        *objects, linker = builders
+        with FileLock(lock_path, timeout=codecache.LOCK_TIMEOUT):
+            missing = [b for b in objects if not os.path.exists(b.get_target_file_path())]
+            with ThreadPoolExecutor(len(missing) or 1) as pool:
+                for done in [pool.submit(b.build) for b in missing]:
+                    done.result()
+            if not os.path.exists(linker.get_target_file_path()):
+                linker.build()
+
+    codecache._worker_compile_cpp = build
+    try:
+        yield
+    finally:
+        codecache._worker_compile_cpp = serial

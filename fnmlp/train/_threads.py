@@ -1,0 +1,76 @@
+"""How many intra-op threads a training step uses: chosen per step size, never more than allowed.
+
+A small step (the seed network: 333 rows, ~3.4 million multiply-adds) is made of tiny
+kernels; a second thread splits each into halves too small to pay for the fork and the barrier
+after it, and where another process holds a core (a grid search with ``n_jobs``, a shared
+server) every barrier waits for it. Measured (``python bench/run.py --workload threads``, 2-core
+CPU, float64): the seed step eager takes ~750 µs on one thread against ~910 µs on two; compiled,
+~570 µs against ~450 µs when the machine is quiet but ~450 µs against ~1080 µs beside one busy
+process. So a step below ``SERIAL_WORK`` multiply-adds runs on one thread; a larger step uses
+the threads torch has (``torch.get_num_threads()``, which ``OMP_NUM_THREADS``,
+``threadpoolctl`` and joblib's workers already limit): fnmlp only ever lowers the count.
+
+The count is set for the step's duration and put back after it (``torch.set_num_threads`` is
+process-wide; setting it costs ~0.3 µs), so code around a step keeps its own setting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fnmlp.nn._linear import Linear
+
+SERIAL_WORK = 16_000_000  # multiply-adds per step below which one thread is faster
+
+
+def step_work(model, rows: int, members: int = 1) -> int:
+    """Multiply-adds of one training step: the forward and the two backward products of every
+    ``Linear`` over ``rows`` rows (of each of ``members`` networks stepped together)."""
+    return 3 * members * rows * sum(n_in * layer.out_features(n_in)
+                          for layer, n_in in zip(model.layers, model.widths)
+                          if isinstance(layer, Linear))
+
+
+def choose_threads(threads, model, rows: int, members: int = 1) -> int:
+    """The intra-op thread count for a step of ``model`` over ``rows`` rows (``members``
+    networks at once): ``threads`` when a count (at most torch's current count), or by the
+    step's size for ``"auto"``."""
+    available = torch.get_num_threads()
+    if threads == "auto":
+        return 1 if step_work(model, rows, members) < SERIAL_WORK else available
+    return min(threads, available)
+
+
+def describe_threads(threads, model, rows: int) -> str:
+    """What ``choose_threads`` picks for steps of ``rows`` rows, and why (``fit``'s verbose)."""
+    count = choose_threads(threads, model, rows)
+    plural = "s" if count > 1 else ""
+    if threads != "auto":
+        return f"{count} thread{plural} (threads={threads})"
+    work = step_work(model, rows)
+    return (f"{count} thread{plural} (auto: {work / 1e6:.1f} M multiply-adds per step "
+            f"{'<' if work < SERIAL_WORK else '>='} {SERIAL_WORK / 1e6:.0f} M)")
+
+
+def check_threads(threads) -> None:
+    """Refuse anything but ``"auto"`` or a positive int."""
+    if threads == "auto":
+        return
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be 'auto' or a positive int, got {threads!r}")
+
+
+@contextlib.contextmanager
+def intra_op_threads(count: int):
+    """torch's intra-op thread count set to ``count`` for the block, then put back."""
+    current = torch.get_num_threads()
+    if count == current:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(current)
