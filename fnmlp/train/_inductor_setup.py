@@ -11,6 +11,8 @@ Measured on a 2-core machine, for a graph never compiled before (torch 2.13), a 
   processes fnmlp's compile takes each ISA's load as done (its library is still built, or
   found in the cache). Where the probe rejected an ISA nothing is recorded and inductor
   probes as before.
+  With empty caches the probe also builds its test libraries, one after the other (~8 s);
+  fnmlp runs inductor's probe of each ISA side by side instead.
 - **one compiler at a time**: with a C++ wrapper built apart from its kernels, inductor builds
   the wrapper's object file, then the kernels', then links, one after the other.
   ``cpu_compile`` builds the two object files side by side (two compiler processes, then the
@@ -40,6 +42,7 @@ def cpu_compile(options: dict):
     import torch._inductor.config as config
 
     with _PATCH_LOCK, config.patch(options), _recorded_isa_loads(), _parallel_objects():
+        _probe_isas_side_by_side()
         yield
     _record_isa()
 
@@ -66,6 +69,28 @@ def _recorded_isa_loads():
         yield
     finally:
         cpu_vec_isa.VecISA._probe_load = probe
+
+
+def _probe_isas_side_by_side() -> None:
+    """Where this process has not probed yet and nothing is recorded, run inductor's own
+    probe of each ISA the CPU reports in a thread of its own (each builds a test library with
+    g++, ~2 s with empty caches, and loads it in a subprocess; inductor runs them one after
+    the other). Inductor caches each answer, so its probe then finds them all done."""
+    try:
+        from torch._inductor import cpu_vec_isa
+
+        if cpu_vec_isa.valid_vec_isa_list.cache_info().currsize:
+            return
+        path = _record_path()
+        if path is None or os.path.exists(path):
+            return
+        reported = set(cpu_vec_isa.x86_isa_checker())
+        candidates = [isa for isa in cpu_vec_isa.supported_vec_isa_list
+                      if all(flag in reported for flag in str(isa).split())]
+        with ThreadPoolExecutor(max(1, len(candidates))) as pool:
+            list(pool.map(bool, candidates))
+    except (ImportError, AttributeError, OSError):
+        pass
 
 
 def _record_isa() -> None:
