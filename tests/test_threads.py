@@ -145,3 +145,21 @@ def test_verbose_fit_says_how_many_threads(capsys, two_threads):
               optimizer=fnmlp.sgd(0.1), verbose=True, compile=False)
     assert "eager steps (compile=False); 1 thread (auto: 0.0 M multiply-adds per step < 16 M)" \
         in capsys.readouterr().out
+
+
+def test_numpy_thread_counts_are_accepted():
+    import numpy as np
+
+    from fnmlp.train._threads import check_threads, choose_threads
+
+    check_threads(np.int64(1))
+    assert choose_threads(np.int64(1), fnmlp.MLP(2, [fnmlp.Linear(1)]), 4) == 1
+
+
+def test_a_step_off_the_cpu_keeps_torchs_thread_count(two_threads):
+    from fnmlp.train._threads import choose_threads
+
+    seed = fnmlp.MLP(6, [fnmlp.Dense(32, "tanh")] * 4 + [fnmlp.Linear(3)])
+    assert choose_threads("auto", seed, 333, device=torch.device("cuda")) == 2
+    assert choose_threads(1, seed, 333, device=torch.device("cuda")) == 1
+    assert choose_threads("auto", seed, 333, device=torch.device("cpu")) == 1

@@ -144,7 +144,8 @@ class EnsembleStep:
             active: Tensor | None = None):
         """``(params, opt_state, losses, state)``: ``__call__`` without its checks; on one
         thread when all members' step is small (``fnmlp.train_step``'s ``threads="auto"``)."""
-        count = choose_threads("auto", self.ensemble.model, x.shape[-2], self.ensemble.size)
+        count = choose_threads("auto", self.ensemble.model, x.shape[-2], self.ensemble.size,
+                               device=x.device)
         with intra_op_threads(count):
             return self._run(params, opt_state, state, x, y, weight, key, active)
 

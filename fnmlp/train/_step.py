@@ -66,7 +66,7 @@ class TrainStep:
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.l2 = check_l2(l2)
         self.threads = threads
-        self._threads_for: dict[tuple, int] = {}  # (rows, torch's count) -> the step's count
+        self._threads_for: dict[tuple, int] = {}  # (rows, torch's count, device) -> count
         self.compiled = None
         if compile:
             from fnmlp.train._compile import shared_compiled_step
@@ -114,10 +114,11 @@ class TrainStep:
         """``(params, opt_state, loss, state)``: ``__call__`` without its checks, for callers
         that validated the data. ``pad_to``: pad a compiled step's short batch to this size."""
         rows = max(x.shape[0], pad_to or 0)
-        where = (rows, torch.get_num_threads())
+        where = (rows, torch.get_num_threads(), x.device)
         threads = self._threads_for.get(where)
         if threads is None:
-            threads = self._threads_for[where] = choose_threads(self.threads, self.model, rows)
+            threads = self._threads_for[where] = choose_threads(self.threads, self.model, rows,
+                                                                device=x.device)
         with intra_op_threads(threads):
             return self._run(params, opt_state, state, x, y, weight, key, pad_to)
 

@@ -17,6 +17,7 @@ process-wide; setting it costs ~0.3 µs), so code around a step keeps its own se
 from __future__ import annotations
 
 import contextlib
+import numbers
 
 import torch
 
@@ -28,19 +29,22 @@ SERIAL_WORK = 16_000_000  # multiply-adds per step below which one thread is fas
 def step_work(model, rows: int, members: int = 1) -> int:
     """Multiply-adds of one training step: the forward and the two backward products of every
     ``Linear`` over ``rows`` rows (of each of ``members`` networks stepped together)."""
-    return 3 * members * rows * sum(n_in * layer.out_features(n_in)
-                          for layer, n_in in zip(model.layers, model.widths)
-                          if isinstance(layer, Linear))
+    products = sum(n_in * layer.out_features(n_in)
+                   for layer, n_in in zip(model.layers, model.widths) if isinstance(layer, Linear))
+    return 3 * members * rows * products
 
 
-def choose_threads(threads, model, rows: int, members: int = 1) -> int:
+def choose_threads(threads, model, rows: int, members: int = 1,
+                   device: torch.device | None = None) -> int:
     """The intra-op thread count for a step of ``model`` over ``rows`` rows (``members``
     networks at once): ``threads`` when a count (at most torch's current count), or by the
-    step's size for ``"auto"``."""
+    step's size for ``"auto"`` (torch's count for a step on another device than the CPU)."""
     available = torch.get_num_threads()
-    if threads == "auto":
-        return 1 if step_work(model, rows, members) < SERIAL_WORK else available
-    return min(threads, available)
+    if threads != "auto":
+        return min(int(threads), available)
+    if device is not None and device.type != "cpu":
+        return available
+    return 1 if step_work(model, rows, members) < SERIAL_WORK else available
 
 
 def describe_threads(threads, model, rows: int) -> str:
@@ -58,7 +62,7 @@ def check_threads(threads) -> None:
     """Refuse anything but ``"auto"`` or a positive int."""
     if threads == "auto":
         return
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
         raise ValueError(f"threads must be 'auto' or a positive int, got {threads!r}")
 
 
