@@ -122,6 +122,9 @@ def test_the_parallel_build_is_scoped_and_keeps_other_builds_serial(tmp_path):
         def get_target_file_path(self):
             return str(tmp_path / self.name)
 
+        def get_command_line(self):
+            return f"g++ {tmp_path / 'main.o'} {tmp_path / 'kernels.o'} -o {self.name}"
+
         def build(self):
             built.append(self.name)
             (tmp_path / self.name).write_text("")

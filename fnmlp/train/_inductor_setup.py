@@ -152,9 +152,9 @@ def _parallel_objects():
         return
 
     def build(lock_path, builders):
-        if len(builders) != 3:
-            return serial(lock_path, builders)
         *objects, linker = builders
+        if len(builders) != 3 or not _links(linker, objects):
+            return serial(lock_path, builders)
         with FileLock(lock_path, timeout=codecache.LOCK_TIMEOUT):
             missing = [b for b in objects if not os.path.exists(b.get_target_file_path())]
             with ThreadPoolExecutor(len(missing) or 1) as pool:
@@ -168,3 +168,12 @@ def _parallel_objects():
         yield
     finally:
         codecache._worker_compile_cpp = serial
+
+
+def _links(linker, objects) -> bool:
+    """Whether ``linker`` only links the outputs of ``objects`` (so these may build at once)."""
+    try:
+        command = linker.get_command_line()
+        return all(b.get_target_file_path() in command for b in objects)
+    except AttributeError:
+        return False
