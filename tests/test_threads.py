@@ -163,3 +163,59 @@ def test_a_step_off_the_cpu_keeps_torchs_thread_count(two_threads):
     assert choose_threads("auto", seed, 333, device=torch.device("cuda")) == 2
     assert choose_threads(1, seed, 333, device=torch.device("cuda")) == 1
     assert choose_threads("auto", seed, 333, device=torch.device("cpu")) == 1
+
+
+# --- denormals flushed inside a compiled CPU step on one thread --------------------------------
+
+
+def test_the_flush_mode_is_scoped_and_a_callers_mode_kept():
+    from fnmlp.train._denormals import flushed_denormals, flushing
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    assert not flushing()
+    with flushed_denormals():
+        assert flushing()
+    assert not flushing()
+    with flushed_denormals(enabled=False):
+        assert not flushing()
+    torch.set_flush_denormal(True)  # the caller's own mode
+    try:
+        with flushed_denormals():
+            assert flushing()
+        assert flushing()
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_a_compiled_step_on_one_thread_flushes_denormals_the_eager_step_never(monkeypatch):
+    from fnmlp._tree import flatten, unflatten
+    from fnmlp.train._denormals import flushing
+    from fnmlp.train._step import eager_step
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals")
+    model = fnmlp.MLP(3, [fnmlp.Dense(4, "tanh"), fnmlp.Linear(2)])
+    g = torch.Generator().manual_seed(0)
+    params, optimizer = model.init(g), fnmlp.sgd(0.1)
+    x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
+    seen = []
+
+    def graph(leaves, spec, x, y, weight, key, pad_to=None, *, own_outputs=False):
+        """Stands in for the compiled graphs: records the mode, steps eagerly."""
+        seen.append(flushing())
+        trees = unflatten(list(leaves), spec)
+        p, o, value, s = eager_step(model, fnmlp.mse, optimizer, *trees, x, y, weight, key)
+        return [*flatten((p, o, s))[0], value]
+
+    for options, expected in [({"threads": 1}, True), ({"threads": 1, "flush_denormals": False},
+                                                       False)]:
+        step = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False, **options)
+        step.compiled = graph
+        step(params, optimizer.init(params), x, y)
+        assert seen.pop() is expected and not flushing()
+    eager = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False, threads=1)
+    monkeypatch.setattr("fnmlp.train._step.eager_step", lambda *a: (seen.append(flushing()),
+                                                                    eager_step(*a))[1])
+    eager(params, optimizer.init(params), x, y)
+    assert seen == [False]

@@ -16,6 +16,7 @@ from fnmlp._tree import flatten, unflatten
 from fnmlp.nn._losses import Loss
 from fnmlp.nn._model import MLP, _check_loss, check_l2, value_and_grad
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
+from fnmlp.train._denormals import flushed_denormals
 from fnmlp.train._threads import check_threads, choose_threads, intra_op_threads
 
 COMPILERS = ("auto", "inductor", "dynamo")
@@ -55,7 +56,7 @@ class TrainStep:
 
     def __init__(self, model: MLP, loss: Loss, optimizer, *, compile: bool = True,
                  verify: bool = False, cuda_graphs: bool | None = None, compiler: str = "auto",
-                 l2: float = 0.0, threads: int | str = "auto"):
+                 l2: float = 0.0, threads: int | str = "auto", flush_denormals: bool = True):
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         check_threads(threads)
@@ -66,6 +67,7 @@ class TrainStep:
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.l2 = check_l2(l2)
         self.threads = threads
+        self.flush_denormals = bool(flush_denormals)
         self._threads_for: dict[tuple, int] = {}  # (rows, torch's count, device) -> count
         self.compiled = None
         if compile:
@@ -137,7 +139,9 @@ class TrainStep:
             leaves, spec = self._last.leaves, self._last.spec
         else:
             leaves, spec = flatten(trees)
-        outputs = self.compiled(leaves, spec, x, y, weight, key, pad_to, own_outputs=own)
+        flush = self.flush_denormals and x.device.type == "cpu" and torch.get_num_threads() == 1
+        with flushed_denormals(flush):
+            outputs = self.compiled(leaves, spec, x, y, weight, key, pad_to, own_outputs=own)
         if self._verify_next:
             self._verify(trees, x, y, weight, key, outputs)
         leaves = outputs[:-1]
@@ -162,7 +166,8 @@ class TrainStep:
 
 def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verify: bool = False,
                cuda_graphs: bool | None = None, compiler: str = "auto",
-               l2: float = 0.0, threads: int | str = "auto") -> TrainStep:
+               l2: float = 0.0, threads: int | str = "auto",
+               flush_denormals: bool = True) -> TrainStep:
     """A pure training step ``(params, opt_state, x, y) -> (params, opt_state, loss)``.
 
     Arguments:
@@ -182,6 +187,9 @@ def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verif
             "auto" runs a step below ~16 million multiply-adds on one thread (tiny kernels
             cannot pay for a second thread's fork and barrier, and a busy core stalls every
             barrier), larger ones on all; or a count. Set for the step, put back after it.
+        flush_denormals: a compiled CPU step on one thread flushes denormal floats to zero
+            for its duration, as XLA does (they are ~100x slower; ``fnmlp.train._denormals``);
+            False keeps IEEE gradual underflow. The eager step never flushes.
 
     Compiled graphs are shared by every step of the same (model, loss, optimizer structure,
     options), so a second ``fit`` with the same spec, dtype and device reuses them. A batch
@@ -189,4 +197,5 @@ def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verif
     short last batch costs no new graph.
     """
     return TrainStep(model, loss, optimizer, compile=compile, verify=verify,
-                     cuda_graphs=cuda_graphs, compiler=compiler, l2=l2, threads=threads)
+                     cuda_graphs=cuda_graphs, compiler=compiler, l2=l2, threads=threads,
+                     flush_denormals=flush_denormals)
