@@ -148,14 +148,13 @@ class DistributedStep:
         else:
             from fnmlp.train._compile import compile_graph
 
-            compiler = "inductor" if xs.device.type == "cpu" else "dynamo"
             with torch.no_grad():
                 bucket = gradient(*param_leaves, xs, ys, ws)
                 graphs = self._graphs[specialization] = (
-                    compile_graph(gradient, [*param_leaves, xs, ys, ws], compiler=compiler,
+                    compile_graph(gradient, [*param_leaves, xs, ys, ws], compiler="auto",
                                   cuda_graphs=False),
                     compile_graph(update, [*param_leaves, *opt_leaves, bucket],
-                                  compiler=compiler, cuda_graphs=False))
+                                  compiler="auto", cuda_graphs=False))
                 graphs[0](*param_leaves, xs, ys, ws)  # compiles now where compiling is lazy
                 graphs[1](*param_leaves, *opt_leaves, bucket)
             wait_for_all("waiting for every rank to compile its step", COMPILE_TIMEOUT)
@@ -184,10 +183,9 @@ class DistributedStep:
                     collectives.all_reduce(bucket, "sum", dist.group.WORLD))
                 return update(*params, *opt_leaves, bucket)
 
-            compiler = "inductor" if args[0].device.type == "cpu" else "dynamo"
             with torch.no_grad():
                 graph = self._graphs[specialization] = compile_graph(
-                    fnmlp_distributed_step, args, compiler=compiler, cuda_graphs=False)
+                    fnmlp_distributed_step, args, compiler="auto", cuda_graphs=False)
             wait_for_all("waiting for every rank to compile its step", COMPILE_TIMEOUT)
         return graph
 

@@ -10,9 +10,6 @@ optimizer state and model state, while the graph stays the same.
 
 from __future__ import annotations
 
-import itertools
-import types
-
 import torch
 from torch import Tensor
 from torch.func import vmap
@@ -23,9 +20,8 @@ from fnmlp.nn._losses import Loss
 from fnmlp.nn._model import _check_loss, check_l2, value_and_grad
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
 from fnmlp.train._step import COMPILERS
-from fnmlp.train._threads import choose_threads, intra_op_threads
+from fnmlp.train._threads import StepThreads
 
-_unique = itertools.count()
 
 
 def member_step(ensemble: Ensemble, loss: Loss, optimizer, l2: float):
@@ -100,6 +96,7 @@ class EnsembleStep:
         self.weight_decay = check_weight_decay(ensemble, optimizer, weight_decay)
         self.compile, self.compiler = compile, compiler
         self._step = member_step(ensemble, loss, optimizer, self.l2)
+        self._threads = StepThreads("auto", ensemble.model, members=ensemble.size)
         self._graphs: dict[tuple, object] = {}
         self._decay: dict[tuple, Tensor] = {}
         self._rows: dict[tuple, int] = {}  # data layout -> rows of its compiled graph
@@ -144,9 +141,7 @@ class EnsembleStep:
             active: Tensor | None = None):
         """``(params, opt_state, losses, state)``: ``__call__`` without its checks; on one
         thread when all members' step is small (``fnmlp.train_step``'s ``threads="auto"``)."""
-        count = choose_threads("auto", self.ensemble.model, x.shape[-2], self.ensemble.size,
-                               device=x.device)
-        with intra_op_threads(count):
+        with self._threads(x.shape[-2], x.device):
             return self._run(params, opt_state, state, x, y, weight, key, active)
 
     def _run(self, params, opt_state, state, x, y, weight, key, active):
@@ -200,11 +195,9 @@ class EnsembleStep:
             function = self._flat_function(spec, x.dim() == 3, per_member_targets(y, self.loss),
                                            weight.dim() == 2,
                                            decay is not None, key is not None)
-            compiler = self.compiler if self.compiler != "auto" else (
-                "inductor" if x.device.type == "cpu" else "dynamo")
             with torch.no_grad():
                 graph = self._graphs[specialization] = compile_graph(
-                    function, args, compiler=compiler, cuda_graphs=False)
+                    function, args, compiler=self.compiler, cuda_graphs=False)
         with torch.no_grad():
             outputs = list(graph(*args))
         params, opt_state, state = tree_builder(spec)(outputs[:-1])
@@ -223,6 +216,8 @@ class EnsembleStep:
                        decayed: bool, keyed: bool):
         """The step over flat tensors: ``(*leaves, x, y, weight, active[, decay][, key]) ->
         (*leaves, losses)``."""
+        from fnmlp.train._compile import with_own_code
+
         build, step = tree_builder(spec), self._step
         dims = (0, 0, 0, 0 if x_per_member else None,
                 0 if y_per_member else None, 0 if weight_per_member else None,
@@ -239,7 +234,4 @@ class EnsembleStep:
                                                    active, decay)
             return (*flatten(new)[0], losses)
 
-        code = fnmlp_ensemble_step.__code__
-        code = code.replace(co_name=f"{code.co_name}_{next(_unique)}")
-        return types.FunctionType(code, fnmlp_ensemble_step.__globals__, code.co_name, None,
-                                  fnmlp_ensemble_step.__closure__)
+        return with_own_code(fnmlp_ensemble_step)

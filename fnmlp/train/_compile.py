@@ -59,21 +59,34 @@ def step_function(model, loss, optimizer, spec, keyed: bool, l2: float = 0.0):
         leaves, _ = flatten((params, opt_state, state))
         return (*leaves, value)
 
-    # A code object of its own gives each step its own dynamo cache, so steps for different
-    # models never count as recompiles of one another.
-    code = fnmlp_train_step.__code__
+    return with_own_code(fnmlp_train_step)
+
+
+def with_own_code(function):
+    """``function`` with a code object of its own (a unique name): each step gets its own
+    dynamo cache, so steps for different models never count as recompiles of one another."""
+    code = function.__code__
     code = code.replace(co_name=f"{code.co_name}_{next(_unique)}")
-    return types.FunctionType(code, fnmlp_train_step.__globals__, code.co_name,
-                              None, fnmlp_train_step.__closure__)
+    return types.FunctionType(code, function.__globals__, code.co_name, None,
+                              function.__closure__)
 
 
 # --- compiling one graph ----------------------------------------------------------------------
 
 
+def resolve_compiler(compiler: str, device: torch.device) -> str:
+    """``compiler``, with "auto" made inductor on the CPU and dynamo elsewhere."""
+    if compiler != "auto":
+        return compiler
+    return "inductor" if device.type == "cpu" else "dynamo"
+
+
 def compile_graph(function, args: list[Tensor], *, compiler: str, cuda_graphs: bool):
     """``function`` compiled for ``args``: with inductor directly ("inductor"), falling back to
     ``torch.compile`` with the same options where torch's private APIs differ, or with
-    ``torch.compile`` ("dynamo"; a CUDA graph with ``cuda_graphs``)."""
+    ``torch.compile`` ("dynamo"; a CUDA graph with ``cuda_graphs``); "auto" picks by the
+    device of ``args``."""
+    compiler = resolve_compiler(compiler, args[0].device)
     if compiler == "inductor":
         try:
             return _compile_with_inductor(function, args)
@@ -178,9 +191,7 @@ class CompiledStep:
         self._by_data: dict[tuple, object] = {}  # (spec, data shapes, device) -> last graph
 
     def compiler_for(self, device: torch.device) -> str:
-        if self.compiler != "auto":
-            return self.compiler
-        return "inductor" if device.type == "cpu" else "dynamo"
+        return resolve_compiler(self.compiler, device)
 
     def uses_cuda_graphs(self, device: torch.device) -> bool:
         return (device.type == "cuda" and self.compiler_for(device) == "dynamo"

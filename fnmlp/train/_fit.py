@@ -131,9 +131,9 @@ def fit(
     if isinstance(model, Ensemble):  # every member in one step: Ensemble.fit
         unsupported = {"checkpoint": checkpoint, "resume": resume, "verify": verify,
                        "on_epoch_end": on_epoch_end, "progress": progress,
-                       "distributed": distributed}
+                       "distributed": distributed,
+                       "threads": None if threads == "auto" else threads}
         given = [name for name, value in unsupported.items() if value not in (None, False)]
-        given += ["threads"] if threads != "auto" else []
         if given:
             raise ValueError(f"fit of an Ensemble does not support {', '.join(given)} yet")
         return model.fit(params, x, y, epochs=epochs, batch_size=batch_size,

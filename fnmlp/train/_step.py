@@ -17,7 +17,7 @@ from fnmlp.nn._losses import Loss
 from fnmlp.nn._model import MLP, _check_loss, check_l2, value_and_grad
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
 from fnmlp.train._denormals import flushed_denormals
-from fnmlp.train._threads import check_threads, choose_threads, intra_op_threads
+from fnmlp.train._threads import StepThreads
 
 COMPILERS = ("auto", "inductor", "dynamo")
 
@@ -59,16 +59,14 @@ class TrainStep:
                  l2: float = 0.0, threads: int | str = "auto", flush_denormals: bool = True):
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
-        check_threads(threads)
+        self._threads = StepThreads(threads, model)  # checks ``threads``
         _check_loss(loss)
         if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):
             raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
                             f"got {optimizer!r}")
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.l2 = check_l2(l2)
-        self.threads = threads
         self.flush_denormals = bool(flush_denormals)
-        self._threads_for: dict[tuple, int] = {}  # (rows, torch's count, device) -> count
         self.compiled = None
         if compile:
             from fnmlp.train._compile import shared_compiled_step
@@ -115,13 +113,7 @@ class TrainStep:
             weight: Tensor | None = None, key: Tensor | None = None, pad_to: int | None = None):
         """``(params, opt_state, loss, state)``: ``__call__`` without its checks, for callers
         that validated the data. ``pad_to``: pad a compiled step's short batch to this size."""
-        rows = max(x.shape[0], pad_to or 0)
-        where = (rows, torch.get_num_threads(), x.device)
-        threads = self._threads_for.get(where)
-        if threads is None:
-            threads = self._threads_for[where] = choose_threads(self.threads, self.model, rows,
-                                                                device=x.device)
-        with intra_op_threads(threads):
+        with self._threads(max(x.shape[0], pad_to or 0), x.device):
             return self._run(params, opt_state, state, x, y, weight, key, pad_to)
 
     def _run(self, params, opt_state, state, x, y, weight, key, pad_to):

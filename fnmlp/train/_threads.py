@@ -66,6 +66,24 @@ def check_threads(threads) -> None:
         raise ValueError(f"threads must be 'auto' or a positive int, got {threads!r}")
 
 
+class StepThreads:
+    """The thread count of one step's calls (``threads``, ``"auto"`` or a count), chosen once
+    per (rows, torch's current count, device): ``with step_threads(rows, device): ...``."""
+
+    def __init__(self, threads, model, members: int = 1):
+        check_threads(threads)
+        self.threads, self.model, self.members = threads, model, members
+        self._counts: dict[tuple, int] = {}
+
+    def __call__(self, rows: int, device: torch.device):
+        where = (rows, torch.get_num_threads(), device)
+        count = self._counts.get(where)
+        if count is None:
+            count = self._counts[where] = choose_threads(self.threads, self.model, rows,
+                                                         self.members, device)
+        return intra_op_threads(count)
+
+
 @contextlib.contextmanager
 def intra_op_threads(count: int):
     """torch's intra-op thread count set to ``count`` for the block, then put back."""
