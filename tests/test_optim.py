@@ -147,3 +147,37 @@ def test_cosine_floor_is_absolute_when_the_rate_is_changed():
     end = dataclasses.replace(state, step=torch.tensor(10))
     assert optimizer.learning_rate(end).item() == pytest.approx(0.01, rel=1e-15)
     assert S.cosine(0.1, 10, 0.01)(10).item() == pytest.approx(0.01, rel=1e-15)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(F64, 1e-15), (torch.float32, 1e-6)])
+@pytest.mark.parametrize("name", ["adam", "adam-wd-amsgrad", "adamw", "adamw-amsgrad",
+                                  "adam-cosine"])
+def test_adam_through_torchs_fused_kernel_matches_its_formula(name, dtype, tolerance,
+                                                              monkeypatch):
+    """On CPU an eager Adam update is one call of torch's fused kernel: each step within
+    rounding of the per-leaf formula (the one compiled and batched steps trace), and nothing
+    passed in changes."""
+    from fnmlp.optim import _optimizers
+
+    optimizer = CONFIGS[name]
+    model, params, x, y = _problem()
+    params = fnmlp._tree.tree_map(lambda t: t.to(dtype), params)
+    x, y = x.to(dtype), y.to(dtype)
+    calls = []
+    for kernel in ("_fused_adam_", "_fused_adamw_"):
+        original = getattr(torch, kernel)
+        monkeypatch.setattr(torch, kernel, lambda *a, _k=original, **k: calls.append(1) or
+                            _k(*a, **k))
+    state = optimizer.init(params)
+    for step in range(20):
+        _, grads = model.value_and_grad(params, x[step % 5 * 8:][:8], y[step % 5 * 8:][:8])
+        before = [t.clone() for t in leaves((params, grads, state))]
+        fused = optimizer.update(params, grads, state)
+        assert all(torch.equal(a, b) for a, b in zip(before, leaves((params, grads, state))))
+        monkeypatch.setattr(_optimizers, "_FUSED_KERNELS", False)
+        formula = optimizer.update(params, grads, state)
+        monkeypatch.setattr(_optimizers, "_FUSED_KERNELS", True)
+        for a, b in zip(leaves(fused), leaves(formula)):
+            assert a.dtype == b.dtype and relative(a, b) <= tolerance, (step, relative(a, b))
+        params, state = fused
+    assert len(calls) == 20 and state.step.item() == 20
