@@ -79,15 +79,24 @@ def _flatten_into(tree, leaves: list):
         return "none"
     fields = _DATACLASS_FIELDS.get(kind)
     if fields is not None:
-        return (kind, tuple(_flatten_into(getattr(tree, name), leaves) for name in fields))
-    if kind is tuple or kind is list:
-        return (kind, tuple(_flatten_into(child, leaves) for child in tree))
-    if isinstance(tree, torch.Tensor):  # a subclass such as nn.Parameter
+        children = [getattr(tree, name) for name in fields]
+    elif kind is tuple or kind is list:
+        children = tree
+    elif isinstance(tree, torch.Tensor):  # a subclass such as nn.Parameter
         leaves.append(tree)
         return None
-    children, spec = pytree.tree_flatten(tree)
-    leaves.extend(children)
-    return ("pytree", spec, len(children))
+    else:
+        children, spec = pytree.tree_flatten(tree)
+        leaves.extend(children)
+        return ("pytree", spec, len(children))
+    specs = []
+    for child in children:  # tensor children inline: most of a training step's leaves
+        if type(child) is torch.Tensor:
+            leaves.append(child)
+            specs.append(None)
+        else:
+            specs.append(_flatten_into(child, leaves))
+    return (kind, tuple(specs))
 
 
 def through_flat_buckets(tensors, act=None) -> list:

@@ -211,6 +211,9 @@ class SmoothL1(Loss):
         return _scaled(slope * scale, dvalue)
 
 
+_NLL_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # aten's reduction codes
+
+
 @dataclasses.dataclass(frozen=True)
 class CrossEntropy(Loss):
     """Cross-entropy from logits z (m, C), fused with log-softmax for stability
@@ -248,6 +251,8 @@ class CrossEntropy(Loss):
     def forward(self, logits, target, weight=None):
         log_probs = torch.log_softmax(logits, dim=1)
         if target.dim() == 1 and self.weight is None and self.ignore_index is None:
+            if weight is None and not self.label_smoothing and self.reduction != "none":
+                return self._labels_only(log_probs, target)
             return self._plain_labels(logits, log_probs, target, weight)
         targets, divisor = self._targets(logits, target)
         per_row = -(targets * log_probs).sum(dim=1)
@@ -263,6 +268,14 @@ class CrossEntropy(Loss):
             inverse = torch.where(total != 0, 1 / total, 0.0)  # ... whose gradient is then 0
             scale = inverse if weight is None else (weight * inverse).unsqueeze(1)
         return value, (log_probs, targets, scale, True)
+
+    def _labels_only(self, log_probs, labels):
+        """Class indices alone (the common case): torch's own two kernels each way,
+        ``nll_loss`` and the backward pair autograd runs for ``F.cross_entropy`` — the same
+        numbers as autograd, and no one-hot matrix. Its residual is tagged "nll"."""
+        reduction = _NLL_REDUCTIONS[self.reduction]
+        value, total = torch.ops.aten.nll_loss_forward(log_probs, labels, None, reduction, -100)
+        return value, (log_probs, labels, total, "nll")
 
     def _plain_labels(self, logits, log_probs, labels, weight):
         """Class indices without class weights or ignored rows: torch's own arithmetic."""
@@ -315,6 +328,13 @@ class CrossEntropy(Loss):
 
     def backward(self, residual, dvalue=None):
         log_probs, target, scale, general = residual
+        if general == "nll":  # dL/dz = (softmax(z) - onehot(y))/m, as autograd computes it
+            dvalue = torch.ones((), dtype=log_probs.dtype, device=log_probs.device) \
+                if dvalue is None else dvalue
+            dlog_probs = torch.ops.aten.nll_loss_backward(
+                dvalue, log_probs, target, None, _NLL_REDUCTIONS[self.reduction], -100, scale)
+            return torch.ops.aten._log_softmax_backward_data(dlog_probs, log_probs, 1,
+                                                             log_probs.dtype)
         probs = torch.exp(log_probs)
         if general:
             probs = probs * target.sum(dim=1, keepdim=True)
@@ -414,14 +434,10 @@ class BinaryCrossEntropyWithLogits(Loss):
         object.__setattr__(self, "pos_weight", _floats(self.pos_weight, "bce pos_weight"))
 
     def forward(self, logits, target, weight=None):
-        if self.pos_weight is None:
-            per = (torch.clamp(logits, min=0) - logits * target
-                   + torch.log1p(torch.exp(-logits.abs())))
-        else:
-            log_weight = 1 + (self._tensor(self.pos_weight, logits) - 1) * target
-            max_val = torch.clamp(-logits, min=0)
-            per = (1 - target) * logits + log_weight * (
-                torch.log(torch.exp(-max_val) + torch.exp(-logits - max_val)) + max_val)
+        # torch's stable per-element kernel, one call (the value only: the gradient is below)
+        per = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, target, reduction="none",
+            pos_weight=None if self.pos_weight is None else self._tensor(self.pos_weight, logits))
         if self.weight is not None:
             per = per * self._tensor(self.weight, logits)
         value, scale = _elementwise(self, per, weight)

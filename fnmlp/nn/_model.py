@@ -424,7 +424,7 @@ def l2_penalty(model: MLP, params: Params, grads: Params, value: Tensor, l2: flo
         scale = l2
     else:
         scale = l2 / (weight.sum() if weight is not None else rows)
-    grads, squares = list(grads), []
+    grads, total = list(grads), None
     for i, layer in enumerate(model.layers):
         for name in layer.penalized:
             w = getattr(params[i], name)
@@ -432,9 +432,10 @@ def l2_penalty(model: MLP, params: Params, grads: Params, value: Tensor, l2: flo
             gradient = gradient.add(w, alpha=scale) if isinstance(scale, float) else \
                 gradient + scale * w
             grads[i] = dataclasses.replace(grads[i], **{name: gradient})
-            squares.append(torch.dot(w.reshape(-1), w.reshape(-1)))
-    if squares:
-        total = squares[0] if len(squares) == 1 else torch.stack(squares).sum()
+            flat = w.reshape(-1)
+            square = torch.dot(flat, flat)
+            total = square if total is None else total + square
+    if total is not None:
         value = value + (0.5 * scale) * total
     return value, tuple(grads)
 

@@ -44,18 +44,16 @@ def _leafwise(fn, params, *trees):
     return tuple(build([r[k] for r in results]) for k in range(len(results[0])))
 
 
-def _fusable(params, grads) -> bool:
-    """Whether an update may run through torch's fused CPU optimizer kernels: plain float32 or
-    float64 CPU tensors outside ``torch.compile`` (whose traced formulas inductor fuses itself)
-    and outside ``torch.func`` transforms (``vmap``'s ensembles: the kernels have no batching
-    rule), with no autograd history to record."""
-    if torch.compiler.is_compiling() or not _FUSED_KERNELS:
-        return False
-    first, grad = flatten(params)[0][0], flatten(grads)[0][0]
-    return (type(first) is Tensor and type(grad) is Tensor and first.device.type == "cpu"
-            and first.dtype in (torch.float32, torch.float64)
-            and not _is_wrapped(first) and not _is_wrapped(grad)
-            and not (torch.is_grad_enabled() and (first.requires_grad or grad.requires_grad)))
+def _fusable(param: Tensor, grad: Tensor) -> bool:
+    """Whether an update whose first parameter and gradient are these may run through torch's
+    fused CPU optimizer kernels: plain float32 or float64 CPU tensors (the caller checks that
+    it is outside ``torch.compile``, whose traced formulas inductor fuses itself), outside
+    ``torch.func`` transforms (``vmap``'s ensembles: the kernels have no batching rule), with
+    no autograd history to record."""
+    return (type(param) is Tensor and type(grad) is Tensor and param.device.type == "cpu"
+            and param.dtype in (torch.float32, torch.float64)
+            and not _is_wrapped(param) and not _is_wrapped(grad)
+            and not (torch.is_grad_enabled() and (param.requires_grad or grad.requires_grad)))
 
 
 _FUSED_KERNELS = hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")
@@ -324,8 +322,11 @@ class Adam(Optimizer):
         return {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": self.amsgrad}
 
     def _update(self, params, grads, state: AdamState):
-        if _fusable(params, grads):
-            return self._fused_update(params, grads, state)
+        if _FUSED_KERNELS and not torch.compiler.is_compiling():
+            leaves, spec = flatten(params)
+            grad_leaves = flatten(grads)[0]
+            if _fusable(leaves[0], grad_leaves[0]):
+                return self._fused_update(leaves, spec, grad_leaves, state)
         lr = self.learning_rate(state)
         step = steps_taken(state) + 1
         beta1, beta2 = self.betas
@@ -352,19 +353,18 @@ class Adam(Optimizer):
                                      exp_avg=m, exp_avg_sq=v,
                                      max_exp_avg_sq=v_max if self.amsgrad else None)
 
-    def _fused_update(self, params, grads, state: AdamState):
+    def _fused_update(self, leaves: list, spec, grad_leaves: list, state: AdamState):
         """``_update`` through torch's fused CPU kernel (``torch.optim.Adam(fused=True)``'s):
         one call for every leaf instead of ~10 operations per leaf, on copies of the parameters
         and buffers (nothing passed in changes). The same arithmetic, within rounding (the
         kernel's order of operations differs: ~1e-16 relative in float64)."""
-        leaves, spec = flatten(params)
         build = tree_builder(spec)
-        p, m, v = ([t.clone() for t in flatten(tree)[0]] for tree in
-                   (params, state.exp_avg, state.exp_avg_sq))
+        p, m, v = ([t.clone() for t in tree] for tree in
+                   (leaves, flatten(state.exp_avg)[0], flatten(state.exp_avg_sq)[0]))
         v_max = [t.clone() for t in flatten(state.max_exp_avg_sq)[0]] if self.amsgrad else []
         step = state.step + 1
         kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
-        kernel(p, flatten(grads)[0], m, v, v_max, [step] * len(leaves),
+        kernel(p, grad_leaves, m, v, v_max, [step] * len(leaves),
                lr=self.learning_rate(state), beta1=self.betas[0], beta2=self.betas[1],
                weight_decay=self.weight_decay, eps=self.eps, amsgrad=self.amsgrad,
                maximize=self.maximize)

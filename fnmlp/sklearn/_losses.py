@@ -35,10 +35,11 @@ class SklearnLoss(Loss):
         if self.deviance:
             constant = torch.special.xlogy(target, target) - target
             value = value + _elementwise(self.inner, constant, weight)[0]
-        return value * self.value_factor, residual
+        return (value * self.value_factor if self.value_factor != 1 else value), residual
 
     def backward(self, residual, dvalue: Tensor | None = None) -> Tensor:
-        return self.inner.backward(residual, dvalue) * self.grad_factor
+        gradient = self.inner.backward(residual, dvalue)
+        return gradient * self.grad_factor if self.grad_factor != 1 else gradient
 
     def check_target(self, target, out_features, like, name="y"):
         return self.inner.check_target(target, out_features, like, name)
