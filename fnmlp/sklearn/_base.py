@@ -215,9 +215,10 @@ class BaseMLP(BaseEstimator):
                 xs, ys, ws = x_data, y_data, w_data
                 if self.shuffle:  # one gather per epoch; the batches are then slices
                     order = torch.randperm(n, generator=shuffler).to(like.device)
-                    xs = x_data[order] if isinstance(x_data, torch.Tensor) else \
-                        x_data[order.cpu().numpy()]
-                    ys, ws = y_data[order], None if w_data is None else w_data[order]
+                    xs = x_data.index_select(0, order) if isinstance(x_data, torch.Tensor) \
+                        else x_data[order.cpu().numpy()]
+                    ys = y_data.index_select(0, order)
+                    ws = None if w_data is None else w_data.index_select(0, order)
                 values, sizes = [], []
                 for start in range(0, n, batch_size):
                     rows = slice(start, start + batch_size)
@@ -236,9 +237,9 @@ class BaseMLP(BaseEstimator):
                     sizes.append(xb.shape[0])
                 self.params_, self._opt_state, self.state_ = params, opt_state, state
                 self.n_iter_ += 1
-                # scikit-learn's loss_: the batch losses weighted by their rows
-                self.loss_ = float(torch.stack(values).double().cpu()
-                                   @ torch.tensor(sizes, dtype=torch.float64)) / n
+                # scikit-learn's loss_: the batch losses weighted by their rows (one sync)
+                self.loss_ = math.fsum(value * size for value, size in
+                                       zip(torch.stack(values).tolist(), sizes)) / n
                 if not math.isfinite(self.loss_):
                     raise ValueError("Solver produced non-finite parameter weights (the loss "
                                      f"became {self.loss_} in iteration {self.n_iter_}). The "
