@@ -52,6 +52,31 @@ def test_loss_and_gradient_match_torch(loss, kind, shape):
     torch.testing.assert_close(loss.backward(residual), expected_grad, rtol=1e-13, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_cross_entropy_on_labels_is_autograds_to_the_bit(reduction, dtype):
+    """Class indices without options (scikit-learn's classifier, most training): the value and
+    gradient come from the kernels autograd runs for ``F.cross_entropy``, bit for bit; the
+    binary loss's value is torch's kernel's."""
+    for shape in [(1, 2), (7, 4), (333, 10)]:
+        logits, labels = _data("labels", shape)
+        logits = logits.to(dtype).requires_grad_(True)
+        expected = nn.functional.cross_entropy(logits, labels, reduction=reduction)
+        (expected_grad,) = torch.autograd.grad(expected, logits, retain_graph=True)
+        three = torch.tensor(3.0, dtype=dtype)
+        (expected_grad_3,) = torch.autograd.grad(expected, logits, three)
+        loss = fnmlp.CrossEntropy(reduction)
+        value, residual = loss.forward(logits.detach(), labels)
+        assert torch.equal(value, expected.detach())
+        assert torch.equal(loss.backward(residual), expected_grad)
+        assert torch.equal(loss.backward(residual, three), expected_grad_3)
+        pred, target = _data("binary", shape)
+        pred, target = pred.to(dtype), target.to(dtype)
+        assert torch.equal(fnmlp.BinaryCrossEntropyWithLogits(reduction)(pred, target),
+                           nn.functional.binary_cross_entropy_with_logits(
+                               pred, target, reduction=reduction))
+
+
 @pytest.mark.parametrize("loss, pred, target", [
     (fnmlp.Huber(delta=1.0), [[-1.0, 1.0, 0.0, 2.0]], [[0.0, 0.0, 0.0, 0.0]]),  # at ±delta
     (fnmlp.L1(), [[1.0, 2.0]], [[1.0, 0.0]]),                                  # at the kink

@@ -149,22 +149,27 @@ def test_cosine_floor_is_absolute_when_the_rate_is_changed():
     assert S.cosine(0.1, 10, 0.01)(10).item() == pytest.approx(0.01, rel=1e-15)
 
 
+FUSED = {**{name: CONFIGS[name] for name in ["adam", "adam-wd-amsgrad", "adamw", "adamw-amsgrad",
+                                             "adam-cosine", "sgd-momentum", "sgd-dampening-wd",
+                                             "sgd-nesterov"]},
+         "adam-maximize": fnmlp.adam(0.01, maximize=True, weight_decay=0.01),
+         "sgd-maximize": fnmlp.sgd(0.05, momentum=0.9, maximize=True)}
+
+
 @pytest.mark.parametrize("dtype, tolerance", [(F64, 1e-15), (torch.float32, 1e-6)])
-@pytest.mark.parametrize("name", ["adam", "adam-wd-amsgrad", "adamw", "adamw-amsgrad",
-                                  "adam-cosine"])
-def test_adam_through_torchs_fused_kernel_matches_its_formula(name, dtype, tolerance,
-                                                              monkeypatch):
-    """On CPU an eager Adam update is one call of torch's fused kernel: each step within
-    rounding of the per-leaf formula (the one compiled and batched steps trace), and nothing
-    passed in changes."""
+@pytest.mark.parametrize("name", list(FUSED))
+def test_fused_kernels_match_the_formulas(name, dtype, tolerance, monkeypatch):
+    """On CPU an eager Adam or momentum-SGD update is one call of torch's fused kernel: each step
+    within rounding of the per-leaf formula (the one compiled and batched steps trace), and
+    nothing passed in changes (gradients included)."""
     from fnmlp.optim import _optimizers
 
-    optimizer = CONFIGS[name]
+    optimizer = FUSED[name]
     model, params, x, y = _problem()
     params = fnmlp._tree.tree_map(lambda t: t.to(dtype), params)
     x, y = x.to(dtype), y.to(dtype)
     calls = []
-    for kernel in ("_fused_adam_", "_fused_adamw_"):
+    for kernel in ("_fused_adam_", "_fused_adamw_", "_fused_sgd_"):
         original = getattr(torch, kernel)
         monkeypatch.setattr(torch, kernel, lambda *a, _k=original, **k: calls.append(1) or
                             _k(*a, **k))
@@ -181,3 +186,21 @@ def test_adam_through_torchs_fused_kernel_matches_its_formula(name, dtype, toler
             assert a.dtype == b.dtype and relative(a, b) <= tolerance, (step, relative(a, b))
         params, state = fused
     assert len(calls) == 20 and state.step.item() == 20
+
+
+def test_fused_kernels_only_where_they_apply():
+    """The formula path runs for plain SGD (one operation a leaf, bit-identical to the twin),
+    a tree of mixed dtypes, parameters that record autograd history, and inside vmap."""
+    from fnmlp.optim._optimizers import _fusable
+
+    one = (torch.ones(3, dtype=F64),)
+    assert _fusable(one, one) is not None
+    assert _fusable((torch.ones(3, dtype=F64), torch.ones(2)), (torch.ones(3, dtype=F64),
+                                                                torch.ones(2))) is None
+    assert _fusable((torch.ones(3, dtype=F64, requires_grad=True),), one) is None
+    assert torch.func.vmap(lambda p: torch.tensor(_fusable((p,), (p,)) is None))(
+        torch.ones(2, 3)).all()
+    params = (torch.ones(3, dtype=F64),)
+    sgd = fnmlp.sgd(0.1)
+    new, _ = sgd.update(params, params, sgd.init(params))
+    assert torch.equal(new[0], torch.addcmul(params[0], params[0], torch.tensor(-0.1, dtype=F64)))

@@ -44,19 +44,28 @@ def _leafwise(fn, params, *trees):
     return tuple(build([r[k] for r in results]) for k in range(len(results[0])))
 
 
-def _fusable(param: Tensor, grad: Tensor) -> bool:
-    """Whether an update whose first parameter and gradient are these may run through torch's
-    fused CPU optimizer kernels: plain float32 or float64 CPU tensors (the caller checks that
-    it is outside ``torch.compile``, whose traced formulas inductor fuses itself), outside
-    ``torch.func`` transforms (``vmap``'s ensembles: the kernels have no batching rule), with
-    no autograd history to record."""
-    return (type(param) is Tensor and type(grad) is Tensor and param.device.type == "cpu"
-            and param.dtype in (torch.float32, torch.float64)
+def _fusable(params, grads) -> tuple | None:
+    """``(leaves, spec, grad_leaves)`` when an update may run through torch's fused CPU
+    optimizer kernels, else None: plain CPU tensors of one float32 or float64 dtype, outside
+    ``torch.compile`` (whose traced formulas inductor fuses itself) and ``torch.func``
+    transforms (``vmap``'s ensembles: the kernels have no batching rule), with no autograd
+    history to record."""
+    if not _FUSED_KERNELS or torch.compiler.is_compiling():
+        return None
+    leaves, spec = flatten(params)
+    grad_leaves = flatten(grads)[0]
+    param, grad = leaves[0], grad_leaves[0]
+    dtype = param.dtype
+    if (dtype in (torch.float32, torch.float64) and type(grad) is Tensor
+            and all(type(t) is Tensor and t.dtype == dtype and t.is_cpu for t in leaves)
             and not _is_wrapped(param) and not _is_wrapped(grad)
-            and not (torch.is_grad_enabled() and (param.requires_grad or grad.requires_grad)))
+            and not (torch.is_grad_enabled() and (param.requires_grad or grad.requires_grad))):
+        return leaves, spec, grad_leaves
+    return None
 
 
-_FUSED_KERNELS = hasattr(torch, "_fused_adam_") and hasattr(torch, "_fused_adamw_")
+_FUSED_KERNELS = all(hasattr(torch, kernel) for kernel in
+                     ("_fused_adam_", "_fused_adamw_", "_fused_sgd_"))
 _is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: True)
 
 
@@ -252,6 +261,9 @@ class SGD(Optimizer):
         return {"momentum_buffer": bool(self.momentum)}
 
     def _update(self, params, grads, state: SGDState):
+        fusable = _fusable(params, grads) if self.momentum else None  # plain SGD: one op a leaf
+        if fusable is not None:
+            return self._fused_update(*fusable, state)
         neg_lr = -self.learning_rate(state)
         first = state.step == 0 if self.momentum else None
 
@@ -271,6 +283,20 @@ class SGD(Optimizer):
         new_params, buffers = _leafwise(one, params, grads, state.momentum_buffer)
         return new_params, SGDState(step=state.step + 1, learning_rate=state.learning_rate,
                                     momentum_buffer=buffers if self.momentum else None)
+
+
+    def _fused_update(self, leaves: list, spec, grad_leaves: list, state: SGDState):
+        """``_update`` with momentum through torch's fused CPU kernel
+        (``torch.optim.SGD(fused=True)``'s), on copies; the same arithmetic within rounding."""
+        build = tree_builder(spec)
+        p = [t.clone() for t in leaves]
+        buffers = [t.clone() for t in flatten(state.momentum_buffer)[0]]
+        torch._fused_sgd_(p, grad_leaves, buffers, weight_decay=self.weight_decay,
+                          momentum=self.momentum, lr=self.learning_rate(state),
+                          dampening=self.dampening, nesterov=self.nesterov,
+                          maximize=self.maximize, is_first_step=bool(state.step == 0))
+        return build(p), SGDState(step=state.step + 1, learning_rate=state.learning_rate,
+                                  momentum_buffer=build(buffers))
 
 
 @pytree_dataclass
@@ -322,11 +348,9 @@ class Adam(Optimizer):
         return {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": self.amsgrad}
 
     def _update(self, params, grads, state: AdamState):
-        if _FUSED_KERNELS and not torch.compiler.is_compiling():
-            leaves, spec = flatten(params)
-            grad_leaves = flatten(grads)[0]
-            if _fusable(leaves[0], grad_leaves[0]):
-                return self._fused_update(leaves, spec, grad_leaves, state)
+        fusable = _fusable(params, grads)
+        if fusable is not None:
+            return self._fused_update(*fusable, state)
         lr = self.learning_rate(state)
         step = steps_taken(state) + 1
         beta1, beta2 = self.betas
