@@ -6,6 +6,13 @@ Nothing is mutated. What changes during training lives in the state as tensors: 
 dtype), per-parameter buffers shaped like the parameters. A compiled step thus
 never recompiles for a new learning rate or a schedule. ``lr`` is a float, a 0-d tensor, or a
 schedule from ``fnmlp.schedules`` (then the state's rate is the schedule's base).
+
+On the CPU, outside ``torch.compile`` and ``torch.func`` transforms, Adam/AdamW and SGD with
+momentum update every leaf in one call of torch's fused kernel (``torch.optim``'s
+``fused=True``) on copies of the parameters and buffers: one call instead of ~10 operations per
+leaf, which is most of an update of a small network. Its results agree with the per-leaf
+formulas (which compiled and batched steps trace) within rounding. (The rate is passed as a
+number: a CPU tensor's ``item()`` costs no sync, and every torch >= 2.4 takes it.)
 """
 
 from __future__ import annotations
@@ -292,7 +299,7 @@ class SGD(Optimizer):
         p = [t.clone() for t in leaves]
         buffers = [t.clone() for t in flatten(state.momentum_buffer)[0]]
         torch._fused_sgd_(p, grad_leaves, buffers, weight_decay=self.weight_decay,
-                          momentum=self.momentum, lr=self.learning_rate(state),
+                          momentum=self.momentum, lr=self.learning_rate(state).item(),
                           dampening=self.dampening, nesterov=self.nesterov,
                           maximize=self.maximize, is_first_step=bool(state.step == 0))
         return build(p), SGDState(step=state.step + 1, learning_rate=state.learning_rate,
@@ -389,7 +396,7 @@ class Adam(Optimizer):
         step = state.step + 1
         kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
         kernel(p, grad_leaves, m, v, v_max, [step] * len(leaves),
-               lr=self.learning_rate(state), beta1=self.betas[0], beta2=self.betas[1],
+               lr=self.learning_rate(state).item(), beta1=self.betas[0], beta2=self.betas[1],
                weight_decay=self.weight_decay, eps=self.eps, amsgrad=self.amsgrad,
                maximize=self.maximize)
         return build(p), AdamState(step=step, learning_rate=state.learning_rate,
