@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fnmlp import _validate
-from fnmlp._tree import flatten, unflatten
+from fnmlp._tree import flatten, tree_builder
 from fnmlp.nn._losses import Loss
 from fnmlp.nn._model import MLP, _check_loss, check_l2, value_and_grad
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
@@ -41,14 +41,16 @@ class _LastOutputs:
 
     def clear(self) -> None:
         self.trees, self.leaves, self.spec, self.like = (None, None, None), None, None, None
+        self.builder = None  # ``tree_builder(spec)``, kept: hashing a spec costs ~8 µs
 
     def knows(self, trees: tuple) -> bool:
         last = self.trees
         return trees[0] is last[0] and trees[1] is last[1] and trees[2] is last[2]
 
     def remember(self, trees: tuple, like: Tensor, leaves: list | None = None,
-                 spec=None) -> None:
+                 spec=None, builder=None) -> None:
         self.trees, self.like, self.leaves, self.spec = trees, like, leaves, spec
+        self.builder = builder
 
 
 class TrainStep:
@@ -128,19 +130,20 @@ class TrainStep:
         trees = (params, opt_state, state)
         own = self._last.knows(trees) and self._last.leaves is not None
         if own:
-            leaves, spec = self._last.leaves, self._last.spec
+            leaves, spec, build = self._last.leaves, self._last.spec, self._last.builder
         else:
             leaves, spec = flatten(trees)
+            build = tree_builder(spec)
         flush = self.flush_denormals and x.device.type == "cpu" and torch.get_num_threads() == 1
         with flushed_denormals(flush):
             outputs = self.compiled(leaves, spec, x, y, weight, key, pad_to, own_outputs=own)
         if self._verify_next:
             self._verify(trees, x, y, weight, key, outputs)
         leaves = outputs[:-1]
-        new_params, opt_state, new_state = unflatten(leaves, spec)
+        new_params, opt_state, new_state = build(leaves)
         if not self.model.has_state:  # no tensors: keep the caller's object (leaf reuse)
             new_state = state
-        self._last.remember((new_params, opt_state, new_state), x, leaves, spec)
+        self._last.remember((new_params, opt_state, new_state), x, leaves, spec, build)
         return new_params, opt_state, outputs[-1], new_state
 
     def forget(self) -> None:

@@ -76,23 +76,28 @@ class StepThreads:
         self._counts: dict[tuple, int] = {}
 
     def __call__(self, rows: int, device: torch.device):
-        where = (rows, torch.get_num_threads(), device)
+        current = torch.get_num_threads()
+        where = (rows, current, device)
         count = self._counts.get(where)
         if count is None:
             count = self._counts[where] = choose_threads(self.threads, self.model, rows,
                                                          self.members, device)
-        return intra_op_threads(count)
+        return _UNCHANGED if count == current else _IntraOpThreads(count, current)
 
 
-@contextlib.contextmanager
-def intra_op_threads(count: int):
-    """torch's intra-op thread count set to ``count`` for the block, then put back."""
-    current = torch.get_num_threads()
-    if count == current:
-        yield
-        return
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(current)
+_UNCHANGED = contextlib.nullcontext()
+
+
+class _IntraOpThreads:
+    """torch's intra-op thread count set to ``count`` for the block, then back to ``current``
+    (entered once per step: a class, no generator)."""
+
+    def __init__(self, count: int, current: int):
+        self.count, self.current = count, current
+
+    def __enter__(self):
+        torch.set_num_threads(self.count)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        torch.set_num_threads(self.current)
