@@ -291,7 +291,6 @@ class SGD(Optimizer):
         return new_params, SGDState(step=state.step + 1, learning_rate=state.learning_rate,
                                     momentum_buffer=buffers if self.momentum else None)
 
-
     def _fused_update(self, leaves: list, spec, grad_leaves: list, state: SGDState):
         """``_update`` with momentum through torch's fused CPU kernel
         (``torch.optim.SGD(fused=True)``'s), on copies; the same arithmetic within rounding."""

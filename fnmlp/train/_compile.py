@@ -215,13 +215,11 @@ class CompiledStep:
             data = [arg.contiguous() for arg in data]
         # A CPU graph is specialized on the thread count too (inductor's kernels are).
         signature = (*[(arg.shape, arg.dtype) for arg in data], torch.get_num_threads(), device)
-        graph = None
+        graph, hit = None, False
         if own_outputs:  # the last call's graph by identity first: hashing a spec costs ~8 µs
             last_spec, last_signature, last_graph = self._last
-            if last_spec is spec and last_signature == signature:
-                graph = last_graph
-            else:
-                graph = self._by_data.get((spec, signature))
+            hit = last_spec is spec and last_signature == signature
+            graph = last_graph if hit else self._by_data.get((spec, signature))
         if graph is None:
             if not all(leaf.is_contiguous() for leaf in leaves):
                 leaves = [leaf.contiguous() for leaf in leaves]
@@ -237,9 +235,9 @@ class CompiledStep:
                                          keyed=key is not None, l2=self.l2)
                 graph = self.graphs[specialization] = compile_graph(
                     function, args, compiler=self.compiler_for(device), cuda_graphs=graphs)
-            if self._last[2] is not graph or self._last[0] is not spec:
+            if not hit:
                 self._by_data[(spec, signature)] = graph
-            self._last = (spec, signature, graph)
+                self._last = (spec, signature, graph)
             if graphs:
                 torch.compiler.cudagraph_mark_step_begin()
             outputs = graph(*args)
