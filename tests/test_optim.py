@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.fx.experimental.proxy_tensor
 
 import fnmlp
 from helpers import leaves, relative, torch_state_as_fnmlp
@@ -204,3 +205,30 @@ def test_fused_kernels_only_where_they_apply():
     sgd = fnmlp.sgd(0.1)
     new, _ = sgd.update(params, params, sgd.init(params))
     assert torch.equal(new[0], torch.addcmul(params[0], params[0], torch.tensor(-0.1, dtype=F64)))
+    # the kernels walk raw memory: strided leaves (a transposed weight, an expanded gradient)
+    # take the formula, and so does any tracing (the kernels read the rate as a number)
+    square = torch.randn(4, 3, dtype=F64)
+    assert _fusable((square.t(),), (square.t().contiguous(),)) is None
+    assert _fusable((square,), (torch.ones(3, dtype=F64).expand(4, 3),)) is None
+    traced = []
+    torch.fx.experimental.proxy_tensor.make_fx(
+        lambda p: traced.append(_fusable((p,), (p,))) or p)(torch.ones(2))
+    assert traced == [None]
+
+
+@pytest.mark.parametrize("optimizer", [fnmlp.adam(0.01), fnmlp.sgd(0.05, momentum=0.9)],
+                         ids=repr)
+def test_a_transposed_weight_is_updated_as_a_contiguous_one(optimizer):
+    g = torch.Generator().manual_seed(0)
+    weight, grad = torch.randn(5, 4, generator=g, dtype=F64), torch.randn(4, 5, generator=g,
+                                                                           dtype=F64)
+    strided = fnmlp.LinearParams(weight.t(), torch.zeros(4, dtype=F64))
+    plain = fnmlp.LinearParams(weight.t().contiguous(), torch.zeros(4, dtype=F64))
+    grads = fnmlp.LinearParams(grad, torch.ones(4, dtype=F64))
+    results = []
+    for params in (strided, plain):
+        state = optimizer.init(params)
+        for _ in range(3):
+            params, state = optimizer.update(params, grads, state)
+        results.append(params)
+    assert relative(results[0].weight, results[1].weight) <= 1e-15

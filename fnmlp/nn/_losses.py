@@ -212,6 +212,7 @@ class SmoothL1(Loss):
 
 
 _NLL_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}  # aten's reduction codes
+_NO_IGNORED_LABEL = -(2**63)  # nll_loss's ignore_index where none is: no label can be it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,7 +275,8 @@ class CrossEntropy(Loss):
         ``nll_loss`` and the backward pair autograd runs for ``F.cross_entropy`` — the same
         numbers as autograd, and no one-hot matrix. Its residual is tagged "nll"."""
         reduction = _NLL_REDUCTIONS[self.reduction]
-        value, total = torch.ops.aten.nll_loss_forward(log_probs, labels, None, reduction, -100)
+        value, total = torch.ops.aten.nll_loss_forward(log_probs, labels, None, reduction,
+                                                       _NO_IGNORED_LABEL)
         return value, (log_probs, labels, total, "nll")
 
     def _plain_labels(self, logits, log_probs, labels, weight):
@@ -330,9 +332,10 @@ class CrossEntropy(Loss):
         log_probs, target, scale, general = residual
         if general == "nll":  # dL/dz = (softmax(z) - onehot(y))/m, as autograd computes it
             dvalue = torch.ones((), dtype=log_probs.dtype, device=log_probs.device) \
-                if dvalue is None else dvalue
+                if dvalue is None else dvalue.to(log_probs.dtype)
             dlog_probs = torch.ops.aten.nll_loss_backward(
-                dvalue, log_probs, target, None, _NLL_REDUCTIONS[self.reduction], -100, scale)
+                dvalue, log_probs, target, None, _NLL_REDUCTIONS[self.reduction],
+                _NO_IGNORED_LABEL, scale)
             return torch.ops.aten._log_softmax_backward_data(dlog_probs, log_probs, 1,
                                                              log_probs.dtype)
         probs = torch.exp(log_probs)

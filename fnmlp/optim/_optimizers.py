@@ -26,6 +26,7 @@ from typing import ClassVar
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 from fnmlp._tree import flatten, pytree_dataclass, tree_builder
 from fnmlp._validate import check_learning_rate
@@ -53,27 +54,35 @@ def _leafwise(fn, params, *trees):
 
 def _fusable(params, grads) -> tuple | None:
     """``(leaves, spec, grad_leaves)`` when an update may run through torch's fused CPU
-    optimizer kernels, else None: plain CPU tensors of one float32 or float64 dtype, outside
-    ``torch.compile`` (whose traced formulas inductor fuses itself) and ``torch.func``
-    transforms (``vmap``'s ensembles: the kernels have no batching rule), with no autograd
-    history to record."""
-    if not _FUSED_KERNELS or torch.compiler.is_compiling():
+    optimizer kernels, else None. They take plain, contiguous CPU tensors of one float32 or
+    float64 dtype (they walk raw memory: no strides), outside any tracing (``torch.compile``,
+    ``make_fx``, ``torch.jit.trace`` and other dispatch modes: the kernels read the rate and
+    the step as numbers) and ``torch.func`` transforms (``vmap``'s ensembles: no batching
+    rule), with no autograd history to record."""
+    if (not _FUSED_KERNELS or torch.compiler.is_compiling() or torch.jit.is_tracing()
+            or _current_dispatch_mode() is not None):
         return None
     leaves, spec = flatten(params)
     grad_leaves = flatten(grads)[0]
-    param, grad = leaves[0], grad_leaves[0]
-    dtype = param.dtype
-    if (dtype in (torch.float32, torch.float64) and type(grad) is Tensor
-            and all(type(t) is Tensor and t.dtype == dtype and t.is_cpu for t in leaves)
-            and not _is_wrapped(param) and not _is_wrapped(grad)
-            and not (torch.is_grad_enabled() and (param.requires_grad or grad.requires_grad))):
+    dtype = leaves[0].dtype
+    recording = torch.is_grad_enabled()
+    if dtype in (torch.float32, torch.float64) and all(
+            type(t) is Tensor and t.dtype == dtype and t.is_cpu and t.is_contiguous()
+            and not _is_wrapped(t) and not (recording and t.requires_grad)
+            for t in (*leaves, *grad_leaves)):
         return leaves, spec, grad_leaves
     return None
+
+
+def _contiguous_copies(tree) -> list[Tensor]:
+    """Fresh contiguous copies of ``tree``'s leaves (what the fused kernels update)."""
+    return [t.clone(memory_format=torch.contiguous_format) for t in flatten(tree)[0]]
 
 
 _FUSED_KERNELS = all(hasattr(torch, kernel) for kernel in
                      ("_fused_adam_", "_fused_adamw_", "_fused_sgd_"))
 _is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: True)
+_current_dispatch_mode = getattr(_python_dispatch, "_get_current_dispatch_mode", lambda: True)
 
 
 def _zeros_like(params, fill: float = 0.0):
@@ -295,8 +304,7 @@ class SGD(Optimizer):
         """``_update`` with momentum through torch's fused CPU kernel
         (``torch.optim.SGD(fused=True)``'s), on copies; the same arithmetic within rounding."""
         build = tree_builder(spec)
-        p = [t.clone() for t in leaves]
-        buffers = [t.clone() for t in flatten(state.momentum_buffer)[0]]
+        p, buffers = _contiguous_copies(leaves), _contiguous_copies(state.momentum_buffer)
         torch._fused_sgd_(p, grad_leaves, buffers, weight_decay=self.weight_decay,
                           momentum=self.momentum, lr=self.learning_rate(state).item(),
                           dampening=self.dampening, nesterov=self.nesterov,
@@ -389,9 +397,9 @@ class Adam(Optimizer):
         and buffers (nothing passed in changes). The same arithmetic, within rounding (the
         kernel's order of operations differs: ~1e-16 relative in float64)."""
         build = tree_builder(spec)
-        p, m, v = ([t.clone() for t in tree] for tree in
-                   (leaves, flatten(state.exp_avg)[0], flatten(state.exp_avg_sq)[0]))
-        v_max = [t.clone() for t in flatten(state.max_exp_avg_sq)[0]] if self.amsgrad else []
+        p, m, v = (_contiguous_copies(tree) for tree in
+                   (leaves, state.exp_avg, state.exp_avg_sq))
+        v_max = _contiguous_copies(state.max_exp_avg_sq) if self.amsgrad else []
         step = state.step + 1
         kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
         kernel(p, grad_leaves, m, v, v_max, [step] * len(leaves),

@@ -238,8 +238,7 @@ class BaseMLP(BaseEstimator):
                 self.params_, self._opt_state, self.state_ = params, opt_state, state
                 self.n_iter_ += 1
                 # scikit-learn's loss_: the batch losses weighted by their rows (one sync)
-                self.loss_ = math.fsum(value * size for value, size in
-                                       zip(torch.stack(values).tolist(), sizes)) / n
+                self.loss_ = _weighted_sum(torch.stack(values).tolist(), sizes) / n
                 if not math.isfinite(self.loss_):
                     raise ValueError("Solver produced non-finite parameter weights (the loss "
                                      f"became {self.loss_} in iteration {self.n_iter_}). The "
@@ -368,6 +367,14 @@ def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
         return torch.as_tensor(array, dtype=like.dtype, device=like.device)
+
+
+def _weighted_sum(values: list[float], weights: list[int]) -> float:
+    """sum(v·w), correctly rounded; inf or NaN where the terms are (``fsum`` raises there)."""
+    try:
+        return math.fsum(value * weight for value, weight in zip(values, weights))
+    except (OverflowError, ValueError):
+        return sum(value * weight for value, weight in zip(values, weights))
 
 
 def _seed(random_state) -> int:
