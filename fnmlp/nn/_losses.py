@@ -438,9 +438,14 @@ class BinaryCrossEntropyWithLogits(Loss):
 
     def forward(self, logits, target, weight=None):
         # torch's stable per-element kernel, one call (the value only: the gradient is below)
+        pos_weight = None if self.pos_weight is None else self._tensor(self.pos_weight, logits)
+        if weight is None and self.weight is None and self.reduction != "none":
+            value = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits, target, reduction=self.reduction, pos_weight=pos_weight)
+            scale = 1 / logits.numel() if self.reduction == "mean" else 1.0
+            return value, (logits, target, scale)
         per = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, target, reduction="none",
-            pos_weight=None if self.pos_weight is None else self._tensor(self.pos_weight, logits))
+            logits, target, reduction="none", pos_weight=pos_weight)
         if self.weight is not None:
             per = per * self._tensor(self.weight, logits)
         value, scale = _elementwise(self, per, weight)
