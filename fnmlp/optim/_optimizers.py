@@ -7,10 +7,11 @@ dtype), per-parameter buffers shaped like the parameters. A compiled step thus
 never recompiles for a new learning rate or a schedule. ``lr`` is a float, a 0-d tensor, or a
 schedule from ``fnmlp.schedules`` (then the state's rate is the schedule's base).
 
-On the CPU, outside ``torch.compile`` and ``torch.func`` transforms, Adam/AdamW and SGD with
-momentum update every leaf in one call of torch's fused kernel (``torch.optim``'s
-``fused=True``) on copies of the parameters and buffers: one call instead of ~10 operations per
-leaf, which is most of an update of a small network. Its results agree with the per-leaf
+On the CPU (contiguous leaves of one float dtype, outside tracing and ``torch.func``
+transforms: ``_fusable``), Adam/AdamW and SGD with momentum update every leaf in one call of
+torch's fused kernel (``torch.optim``'s ``fused=True``) on copies of the parameters and
+buffers: one call instead of ~10 operations per leaf, which is most of an update of a small
+network. Its results agree with the per-leaf
 formulas (which compiled and batched steps trace) within rounding. (The rate is passed as a
 number: a CPU tensor's ``item()`` costs no sync, and every torch >= 2.4 takes it.)
 """
@@ -64,6 +65,8 @@ def _fusable(params, grads) -> tuple | None:
         return None
     leaves, spec = flatten(params)
     grad_leaves = flatten(grads)[0]
+    if not leaves or len(grad_leaves) != len(leaves):
+        return None
     dtype = leaves[0].dtype
     recording = torch.is_grad_enabled()
     if dtype in (torch.float32, torch.float64) and all(
