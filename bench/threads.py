@@ -17,7 +17,7 @@ import torch
 
 import fnmlp
 from fnmlp import workloads as seed
-from fnmlp.train._threads import SERIAL_WORK, step_work
+from fnmlp.train._threads import choose_threads, step_work
 
 WIDTHS = (32, 64, 128, 256, 512)
 
@@ -66,7 +66,7 @@ def run(quick: bool = False, dtype: torch.dtype = torch.float64, rounds: int = 9
             work = step_work(model, seed.SEED_BATCH_SIZE)
             rows.append({"width": width, "step": "compiled" if compile else "eager",
                          "multiply_adds": work, "median_s": {str(n): m for n, m in medians.items()},
-                         "auto_threads": 1 if work < SERIAL_WORK else available})
+                         "auto_threads": choose_threads("auto", model, seed.SEED_BATCH_SIZE)})
     return {"dtype": str(dtype).replace("torch.", ""), "threads": available, "counts": counts,
             "rounds": rounds, "repeats": repeats, "rows": rows}
 

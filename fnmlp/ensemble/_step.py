@@ -23,7 +23,6 @@ from fnmlp.train._step import COMPILERS
 from fnmlp.train._threads import StepThreads
 
 
-
 def member_step(ensemble: Ensemble, loss: Loss, optimizer, l2: float):
     """The step of one member, ``(params, opt_state, state, x, y, weight, key, active, decay) ->
     ((params, opt_state, state), loss)``, to be mapped over the members."""
