@@ -43,7 +43,7 @@ def single(name: str, steps: int, compile: bool, quick: bool) -> dict:
     model, params, x, y, lr = _batch(name, quick)
     optimizer = fnmlp.sgd(lr)
     step = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=compile)
-    opt_state, state = optimizer.init(params), model._state_for(None, None)
+    opt_state, state = optimizer.init(params), model.state_or_default(None, None)
     out = step.run(params, opt_state, state, x, y)
     times = []
     for _ in range(steps):
@@ -85,7 +85,7 @@ def ranked(name: str, steps: int, compile: bool, quick: bool) -> dict:
     result = {f"{part}_us": 1e6 * statistics.median(t) for part, t in parts.items()}
     result["step_us"] = sum(result.values())
     if compile:  # whole steps: the all-reduce between two graphs, or inside one graph
-        state = model._state_for(None, None)
+        state = model.state_or_default(None, None)
         for collective in ("between", "in_graph"):
             whole = fnmlp.distributed.DistributedStep(model, fnmlp.mse, optimizer, compile=True,
                                                       collective=collective)

@@ -54,7 +54,7 @@ class SequentialContender:
         self.members = [fnmlp._tree.tree_map(torch.clone, ensemble.member(params, i))
                         for i in range(ensemble.size)]
         self.opt_states = [fnmlp.sgd(lr).init(p) for p in self.members]
-        self.state = self.model._state_for(None, None)
+        self.state = self.model.state_or_default(None, None)
         self.x, self.y = x, y
         start = time.perf_counter()
         self.step.run(self.members[0], self.opt_states[0], self.state, x, y)

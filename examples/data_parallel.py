@@ -43,7 +43,7 @@ def main() -> None:
     parallel = fnmlp.distributed.DistributedStep(model, fnmlp.mse, optimizer,
                                                  compile=args.compile)
     alone = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False)
-    state = model._state_for(None, None)
+    state = model.state_or_default(None, None)
     p_parallel = p_alone = params
     s_parallel = s_alone = optimizer.init(params)
     if rank == 0:

@@ -45,7 +45,7 @@ def main(out_dir: str, mode: str, options: dict) -> None:
                                                          "collective", "in_graph"))
         else:
             step = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False, l2=l2)
-        opt_state, state = optimizer.init(params), model._state_for(None, None)
+        opt_state, state = optimizer.init(params), model.state_or_default(None, None)
         history = []
         for start in range(0, x.shape[0], batch):
             params, opt_state, value, state = step.run(params, opt_state, state,

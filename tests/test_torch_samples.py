@@ -207,7 +207,7 @@ def _check_elementwise_loss(op, sample):
     if set(sample.kwargs) - {"reduction", "delta", "beta"}:
         raise Skip(f"options {sorted(sample.kwargs)}")
     loss = LOSS_OPS[op.name](sample)
-    return _check_loss(op.op, loss, sample.input, target, sample.kwargs, None)
+    return check_loss(op.op, loss, sample.input, target, sample.kwargs, None)
 
 
 def _check_cross_entropy(op, sample):
@@ -224,7 +224,7 @@ def _check_cross_entropy(op, sample):
                               None if ignore == -100 else ignore)
     if target.dim() == 1 and loss.ignore_index is None and bool((target < 0).any()):
         raise Skip("labels out of range")
-    return _check_loss(op.op, loss, sample.input, target, sample.kwargs, "rows")
+    return check_loss(op.op, loss, sample.input, target, sample.kwargs, "rows")
 
 
 def _check_bce(op, sample):
@@ -239,10 +239,10 @@ def _check_bce(op, sample):
             raise Skip("weights that are not one per output column")
     loss = fnmlp.BinaryCrossEntropyWithLogits(sample.kwargs.get("reduction", "mean"),
                                               weight, pos_weight)
-    return _check_loss(op.op, loss, x, target, sample.kwargs, None if x.dim() != 2 else "2d")
+    return check_loss(op.op, loss, x, target, sample.kwargs, None if x.dim() != 2 else "2d")
 
 
-def _check_loss(function, loss, x, target, kwargs, layout):
+def check_loss(function, loss, x, target, kwargs, layout):
     """The loss on ``x`` (reshaped to rows for elementwise losses) against ``function``."""
     if x.numel() == 0:
         raise Skip("empty input")
@@ -333,7 +333,7 @@ def _check_module(info, module_input, training):
             raise Skip("not (rows, outputs) predictions")
         if loss.reduction == "none" and args[1].dim() == 2 and x.shape == args[1].shape:
             raise Skip("per-element 'none' of a 2-D loss (fnmlp's 'none' is per row)")
-        return _check_loss(lambda p, t: module(p, t), loss, x, args[1], {}, "rows")
+        return check_loss(lambda p, t: module(p, t), loss, x, args[1], {}, "rows")
     if x.dim() != 2 or x.shape[0] == 0:
         raise Skip("not (rows, features) input")
     try:

@@ -27,7 +27,7 @@ from fnmlp._tree import flatten, tree_builder
 from fnmlp.distributed._group import (all_reduce_sum, collective_call, rank, wait_for_all,
                                       world_size)
 from fnmlp.nn._losses import CrossEntropy, Loss
-from fnmlp.nn._model import (EVAL, MLP, _check_loss, check_l2, forward, l2_penalty,
+from fnmlp.nn._model import (EVAL, MLP, check_loss, check_l2, forward, l2_penalty,
                              value_and_grad)
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
 
@@ -61,7 +61,7 @@ class DistributedStep:
 
     def __init__(self, model: MLP, loss: Loss, optimizer, *, compile: bool = False,
                  l2: float = 0.0, collective: str | None = None):
-        _check_loss(loss)
+        check_loss(loss)
         check_distributable(model, loss)
         if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):
             raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
@@ -124,7 +124,7 @@ class DistributedStep:
                 pair = torch.zeros(2, dtype=x.dtype, device=x.device)
             else:
                 weight = torch.ones(xs.shape[0], dtype=x.dtype, device=x.device)
-                prediction = forward(self.model, params, xs, self.model._state_for(None, None),
+                prediction = forward(self.model, params, xs, self.model.state_or_default(None, None),
                                      EVAL)[0]
                 value, _ = self.loss.forward(prediction, ys, weight)
                 total = weight.sum() if self.mean else torch.ones((), dtype=x.dtype,
@@ -193,7 +193,7 @@ class DistributedStep:
         """``(*param_leaves, x, y, w) -> bucket``: [W_r·g..., W_r·loss, W_r] for a mean loss,
         [g..., loss, 1] for a summed one; zeros for a shard without weight."""
         build, model, loss, mean = tree_builder(param_spec), self.model, self.loss, self.mean
-        state = model._state_for(None, None)
+        state = model.state_or_default(None, None)
 
         def fnmlp_shard_gradient(*args):
             *leaves, x, y, w = args
@@ -228,7 +228,7 @@ class DistributedStep:
             value = bucket[-2]
             if l2:
                 value, grads = l2_penalty(model, params, grads, value, l2, loss, total, None)
-            params, opt_state = optimizer._update(params, grads, opt_state)
+            params, opt_state = optimizer.unchecked_update(params, grads, opt_state)
             return (*flatten(params)[0], *flatten(opt_state)[0], value)
 
         return fnmlp_update

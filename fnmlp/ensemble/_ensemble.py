@@ -27,7 +27,7 @@ from fnmlp import _validate
 from fnmlp._tree import flatten, tree_map
 from fnmlp.nn._dropout import make_key
 from fnmlp.nn._losses import CrossEntropy, Loss, mse
-from fnmlp.nn._model import EVAL, MLP, Context, _check_loss, check_l2, forward, value_and_grad
+from fnmlp.nn._model import EVAL, MLP, Context, check_loss, check_l2, forward, value_and_grad
 
 
 class Prediction(NamedTuple):
@@ -223,7 +223,7 @@ class Ensemble:
         shared ((m, ·)) or per member ((K, m, ·)), ``key`` (K, 2) (``dropout_keys``).
         Returns ``(losses, grads)``, or ``(losses, grads, new_state)`` when ``state`` is passed.
         """
-        _check_loss(loss)
+        check_loss(loss)
         like = self.check_params(params)
         x, y, weight = self.check_batch(x, y, loss, sample_weight, like)
         model_state = self.check_model_state(state, like)
@@ -301,7 +301,7 @@ class Ensemble:
 
     def check_model_state(self, state, like: Tensor):
         if state is None:
-            return self.stack([self.model._state_for(None, like)] * self.size)
+            return self.stack([self.model.state_or_default(None, like)] * self.size)
         self._check_stacked(state, "state")
         self.model.check_state(self.member(state, 0), like)
         return state

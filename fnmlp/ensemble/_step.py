@@ -17,7 +17,7 @@ from torch.func import vmap
 from fnmlp._tree import flatten, tree_builder, tree_map
 from fnmlp.ensemble._ensemble import Ensemble, batch_dims, per_member_targets
 from fnmlp.nn._losses import Loss
-from fnmlp.nn._model import _check_loss, check_l2, value_and_grad
+from fnmlp.nn._model import check_loss, check_l2, value_and_grad
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
 from fnmlp.train._step import COMPILERS
 from fnmlp.train._threads import StepThreads
@@ -39,7 +39,7 @@ def member_step(ensemble: Ensemble, loss: Loss, optimizer, l2: float):
                 decayed = tree_map(lambda p: p * scale, params)
             else:
                 grads = tree_map(lambda g, p: g + p * decay, grads, params)
-        new_params, new_opt_state = optimizer._update(decayed, grads, opt_state)
+        new_params, new_opt_state = optimizer.unchecked_update(decayed, grads, opt_state)
         new = (new_params, new_opt_state, new_state)
         if active is None:
             return new, value
@@ -84,7 +84,7 @@ class EnsembleStep:
 
     def __init__(self, ensemble: Ensemble, loss: Loss, optimizer, *, compile: bool = True,
                  weight_decay=None, l2: float = 0.0, compiler: str = "auto"):
-        _check_loss(loss)
+        check_loss(loss)
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):

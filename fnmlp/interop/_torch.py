@@ -146,7 +146,7 @@ class TorchTwin:
         """Each row's share of torch's "mean" divisor: for class labels, its class weight (0
         for ignored rows), as ``nn.CrossEntropyLoss``; else 1 (the loss's own rule)."""
         if isinstance(self._fnmlp_loss, CrossEntropy):
-            return self._fnmlp_loss._targets(prediction.detach(), y)[1]
+            return self._fnmlp_loss.targets(prediction.detach(), y)[1]
         return torch.ones(y.shape[0], dtype=prediction.dtype, device=prediction.device)
 
     def evaluate(self, x, y) -> float:

@@ -255,7 +255,7 @@ class CrossEntropy(Loss):
             if weight is None and not self.label_smoothing and self.reduction != "none":
                 return self._labels_only(log_probs, target)
             return self._plain_labels(logits, log_probs, target, weight)
-        targets, divisor = self._targets(logits, target)
+        targets, divisor = self.targets(logits, target)
         per_row = -(targets * log_probs).sum(dim=1)
         if weight is not None:
             per_row, divisor = per_row * weight, divisor * weight
@@ -298,7 +298,7 @@ class CrossEntropy(Loss):
         rows = logits.shape[0]
         return per_row.sum() / rows, (log_probs, target, 1 / rows, False)
 
-    def _targets(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    def targets(self, logits: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
         """(T (m, C), each row's share of the "mean" divisor (m,))."""
         rows, classes = logits.shape
         dtype, device = logits.dtype, logits.device

@@ -260,7 +260,7 @@ class MLP:
             return None  # without dropout a key draws nothing
         return key if device is None else key.to(device)
 
-    def _state_for(self, state, like: Tensor | None) -> State:
+    def state_or_default(self, state, like: Tensor | None) -> State:
         """``state`` checked against ``like``, or when None the state of a stateless model (no
         tensors: one object for every call)."""
         if state is None:
@@ -288,15 +288,15 @@ class MLP:
         """
         like = self.check_params(params)
         x, _ = self.check_data(params, x, like=like)
-        return self._predict(params, x, like, state, train, key)
+        return self.unchecked_apply(params, x, like, state, train, key)
 
-    def _predict(self, params: Params, x: Tensor, like: Tensor, state, train: bool,
+    def unchecked_apply(self, params: Params, x: Tensor, like: Tensor, state, train: bool,
                  key) -> Tensor:
         """``apply`` after the parameter and data checks."""
         if state is None and (train or not self.has_state):
             state = self.init_state(dtype=like.dtype, device=like.device)
         else:
-            state = self._state_for(state, like)
+            state = self.state_or_default(state, like)
         if train:  # dropout only with a key, as the docstring says
             key = None if key is None else self.check_key(key, x.device)
             context = Context(train=True, key=key)
@@ -325,11 +325,11 @@ class MLP:
         Returns ``(loss, grads)``, or ``(loss, grads, new_state)`` when ``state`` is passed;
         ``loss`` is 0-d and ``grads`` is shaped like ``params``.
         """
-        _check_loss(loss)
+        check_loss(loss)
         like = self.check_params(params)
         x, y = self.check_data(params, x, y, loss=loss, like=like)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
-        model_state = self._state_for(state, like)
+        model_state = self.state_or_default(state, like)
         self.check_training_rows(x.shape[0], weight)
         key = self.check_key(key, x.device)
         l2 = check_l2(l2)
@@ -341,11 +341,11 @@ class MLP:
     def evaluate(self, params: Params, x, y, loss: Loss = mse, *, state: State | None = None,
                  sample_weight=None) -> float:
         """The loss of the evaluation-mode predictions on (x, y), as a Python float."""
-        _check_loss(loss)  # a float: "none" has no single value
+        check_loss(loss)  # a float: "none" has no single value
         like = self.check_params(params)
         x, y = self.check_data(params, x, y, loss=loss, like=like)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
-        prediction = self._predict(params, x, like, state, train=False, key=None)
+        prediction = self.unchecked_apply(params, x, like, state, train=False, key=None)
         with torch.no_grad():
             return loss(prediction, y, weight).item()
 
@@ -536,7 +536,7 @@ def _check_dtype(dtype) -> None:
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
 
 
-def _check_loss(loss, training: bool = True) -> None:
+def check_loss(loss, training: bool = True) -> None:
     if not isinstance(loss, Loss):
         raise TypeError(f"loss must be an fnmlp loss such as fnmlp.mse, got {loss!r}")
     if training and loss.reduction == "none":

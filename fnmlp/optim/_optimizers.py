@@ -206,7 +206,7 @@ class Optimizer:
         """
         self.check(params, grads, state)
         with torch.no_grad():
-            return self._update(params, grads, state)
+            return self.unchecked_update(params, grads, state)
 
     def check(self, params, grads, state) -> None:
         """Raise unless ``params``, ``grads`` (None: not checked) and ``state`` fit together."""
@@ -279,10 +279,10 @@ class SGD(Optimizer):
     def buffers(self):
         return {"momentum_buffer": bool(self.momentum)}
 
-    def _update(self, params, grads, state: SGDState):
+    def unchecked_update(self, params, grads, state: SGDState):
         fusable = _fusable(params, grads) if self.momentum else None  # plain SGD: one op a leaf
         if fusable is not None:
-            return self._fused_update(*fusable, state)
+            return self.fused_update(*fusable, state)
         neg_lr = -self.learning_rate(state)
         first = state.step == 0 if self.momentum else None
 
@@ -303,7 +303,7 @@ class SGD(Optimizer):
         return new_params, SGDState(step=state.step + 1, learning_rate=state.learning_rate,
                                     momentum_buffer=buffers if self.momentum else None)
 
-    def _fused_update(self, leaves: list, spec, grad_leaves: list, state: SGDState):
+    def fused_update(self, leaves: list, spec, grad_leaves: list, state: SGDState):
         """``_update`` with momentum through torch's fused CPU kernel
         (``torch.optim.SGD(fused=True)``'s), on copies; the same arithmetic within rounding."""
         build = tree_builder(spec)
@@ -364,10 +364,10 @@ class Adam(Optimizer):
     def buffers(self):
         return {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": self.amsgrad}
 
-    def _update(self, params, grads, state: AdamState):
+    def unchecked_update(self, params, grads, state: AdamState):
         fusable = _fusable(params, grads)
         if fusable is not None:
-            return self._fused_update(*fusable, state)
+            return self.fused_update(*fusable, state)
         lr = self.learning_rate(state)
         step = steps_taken(state) + 1
         beta1, beta2 = self.betas
@@ -394,7 +394,7 @@ class Adam(Optimizer):
                                      exp_avg=m, exp_avg_sq=v,
                                      max_exp_avg_sq=v_max if self.amsgrad else None)
 
-    def _fused_update(self, leaves: list, spec, grad_leaves: list, state: AdamState):
+    def fused_update(self, leaves: list, spec, grad_leaves: list, state: AdamState):
         """``_update`` through torch's fused CPU kernel (``torch.optim.Adam(fused=True)``'s):
         one call for every leaf instead of ~10 operations per leaf, on copies of the parameters
         and buffers (nothing passed in changes). The same arithmetic, within rounding (the
@@ -455,7 +455,7 @@ class RMSprop(Optimizer):
         return {"square_avg": True, "grad_avg": self.centered,
                 "momentum_buffer": bool(self.momentum)}
 
-    def _update(self, params, grads, state: RMSpropState):
+    def unchecked_update(self, params, grads, state: RMSpropState):
         lr = self.learning_rate(state)
 
         def one(p, g, s, mean, buffer):
@@ -517,7 +517,7 @@ class Adagrad(Optimizer):
     def buffers(self):
         return {"sum": True}
 
-    def _update(self, params, grads, state: AdagradState):
+    def unchecked_update(self, params, grads, state: AdagradState):
         clr = self.learning_rate(state) / (1 + steps_taken(state) * self.lr_decay)
 
         def one(p, g, s):
@@ -563,12 +563,12 @@ class ClipByGlobalNorm:
     update = Optimizer.update
     check = Optimizer.check
 
-    def _update(self, params, grads, state):
+    def unchecked_update(self, params, grads, state):
         leaves = pytree.tree_leaves(grads)
         norms = torch.stack([torch.linalg.vector_norm(g) for g in leaves])
         total = torch.linalg.vector_norm(norms)
         scale = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
-        return self.inner._update(params, pytree.tree_map(lambda g: g * scale, grads), state)
+        return self.inner.unchecked_update(params, pytree.tree_map(lambda g: g * scale, grads), state)
 
     def with_learning_rate(self, state, lr):
         return self.inner.with_learning_rate(state, lr)

@@ -311,7 +311,7 @@ class BaseMLP(BaseEstimator):
         chunks = []
         for start in range(0, X.shape[0], _PREDICT_CHUNK):
             rows = slice(start, start + _PREDICT_CHUNK)
-            chunks.append(self.model_._predict(self.params_, _rows(X, rows, like), like,
+            chunks.append(self.model_.unchecked_apply(self.params_, _rows(X, rows, like), like,
                                                self.state_, train=False, key=None))
         return torch.cat(chunks) if chunks else torch.empty(0, self.n_outputs_)
 

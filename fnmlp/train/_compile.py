@@ -55,7 +55,7 @@ def step_function(model, loss, optimizer, spec, keyed: bool, l2: float = 0.0):
         params, opt_state, state = build(leaves)
         value, grads, state = value_and_grad(model, params, x, y, loss, state, key=key,
                                              weight=weight, l2=l2)
-        params, opt_state = optimizer._update(params, grads, opt_state)
+        params, opt_state = optimizer.unchecked_update(params, grads, opt_state)
         leaves, _ = flatten((params, opt_state, state))
         return (*leaves, value)
 

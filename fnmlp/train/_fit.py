@@ -13,7 +13,7 @@ from fnmlp import _validate
 from fnmlp._tree import tree_leaves
 from fnmlp.nn._dropout import make_key
 from fnmlp.nn._losses import Loss, mse
-from fnmlp.nn._model import MLP, Params, State, _check_loss, check_l2, forward
+from fnmlp.nn._model import MLP, Params, State, check_loss, check_l2, forward
 from fnmlp.nn._primitive import EVAL
 from fnmlp.train._errors import NonFiniteLossError
 from fnmlp.train._auto import choose_compile, compiled_before
@@ -142,7 +142,7 @@ def fit(
                          state=state, patience=patience, min_delta=min_delta,
                          restore_best=restore_best, compile=compile, compiler=compiler,
                          verbose=verbose)
-    _check_loss(loss)
+    check_loss(loss)
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")
     _check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,

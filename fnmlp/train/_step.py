@@ -14,7 +14,7 @@ from torch import Tensor
 from fnmlp import _validate
 from fnmlp._tree import flatten, tree_builder
 from fnmlp.nn._losses import Loss
-from fnmlp.nn._model import MLP, _check_loss, check_l2, value_and_grad
+from fnmlp.nn._model import MLP, check_loss, check_l2, value_and_grad
 from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
 from fnmlp.train._denormals import flushed_denormals
 from fnmlp.train._threads import StepThreads
@@ -28,7 +28,7 @@ def eager_step(model: MLP, loss: Loss, optimizer, params, opt_state, state, x: T
     with torch.no_grad():
         value, grads, state = value_and_grad(model, params, x, y, loss, state, key=key,
                                              weight=weight, l2=l2)
-        params, opt_state = optimizer._update(params, grads, opt_state)  # checked by callers
+        params, opt_state = optimizer.unchecked_update(params, grads, opt_state)  # checked by callers
     return params, opt_state, value, state
 
 
@@ -62,7 +62,7 @@ class TrainStep:
         if compiler not in COMPILERS:
             raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
         self._threads = StepThreads(threads, model)  # checks ``threads``
-        _check_loss(loss)
+        check_loss(loss)
         if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):
             raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
                             f"got {optimizer!r}")
@@ -94,7 +94,7 @@ class TrainStep:
         Checks shapes, dtypes and devices (not values: NaN checks would sync every step;
         ``fit`` checks the data once).
         """
-        model_state = self.model._state_for(None, None) if state is None else state
+        model_state = self.model.state_or_default(None, None) if state is None else state
         known = self._last.knows((params, opt_state, model_state))
         like = self._last.like if known else self.model.check_params(params)
         x, y = self.model.check_data(params, x, y, loss=self.loss, finite=False, like=like)
