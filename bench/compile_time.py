@@ -11,16 +11,12 @@ which every process pays once whatever it compiles.
 import argparse
 import importlib
 import json
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-
-import fnmlp  # noqa: E402
-from workloads import WORKLOADS  # noqa: E402
+import fnmlp
+from workloads import WORKLOADS  # bench/'s: a script's own folder is on sys.path
 
 
 def main() -> None:

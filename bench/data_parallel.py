@@ -22,13 +22,9 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent))
-
-import fnmlp  # noqa: E402
-from fnmlp._tree import flatten  # noqa: E402
-from workloads import WORKLOADS  # noqa: E402
+import fnmlp
+from fnmlp._tree import flatten  # DistributedStep's parts: no public form (see ranked)
+from workloads import WORKLOADS  # bench/'s: a script's own folder is on sys.path
 
 
 def _batch(name: str, quick: bool):
@@ -66,6 +62,7 @@ def ranked(name: str, steps: int, compile: bool, quick: bool) -> dict:
     xs, ys = x[mine], y[mine]
     ws = torch.ones(xs.shape[0], dtype=x.dtype)
     leaves, opt_leaves = flatten(params)[0], flatten(opt_state)[0]
+    # its gradient and update apart, to time each: DistributedStep's own, no public form
     gradient, update = step._functions(flatten(params)[1], flatten(opt_state)[1], xs, ys, ws,
                                        leaves, opt_leaves)
     parts = {"gradient": [], "all_reduce": [], "update": []}

@@ -15,6 +15,7 @@ import statistics
 import time
 
 import torch
+from torch.utils._pytree import tree_map
 
 import fnmlp
 from fnmlp import workloads as seed
@@ -51,7 +52,7 @@ class SequentialContender:
     def __init__(self, ensemble, params, x, y, lr):
         self.model = ensemble.model
         self.step = fnmlp.train_step(self.model, fnmlp.mse, fnmlp.sgd(lr), compile=True)
-        self.members = [fnmlp._tree.tree_map(torch.clone, ensemble.member(params, i))
+        self.members = [tree_map(torch.clone, ensemble.member(params, i))
                         for i in range(ensemble.size)]
         self.opt_states = [fnmlp.sgd(lr).init(p) for p in self.members]
         self.state = self.model.state_or_default(None, None)
@@ -131,18 +132,16 @@ class GemmFloorContender:
     setup_seconds = 0.0
 
     def __init__(self, ensemble, params, x, y, lr):
-        from torch.func import vmap
         from torch.fx.experimental.proxy_tensor import make_fx
 
-        from fnmlp.ensemble._step import member_step
-
-        step = member_step(ensemble, fnmlp.mse, fnmlp.sgd(lr), 0.0)
+        # the eager ensemble step is the members' step mapped with vmap: traced, the same
+        # products as the compiled graph
+        step = ensemble.train_step(fnmlp.mse, fnmlp.sgd(lr), compile=False)
         opt_state = ensemble.init_optimizer(fnmlp.sgd(lr), params)
         state = ensemble.check_model_state(None, x)
 
         def function(p, o, s, xb, yb):
-            return vmap(step, in_dims=(0, 0, 0, None, None, None, None, None, None))(
-                p, o, s, xb, yb, None, None, None, None)
+            return step.run(p, o, s, xb, yb)
 
         graph = make_fx(function)(params, opt_state, state, x, y)
         g = torch.Generator().manual_seed(0)

@@ -25,15 +25,15 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+import torch
 
-import torch  # noqa: E402
-
-import fnmlp  # noqa: E402
-from contenders import (FnmlpContender, GemmFloor, JaxContender, SklearnContender,  # noqa: E402
+import fnmlp
+# siblings in bench/: run as a script, its own folder is on sys.path
+from contenders import (FnmlpContender, GemmFloor, JaxContender, SklearnContender,
                         TorchContender, synchronize)
-from workloads import WORKLOADS  # noqa: E402
+from workloads import WORKLOADS
+
+HERE = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:

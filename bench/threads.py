@@ -17,7 +17,7 @@ import torch
 
 import fnmlp
 from fnmlp import workloads as seed
-from fnmlp.train._threads import choose_threads, step_work
+from fnmlp.train._threads import choose_threads, step_work  # no public form
 
 WIDTHS = (32, 64, 128, 256, 512)
 

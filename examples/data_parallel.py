@@ -14,15 +14,15 @@ import argparse
 import time
 
 import torch
+from torch.utils._pytree import tree_leaves
 
 import fnmlp
 from fnmlp import workloads
-from fnmlp._tree import flatten
 
 
 def relative_difference(a, b) -> float:
     return max(((p - q).abs().max() / q.abs().max()).item()
-               for p, q in zip(flatten(a)[0], flatten(b)[0]))
+               for p, q in zip(tree_leaves(a), tree_leaves(b)))
 
 
 def main() -> None:

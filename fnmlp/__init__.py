@@ -13,8 +13,8 @@ Layers of the design, one subpackage each: ``fnmlp.nn`` (primitives, losses, the
 from fnmlp import distributed, ensemble, interop, metrics, nn, optim, train, workloads
 from fnmlp._tree import pytree_dataclass
 from fnmlp.ensemble import Ensemble
-from fnmlp.interop import (Checkpoint, CheckpointError, TorchTwin, from_torch, load, save,
-                           set_dropout_key, to_torch)
+from fnmlp.interop import (Checkpoint, CheckpointError, TorchTwin, from_torch, load, register,
+                           save, set_dropout_key, to_torch)
 from fnmlp.nn import (ELU, GELU, L1, MLP, MSE, BatchNorm, BinaryCrossEntropyWithLogits,
                       CrossEntropy, Dense, Dropout, Huber, Identity, LayerNorm, LeakyReLU, Linear,
                       LinearParams, LogSoftmax, NormParams, BatchNormState, PoissonNLL, Primitive,
@@ -23,7 +23,8 @@ from fnmlp.nn import (ELU, GELU, L1, MLP, MSE, BatchNorm, BinaryCrossEntropyWith
                       mse, poisson_nll, smooth_l1)
 from fnmlp.optim import adagrad, adam, adamw, clip_by_global_norm, rmsprop, schedules, sgd
 from fnmlp.train import (CompileVerificationError, FitResult, History, NonFiniteLossError,
-                         TrainStep, fit, train_step)
+                         TrainStep)
+from fnmlp._entry import fit, train_step
 
 __all__ = [
     # the network and its primitives
@@ -43,7 +44,7 @@ __all__ = [
     "NonFiniteLossError", "Ensemble",
     # interop, checkpoints and the rest
     "to_torch", "from_torch", "TorchTwin", "set_dropout_key", "save", "load", "Checkpoint",
-    "CheckpointError", "metrics", "workloads",
+    "CheckpointError", "register", "metrics", "workloads",
     "nn", "optim", "train", "interop", "ensemble", "distributed",
 ]
 __version__ = "0.2.0"

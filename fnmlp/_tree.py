@@ -11,6 +11,7 @@ import torch.utils._pytree as pytree
 
 T = TypeVar("T")
 _DATACLASS_FIELDS: dict[type, tuple[str, ...]] = {}  # pytree dataclass -> its field names
+_DATACLASS_NAMES: dict[str, type] = {}  # its name (module.qualname) -> the latest such class
 
 
 def pytree_dataclass(cls: type[T]) -> type[T]:
@@ -40,14 +41,30 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
         return cls(**absent, **dict(zip(fields, children)))
 
     _DATACLASS_FIELDS[cls] = names
+    _DATACLASS_NAMES[dataclass_name(cls)] = cls
     pytree.register_pytree_node(
         cls,
         flatten,
         unflatten,
-        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        serialized_type_name=dataclass_name(cls),
         flatten_with_keys_fn=flatten_with_keys,
     )
     return cls
+
+
+def dataclass_name(cls: type) -> str:
+    """The stable name of a ``pytree_dataclass`` (``module.qualname``; checkpoints use it)."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def dataclass_fields(cls: type) -> tuple[str, ...] | None:
+    """The field names of the ``pytree_dataclass`` ``cls``; None for any other type."""
+    return _DATACLASS_FIELDS.get(cls)
+
+
+def dataclass_named(name: str) -> type | None:
+    """The ``pytree_dataclass`` of that ``dataclass_name`` (the latest defined), or None."""
+    return _DATACLASS_NAMES.get(name)
 
 
 def tree_map(fn, *trees):
@@ -160,3 +177,27 @@ def _generate_builder(spec):
         return f"{name}({children})"
 
     return eval(f"lambda leaves: {source(spec)}", names)  # noqa: S307 (generated source)
+
+
+def unflatten_traced(leaves, spec):
+    """``unflatten(leaves, spec)`` by walking ``spec``: no generated code and no cache keyed by
+    the spec, so that dynamo traces it as well as eager code runs it (``tree_builder``'s
+    builder is ~1.5 µs faster per call eagerly but is made by ``eval``, which dynamo cannot
+    trace)."""
+    return _walk(spec, iter(leaves))
+
+
+def _walk(node, leaves):
+    if node is None:
+        return next(leaves)
+    if type(node) is str:  # "none": an absent part
+        return None
+    kind, children = node[0], node[1]
+    if kind == "pytree":
+        return pytree.tree_unflatten([next(leaves) for _ in range(node[2])], children)
+    built = [next(leaves) if child is None else _walk(child, leaves) for child in children]
+    if kind is tuple:
+        return tuple(built)
+    if kind is list:
+        return built
+    return kind(*built)

@@ -4,17 +4,15 @@
     torchrun --nproc_per_node=2 examples/data_parallel.py
 
 ``init`` joins the process group torchrun describes (gloo on the CPU, NCCL on CUDA, or the
-``backend`` given) with a collective timeout of ``timeout`` seconds; ``DistributedStep`` is the
-step (each rank's shard of the global batch, one all-reduce of a flat gradient bucket, the same
-update everywhere); ``DistributedError`` is what every surviving rank raises when another one
-fails, dies or hangs.
+``backend`` given) with a collective timeout of ``timeout`` seconds; ``DataParallel`` is the
+strategy ``fit`` runs with (``DistributedStep`` its step: each rank's shard of the global batch,
+one all-reduce of a flat gradient bucket, the same update everywhere); ``DistributedError`` is
+what every surviving rank raises when another one fails, dies or hangs.
 """
 
-from fnmlp.distributed._group import (DEFAULT_TIMEOUT, DistributedError, all_reduce_sum,
-                                      any_rank, broadcast, check_same, check_same_run, init,
-                                      rank, start_alike, wait_for_all, world_size)
-from fnmlp.distributed._step import DistributedStep, check_distributable
+from fnmlp.distributed._group import (DEFAULT_TIMEOUT, DistributedError, init, rank, start_alike,
+                                      world_size)
+from fnmlp.distributed._step import DataParallel, DistributedStep
 
-__all__ = ["init", "rank", "world_size", "DistributedStep", "DistributedError",
-           "DEFAULT_TIMEOUT", "all_reduce_sum", "any_rank", "broadcast", "check_same",
-           "check_same_run", "start_alike", "wait_for_all", "check_distributable"]
+__all__ = ["init", "rank", "world_size", "start_alike", "DataParallel", "DistributedStep",
+           "DistributedError", "DEFAULT_TIMEOUT"]

@@ -24,12 +24,16 @@ import torch
 from torch import Tensor
 
 from fnmlp._tree import flatten, tree_builder
+from fnmlp.distributed import _group
 from fnmlp.distributed._group import (all_reduce_sum, collective_call, rank, wait_for_all,
                                       world_size)
-from fnmlp.nn._losses import CrossEntropy, Loss
-from fnmlp.nn._model import (EVAL, MLP, check_loss, check_l2, forward, l2_penalty,
-                             value_and_grad)
-from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
+from fnmlp.nn import (EVAL, MLP, CrossEntropy, Loss, check_l2, forward, l2_penalty,
+                      value_and_grad)
+from fnmlp.train._compile import compile_graph, pad_rows, shared_graphs, verify
+from fnmlp.train._denormals import flushed_denormals
+from fnmlp.train._threads import StepThreads
+from fnmlp.train.engine import (EAGER, TRACED, Batch, Carry, Kernels, StepKind, Strategy,
+                                check_step_options)
 
 COMPILE_TIMEOUT = 1800.0  # seconds the ranks wait for each other to compile (a cold cache)
 
@@ -51,29 +55,34 @@ def check_distributable(model: MLP, loss: Loss) -> None:
                          f"{loss.reduction!r}")
 
 
-class DistributedStep:
-    """``run(params, opt_state, state, x, y, weight=..., pad_to=...)`` as ``TrainStep.run``,
-    for the global batch (x, y): this rank computes its shard, the ranks sum their gradients,
-    every rank updates alike. ``collective``: where a compiled step's all-reduce runs,
-    "in_graph" (one graph; the default on the CPU) or "between" (two graphs; the default on
-    CUDA, where ``torch.compile`` compiles at the first call: both graphs are run once before
-    the ranks wait for each other, so a slow compile never counts against the timeout)."""
+class DistributedStep(StepKind):
+    """The data-parallel step kind: ``run(carry, batch)`` as ``TrainStep.run``, for the global
+    batch: this rank computes its shard, the ranks sum their gradients, every rank updates
+    alike. ``collective``: where a compiled step's all-reduce runs, "in_graph" (one graph; the
+    default on the CPU) or "between" (two graphs; the default on CUDA, where
+    ``torch.compile`` compiles at the first call: both graphs are run once before the ranks
+    wait for each other, so a slow compile never counts against the timeout). Its graphs live
+    in the shared cache; ``threads``, ``verify`` and the denormal flush work as for one
+    network."""
 
     def __init__(self, model: MLP, loss: Loss, optimizer, *, compile: bool = False,
-                 l2: float = 0.0, collective: str | None = None):
-        check_loss(loss)
+                 l2: float = 0.0, collective: str | None = None, threads="auto",
+                 verify: bool = False, flush_denormals: bool = True):
+        check_step_options(loss, optimizer, "auto")
         check_distributable(model, loss)
-        if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):
-            raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
-                            f"got {optimizer!r}")
         self.model, self.loss, self.optimizer = model, loss, optimizer
-        self.l2, self.compile = check_l2(l2), compile
+        self.l2, self.compile = check_l2(l2), bool(compile)
         self.rank, self.ranks = rank(), world_size()
+        self.lead = self.rank == 0
         self.mean = loss.reduction == "mean"
         if collective not in (None, "between", "in_graph"):
             raise ValueError(f"collective must be 'between' or 'in_graph', got {collective!r}")
         self.collective = collective
-        self._graphs: dict[tuple, object] = {}
+        self.flush_denormals = bool(flush_denormals)
+        self._threads = StepThreads(threads, model)
+        self._verify_next = bool(verify) and self.compile
+        self._graphs = shared_graphs(("data-parallel", model, loss, optimizer.structure,
+                                      self.l2, self.ranks, self.rank)).by_specialization
 
     def forget(self) -> None:
         """Nothing is kept between steps (the interface of ``TrainStep``)."""
@@ -85,34 +94,59 @@ class DistributedStep:
         start = min(self.rank * size, rows)
         return slice(start, min(start + size, rows)), size
 
-    def run(self, params, opt_state, state, x: Tensor, y: Tensor, *,
-            weight: Tensor | None = None, key: Tensor | None = None,
-            pad_to: int | None = None):
-        """``(params, opt_state, loss, state)`` after one step on the global batch."""
-        from fnmlp.train._compile import pad_rows  # no compiler: the shared padding
-
-        mine, size = self.shard(x.shape[0], pad_to)
+    def run(self, carry: Carry, batch: Batch, active=None) -> tuple[Carry, Tensor]:
+        """``(carry, loss)`` after one step on the global batch."""
+        x, y, weight = batch.x, batch.y, batch.weight
+        mine, size = self.shard(x.shape[0], batch.pad_to)
         xs, ys = x[mine], y[mine]
         ws = (torch.ones(xs.shape[0], dtype=x.dtype, device=x.device) if weight is None
               else weight[mine])
         xs, ys, ws = pad_rows(xs, size), pad_rows(ys, size), pad_rows(ws, size)
+        params, opt_state = carry.params, carry.opt_state
         param_leaves, param_spec = flatten(params)
         opt_leaves, opt_spec = flatten(opt_state)
         collective = self.collective or ("in_graph" if xs.device.type == "cpu" else "between")
-        if self.compile and collective == "in_graph":
-            step = self._fused_graph(param_spec, opt_spec, param_leaves, opt_leaves, [xs, ys, ws])
-            outputs = collective_call(lambda: step(*param_leaves, *opt_leaves, xs, ys, ws),
-                                      "the step's in-graph all-reduce")
-        else:
-            gradient, update = self._functions(param_spec, opt_spec, xs, ys, ws, param_leaves,
-                                               opt_leaves)
-            with torch.no_grad():
-                bucket = gradient(*param_leaves, xs, ys, ws)
-                bucket = all_reduce_sum(bucket, "the gradient all-reduce")
-                outputs = update(*param_leaves, *opt_leaves, bucket)
+        flush = (self.compile and self.flush_denormals and xs.device.type == "cpu"
+                 and torch.get_num_threads() == 1)
+        with self._threads(size, xs.device), torch.no_grad():
+            with flushed_denormals(flush):
+                if self.compile and collective == "in_graph":
+                    step = self._fused_graph(param_spec, opt_spec, param_leaves, opt_leaves,
+                                             [xs, ys, ws])
+                    outputs = collective_call(
+                        lambda: step(*param_leaves, *opt_leaves, xs, ys, ws),
+                        "the step's in-graph all-reduce")
+                else:
+                    gradient, update = self._functions(param_spec, opt_spec, xs, ys, ws,
+                                                       param_leaves, opt_leaves)
+                    bucket = gradient(*param_leaves, xs, ys, ws)
+                    bucket = all_reduce_sum(bucket, "the gradient all-reduce")
+                    outputs = update(*param_leaves, *opt_leaves, bucket)
+            if self._verify_next:
+                self._verify(param_spec, opt_spec, param_leaves, opt_leaves, [xs, ys, ws],
+                             list(outputs))
         new_params = tree_builder(param_spec)(outputs[:len(param_leaves)])
         new_opt_state = tree_builder(opt_spec)(outputs[len(param_leaves):-1])
-        return new_params, new_opt_state, outputs[-1], state
+        return Carry(new_params, new_opt_state, carry.state), outputs[-1]
+
+    def _verify(self, param_spec, opt_spec, param_leaves, opt_leaves, data, outputs) -> None:
+        """The first compiled step against the eager functions (every rank: one more
+        all-reduce)."""
+        gradient = self._gradient_function(param_spec, EAGER)
+        update = self._update_function(param_spec, opt_spec, [p.shape for p in param_leaves],
+                                       EAGER)
+        bucket = all_reduce_sum(gradient(*param_leaves, *data), "the verification all-reduce")
+        verify(outputs, list(update(*param_leaves, *opt_leaves, bucket)))
+        self._verify_next = False
+
+    def dropout_key(self, seed: int, step: int, device: torch.device) -> Tensor:
+        raise ValueError("distributed fit does not support Dropout")
+
+    def valid_losses(self, carry: Carry, x: Tensor, y: Tensor) -> list[float]:
+        return [self.evaluate(carry.params, x, y)]
+
+    def agree(self, flag: bool) -> bool:
+        return _group.any_rank(flag)
 
     def evaluate(self, params, x: Tensor, y: Tensor) -> float:
         """The loss of the evaluation-mode predictions on (x, y), every rank computing its
@@ -141,13 +175,13 @@ class DistributedStep:
         graphs = self._graphs.get(specialization)
         if graphs is not None:
             return graphs
-        gradient = self._gradient_function(param_spec)
-        update = self._update_function(param_spec, opt_spec, [p.shape for p in param_leaves])
+        kernels = TRACED if self.compile else EAGER
+        gradient = self._gradient_function(param_spec, kernels)
+        update = self._update_function(param_spec, opt_spec, [p.shape for p in param_leaves],
+                                       kernels)
         if not self.compile:
             graphs = self._graphs[specialization] = (gradient, update)
         else:
-            from fnmlp.train._compile import compile_graph
-
             with torch.no_grad():
                 bucket = gradient(*param_leaves, xs, ys, ws)
                 graphs = self._graphs[specialization] = (
@@ -170,10 +204,9 @@ class DistributedStep:
             import torch.distributed as dist
             import torch.distributed._functional_collectives as collectives
 
-            from fnmlp.train._compile import compile_graph
-
-            gradient = self._gradient_function(param_spec)
-            update = self._update_function(param_spec, opt_spec, [p.shape for p in param_leaves])
+            gradient = self._gradient_function(param_spec, TRACED)
+            update = self._update_function(param_spec, opt_spec, [p.shape for p in param_leaves],
+                                           TRACED)
             count = len(param_leaves)
 
             def fnmlp_distributed_step(*args):
@@ -189,7 +222,7 @@ class DistributedStep:
             wait_for_all("waiting for every rank to compile its step", COMPILE_TIMEOUT)
         return graph
 
-    def _gradient_function(self, param_spec):
+    def _gradient_function(self, param_spec, kernels: Kernels):
         """``(*param_leaves, x, y, w) -> bucket``: [W_r·g..., W_r·loss, W_r] for a mean loss,
         [g..., loss, 1] for a summed one; zeros for a shard without weight."""
         build, model, loss, mean = tree_builder(param_spec), self.model, self.loss, self.mean
@@ -198,7 +231,7 @@ class DistributedStep:
         def fnmlp_shard_gradient(*args):
             *leaves, x, y, w = args
             value, grads, _ = value_and_grad(model, build(list(leaves)), x, y, loss, state,
-                                             weight=w)
+                                             weight=w, lane_order_sums=kernels.lane_order_sums)
             total = w.sum()
             scale = total if mean else torch.ones_like(total)
             pieces = [(g * scale).reshape(-1) for g in flatten(grads)[0]]
@@ -207,7 +240,7 @@ class DistributedStep:
 
         return fnmlp_shard_gradient
 
-    def _update_function(self, param_spec, opt_spec, shapes):
+    def _update_function(self, param_spec, opt_spec, shapes, kernels: Kernels):
         """``(*param_leaves, *opt_leaves, summed bucket) -> (*param_leaves, *opt_leaves,
         loss)``: the global gradient and loss, the L2 penalty, the optimizer's update."""
         build_params, build_opt = tree_builder(param_spec), tree_builder(opt_spec)
@@ -228,7 +261,48 @@ class DistributedStep:
             value = bucket[-2]
             if l2:
                 value, grads = l2_penalty(model, params, grads, value, l2, loss, total, None)
-            params, opt_state = optimizer.unchecked_update(params, grads, opt_state)
+            params, opt_state = optimizer.unchecked_update(params, grads, opt_state,
+                                                           fused=kernels.fused_optimizer)
             return (*flatten(params)[0], *flatten(opt_state)[0], value)
 
         return fnmlp_update
+
+
+class DataParallel(Strategy):
+    """``fnmlp.fit(..., distributed=True)``: every rank ``torchrun`` started runs the same fit on
+    the same data; each global batch's rows are split across the ranks, their gradients summed
+    by one all-reduce, and the result is the one-process fit of the same global batches (to
+    rounding). Rank 0's parameters (and shuffling stream) are broadcast first; only rank 0
+    prints and checkpoints."""
+
+    lead = True
+
+    def setup(self, like: Tensor, *, verify: bool, compiler: str) -> None:
+        if compiler != "auto":
+            raise ValueError("compiler= is not supported with distributed=True")
+        _group.init(device=like.device)
+        self.lead = rank() == 0
+
+    def agree_compile(self, compile: bool, reason: str) -> tuple[bool, str]:
+        if _group.any_rank(compile) != compile:  # every rank alike
+            return True, "another rank compiles"
+        return compile, reason
+
+    def make_step(self, model, loss, optimizer, *, compile, verify, compiler, l2, threads):
+        return DistributedStep(model, loss, optimizer, compile=compile, l2=l2, threads=threads,
+                               verify=verify)
+
+    def check_same_run(self, x, y, weight, valid, **settings) -> None:
+        _group.check_same_run(x, y, weight, valid, **settings)
+
+    def start(self, run, generator):
+        _group.check_same({"epoch": run.epoch, "steps done": run.steps_done},
+                          "the run each rank starts or resumes (its checkpoint file)")
+        params, opt_state, generator = _group.start_alike(run.carry.params,
+                                                          run.carry.opt_state, generator)
+        run.carry = Carry(params, opt_state, run.carry.state)
+        return generator
+
+    def finish(self) -> None:
+        """Return once rank 0's last checkpoint is written."""
+        wait_for_all("waiting for rank 0 to finish", _group.DEFAULT_TIMEOUT)

@@ -23,7 +23,7 @@ import torch.utils._pytree as pytree
 from torch import Tensor
 from torch.func import vmap
 
-from fnmlp import _validate
+from fnmlp import _registry, _validate
 from fnmlp._tree import flatten, tree_map
 from fnmlp.nn._dropout import make_key
 from fnmlp.nn._losses import CrossEntropy, Loss, mse
@@ -103,10 +103,10 @@ class Ensemble:
     def check_params(self, params) -> Tensor:
         """Raise unless ``params`` are K stacked parameter trees of ``model``; return member
         0's first leaf (for dtype and device)."""
-        self._check_stacked(params, "params")
+        self.check_stacked(params, "params")
         return self.model.check_params(self.member(params, 0))
 
-    def _check_stacked(self, tree, name: str) -> None:
+    def check_stacked(self, tree, name: str) -> None:
         leaves = flatten(tree)[0]
         for leaf in leaves:
             if not isinstance(leaf, Tensor) or leaf.dim() == 0 or leaf.shape[0] != self.size:
@@ -194,11 +194,11 @@ class Ensemble:
                                  "state=ensemble.init_state(...) from training")
             state = self.init_state(dtype=like.dtype, device=like.device)
         else:
-            self._check_stacked(state, "state")
+            self.check_stacked(state, "state")
         if key is not None and not (train and self.model.has_dropout):
             key = None
         if key is not None:
-            key = self._check_keys(key, x.device)
+            key = self.check_keys(key, x.device)
 
         def member(p, s, x, k):
             context = Context(train=True, key=k) if train else EVAL
@@ -227,7 +227,7 @@ class Ensemble:
         like = self.check_params(params)
         x, y, weight = self.check_batch(x, y, loss, sample_weight, like)
         model_state = self.check_model_state(state, like)
-        key = self._check_keys(key, x.device) if self.model.has_dropout or key is not None \
+        key = self.check_keys(key, x.device) if self.model.has_dropout or key is not None \
             else None
         l2 = check_l2(l2)
 
@@ -241,7 +241,8 @@ class Ensemble:
         return (values, grads) if state is None else (values, grads, new_state)
 
     def train_step(self, loss: Loss, optimizer, *, compile: bool = True, weight_decay=None,
-                   l2: float = 0.0, compiler: str = "auto"):
+                   l2: float = 0.0, compiler: str = "auto", verify: bool = False,
+                   threads="auto"):
         """``step(params, opt_state, x, y) -> (params, opt_state, losses (K,))``: every member's
         step in one call, one compiled graph with ``compile`` (no recompiles across steps,
         learning rates or active masks).
@@ -251,15 +252,31 @@ class Ensemble:
                 ``init_optimizer`` holds each member's learning rate.
             weight_decay: one decay per member (a sweep), applied exactly where the optimizer
                 applies its own ``weight_decay`` (which must then be 0).
-            l2, compiler: as ``fnmlp.train_step``.
+            l2, compiler, verify, threads: as ``fnmlp.train_step`` (``threads="auto"`` measures
+                the step by all members' work).
         """
         from fnmlp.ensemble._step import EnsembleStep
 
         return EnsembleStep(self, loss, optimizer, compile=compile, weight_decay=weight_decay,
-                            l2=l2, compiler=compiler)
+                            l2=l2, compiler=compiler, verify=verify, threads=threads)
+
+    def losses(self, params, state, x: Tensor, y: Tensor, loss: Loss) -> Tensor:
+        """Every member's loss (K,) on checked (x, y) in evaluation mode, unchecked."""
+        def member(p, s):
+            return loss(forward(self.model, p, x, s, EVAL)[0], y)
+
+        with torch.no_grad():
+            return vmap(member)(params, state)
+
+    @staticmethod
+    def first_leaf(tree) -> Tensor:
+        """A leaf of a stacked tree (for its device and dtype)."""
+        return flatten(tree)[0][0]
 
     def fit(self, params, x, y, **options):
-        """Train every member; see ``fnmlp.ensemble._fit.fit_ensemble`` for the options."""
+        """Train every member through the one training loop; the options are
+        ``fnmlp.ensemble.fit_ensemble``'s (``fnmlp.fit``'s, plus per-member rates, weight
+        decays, row weights and bagging)."""
         from fnmlp.ensemble._fit import fit_ensemble
 
         return fit_ensemble(self, params, x, y, **options)
@@ -299,14 +316,26 @@ class Ensemble:
                               else [weight]):
             self.model.check_training_rows(rows, member_weight, where)
 
+    def check_state(self, state, like: Tensor) -> None:
+        """Raise unless ``state`` is K stacked states of ``model`` on ``like``'s dtype and
+        device (``fnmlp.save`` and ``fnmlp.load`` check through this, as for an ``MLP``)."""
+        self.check_stacked(state, "state")
+        self.model.check_state(self.member(state, 0), like)
+
+    def check_opt_state(self, optimizer, params, opt_state) -> None:
+        """Raise unless ``opt_state`` is ``optimizer``'s stacked state for ``params``
+        (``init_optimizer``'s)."""
+        self.check_stacked(opt_state, "opt_state")
+        optimizer.check(self.member(params, 0), None, self.member(opt_state, 0))
+
     def check_model_state(self, state, like: Tensor):
         if state is None:
             return self.stack([self.model.state_or_default(None, like)] * self.size)
-        self._check_stacked(state, "state")
+        self.check_stacked(state, "state")
         self.model.check_state(self.member(state, 0), like)
         return state
 
-    def _check_keys(self, key, device) -> Tensor | None:
+    def check_keys(self, key, device) -> Tensor | None:
         if key is None:
             if self.model.has_dropout:
                 raise ValueError("this model has dropout: pass key=ensemble.dropout_keys(seed, "
@@ -316,6 +345,9 @@ class Ensemble:
             raise TypeError(f"key must be ({self.size}, 2) int64 keys from "
                             f"ensemble.dropout_keys, got {key!r}")
         return key.to(device) if self.model.has_dropout else None
+
+
+_registry.add(Ensemble, "model")  # savable: fnmlp.save(path, ensemble, stacked params, ...)
 
 
 def per_member_targets(y, loss: Loss) -> bool:

@@ -1,22 +1,20 @@
-"""``Ensemble.fit``: every member trained by one step per batch, with per-member learning rates,
-weight decay, bagging, dropout keys and early stopping."""
+"""``Ensemble.fit``: every member trained by one step per batch, through the one training loop
+(``fnmlp.train.engine``), with per-member learning rates, weight decay, bagging, dropout keys,
+early stopping, checkpoints and resume."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 from torch import Tensor
-from torch.func import vmap
 
 from fnmlp import _validate
-from fnmlp._tree import tree_map
 from fnmlp.ensemble._ensemble import Ensemble, per_member_targets
-from fnmlp.nn._losses import Loss, mse
-from fnmlp.nn._model import EVAL, forward
-from fnmlp.train._auto import choose_compile
-from fnmlp.train._fit import _check_run_options
+from fnmlp.nn import Loss, mse
+from fnmlp.train.engine import (BatchSource, Callback, Carry, Checkpointer, EarlyStopping,
+                                Reporter, Run, check_run_options, check_threads,
+                                checkpoint_settings, choose_compile, restore_run, train_loop)
 
 
 @dataclasses.dataclass
@@ -52,14 +50,17 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
                  shuffle: bool = False, generator: torch.Generator | None = None,
                  opt_state=None, state=None, patience: int | None = None,
                  min_delta: float = 0.0, restore_best: bool = False,
-                 compile: bool | str = "auto",
-                 compiler: str = "auto", verbose: bool = False) -> EnsembleFitResult:
+                 compile: bool | str = "auto", compiler: str = "auto", verify: bool = False,
+                 threads: int | str = "auto", verbose: bool = False,
+                 progress: bool | None = None, on_epoch_end=None, checkpoint=None,
+                 checkpoint_every: int = 1, resume: bool = False) -> EnsembleFitResult:
     """Train all members of ``ensemble`` for ``epochs`` passes over (x, y).
 
     Arguments:
         params: stacked parameters (``Ensemble.init``); not modified.
         x, y, epochs, batch_size, optimizer, loss, l2, shuffle, generator, opt_state, state,
-            compile, compiler, verbose: as ``fnmlp.fit`` ("auto" counts member-steps); every
+            compile, compiler, verify, threads, verbose, progress, checkpoint,
+            checkpoint_every, resume: as ``fnmlp.fit`` ("auto" counts member-steps); every
             member sees the same batches (one shuffle per epoch), unless bagging.
         lr: one learning rate or one per member (ignored with ``opt_state``, which holds them).
         weight_decay: one weight decay per member (see ``Ensemble.train_step``).
@@ -72,15 +73,17 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
             ``patience`` epochs without its validation loss improving by more than
             ``min_delta``; the fit ends when every member has stopped.
         restore_best: return each member's parameters from its best validation epoch.
+        on_epoch_end: ``f(epoch, logs) -> stop?``, ``logs`` holding ``train_loss`` (and
+            ``valid_loss``) as lists of K floats.
 
     A member whose epoch loss is NaN or inf goes back to that epoch's start and trains no more
     (``history.diverged_epoch``); the others go on.
     """
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")
-    _check_run_options(None, 1, False, patience, min_delta, restore_best, None, None, valid)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
+                      on_epoch_end, progress, valid, generator)
+    check_threads(threads)
     like = ensemble.check_params(params)
     model = ensemble.model
     x, y, weight = ensemble.check_batch(x, y, loss, sample_weight, like)
@@ -102,94 +105,59 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
         print(f"fnmlp: {'compiled' if compile else 'eager'} ensemble step ({reason}, "
               f"counting member-steps)")
     step = ensemble.train_step(loss, optimizer, compile=compile, weight_decay=weight_decay,
-                               l2=l2, compiler=compiler)
+                               l2=l2, compiler=compiler, verify=verify, threads=threads)
     if opt_state is None:
         opt_state = ensemble.init_optimizer(optimizer, params, lr=lr)
     else:
-        ensemble._check_stacked(opt_state, "opt_state")
+        ensemble.check_stacked(opt_state, "opt_state")
         optimizer.check(ensemble.member(params, 0), None, ensemble.member(opt_state, 0))
     for start in range(0, n if weight is None and model.has_batch_statistics else 0,
                        batch_size):  # every batch, before any work
         ensemble.check_training_rows(min(batch_size, n - start), None,
                                      f" (batch {start // batch_size}; choose another "
                                      "batch_size)")
+    settings = {}
+    if checkpoint is not None:  # refused now rather than at the first checkpoint
+        settings = checkpoint_settings(
+            ensemble, optimizer, loss, batch_size=batch_size, shuffle=shuffle,
+            bagging=bagging, weighted=weight is not None, rows=n, l2=step.l2,
+            weight_decay=step.weight_decay)
     if (shuffle or bagging or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
-    if bagging:
-        weight = _bootstrap_counts(size, n, generator, like) * (1 if weight is None else weight)
-    dropout_seed = None
-    if model.has_dropout:
-        dropout_seed = int(torch.randint(0, 2**32, (), generator=generator,
-                                         device=generator.device))
-    history = EnsembleHistory(best_epoch=[None] * size, stopped_epoch=[None] * size,
-                              diverged_epoch=[None] * size)
-    best_loss, waited = [math.inf] * size, [0] * size
-    best = (params, model_state)
-    steps = 0
-    with torch.no_grad():
-        for epoch in range(epochs):
-            active = torch.tensor([history.stopped_epoch[k] is None
-                                   and history.diverged_epoch[k] is None for k in range(size)],
-                                  device=like.device)
-            if not bool(active.any()):
-                break
-            epoch_start = (params, opt_state, model_state)
-            order = None
-            if shuffle:
-                order = torch.randperm(n, generator=generator,
-                                       device=generator.device).to(x.device)
-            totals = torch.zeros(size, dtype=torch.float64, device=like.device)
-            counts = torch.zeros(size, dtype=torch.float64, device=like.device)
-            for batch, start in enumerate(range(0, n, batch_size)):
-                rows = slice(start, start + batch_size) if order is None else \
-                    order[start:start + batch_size]
-                batch_weight = None if weight is None else weight[..., rows]
-                if batch_weight is not None and model.has_batch_statistics:
-                    ensemble.check_training_rows(batch_weight.shape[-1], batch_weight,
-                                                 f" (epoch {epoch}, batch {batch})")
-                keys = (ensemble.dropout_keys(dropout_seed, steps, device=x.device)
-                        if dropout_seed is not None else None)
-                params, opt_state, losses, model_state = step.run(
-                    params, opt_state, model_state, x[rows], y[rows], weight=batch_weight,
-                    key=keys, active=active)
-                stepped = (torch.ones(size, dtype=torch.float64, device=like.device)
-                           if batch_weight is None else
-                           (batch_weight.reshape(-1, batch_weight.shape[-1]).sum(-1) > 0)
-                           .to(torch.float64).expand(size))
-                totals = totals + losses.to(torch.float64) * stepped
-                counts = counts + stepped
-                steps += 1
-            # a member without weight all epoch has no loss (NaN); one whose loss is not
-            # finite diverged: it goes back to the epoch's start and trains no more
-            train_loss = torch.where(counts > 0, totals / counts.clamp_min(1), math.nan)
-            diverged = (counts > 0) & ~torch.isfinite(train_loss) & active
-            if bool(diverged.any()):
-                params, opt_state, model_state = _select(~diverged, (params, opt_state,
-                                                                     model_state), epoch_start)
-                for k in torch.nonzero(diverged).flatten().tolist():
-                    history.diverged_epoch[k] = epoch
-            history.train_loss.append(train_loss.tolist())
-            logs = f"epoch {epoch + 1}/{epochs}: train loss {_summary(history.train_loss[-1])}"
-            if valid is not None:
-                valid_loss = _valid_losses(ensemble, loss, params, model_state, *valid)
-                history.valid_loss.append(valid_loss)
-                logs += f", valid loss {_summary(valid_loss)}"
-                improved = _track(epoch, valid_loss, best_loss, waited, history, min_delta,
-                                  active & ~diverged)
-                if restore_best and any(improved):
-                    mask = torch.tensor(improved, device=like.device)
-                    best = (_select(mask, (params, model_state), best))
-                if patience is not None:
-                    for k in range(size):
-                        if (history.stopped_epoch[k] is None and bool(active[k])
-                                and waited[k] >= patience):
-                            history.stopped_epoch[k] = epoch + 1
-            if verbose:
-                print(logs)
-    if restore_best:
-        params, model_state = best
-    return EnsembleFitResult(params=params, opt_state=opt_state, history=history,
+    run = None
+    if resume:
+        run = restore_run(checkpoint, ensemble, optimizer, like, generator, settings, epochs,
+                          members=size)
+    if run is None:
+        run = Run(Carry(params, opt_state, model_state), members=size)
+        if bagging:  # the draws are part of the run: a resumed fit trains on the same samples
+            run.tensors["bagging_weight"] = _bootstrap_counts(size, n, generator, like) * (
+                1 if weight is None else weight)
+        if model.has_dropout:
+            run.dropout_seed = int(torch.randint(0, 2**32, (), generator=generator,
+                                                 device=generator.device))
+    weight = run.tensors.get("bagging_weight", weight)
+    source = BatchSource(
+        x, y, weight, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        pad_to=batch_size if compile and n > batch_size else None, members=size,
+        check_rows=(lambda w, where: ensemble.check_training_rows(w.shape[-1], w, where))
+        if model.has_batch_statistics else None)
+    policies = [EarlyStopping(step, patience, min_delta),
+                Reporter(verbose, progress, range(run.epoch, epochs))]
+    if on_epoch_end is not None:
+        policies.append(Callback(on_epoch_end, size))
+    saver = None if checkpoint is None else Checkpointer(checkpoint, step, generator, settings,
+                                                          checkpoint_every)
+    train_loop(step, source, run, epochs=epochs, valid=valid, policies=policies,
+               checkpoint=saver, on_non_finite="freeze")
+    history = EnsembleHistory(
+        train_loss=run.train_loss, valid_loss=run.valid_loss,
+        best_epoch=run.best_epoch if valid is not None else [None] * size,
+        stopped_epoch=run.stopped_epoch, diverged_epoch=run.diverged_epoch)
+    params, model_state = (run.best if restore_best and run.best is not None
+                           else (run.carry.params, run.carry.state))
+    return EnsembleFitResult(params=params, opt_state=run.carry.opt_state, history=history,
                              state=model_state)
 
 
@@ -199,39 +167,3 @@ def _bootstrap_counts(size: int, rows: int, generator: torch.Generator, like: Te
     counts = torch.zeros(size, rows, dtype=like.dtype, device=generator.device)
     counts.scatter_add_(1, draws, torch.ones_like(counts))
     return counts.to(like.device)
-
-
-def _valid_losses(ensemble: Ensemble, loss: Loss, params, state, x: Tensor, y: Tensor
-                  ) -> list[float]:
-    def member(p, s):
-        return loss(forward(ensemble.model, p, x, s, EVAL)[0], y)
-
-    return vmap(member)(params, state).tolist()
-
-
-def _track(epoch: int, losses: list[float], best: list[float], waited: list[int],
-           history: EnsembleHistory, min_delta: float, active: Tensor) -> list[bool]:
-    """Update each active member's best loss and wait count; which members improved."""
-    improved = []
-    for k, value in enumerate(losses):
-        better = bool(active[k]) and value < best[k] - min_delta
-        if better:
-            best[k], waited[k], history.best_epoch[k] = value, 0, epoch
-        elif bool(active[k]):
-            waited[k] += 1
-        improved.append(better)
-    return improved
-
-
-def _select(mask: Tensor, new, old):
-    """Per member: ``new`` where ``mask`` (K,) holds, else ``old``."""
-    def pick(a: Tensor, b: Tensor) -> Tensor:
-        return torch.where(mask.view(-1, *[1] * (a.dim() - 1)), a, b)
-
-    return tree_map(pick, new, old)
-
-
-def _summary(values: list[float]) -> str:
-    return (f"{values[0]:.6g}" if len(values) == 1 else
-            f"min {min(values):.6g} / median {sorted(values)[len(values) // 2]:.6g} / "
-            f"max {max(values):.6g}")

@@ -14,16 +14,15 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from fnmlp._tree import flatten, tree_builder, tree_map
-from fnmlp.ensemble._ensemble import Ensemble, batch_dims, per_member_targets
-from fnmlp.nn._losses import Loss
-from fnmlp.nn._model import check_loss, check_l2, value_and_grad
-from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
-from fnmlp.train._step import COMPILERS
-from fnmlp.train._threads import StepThreads
+from fnmlp._tree import tree_map
+from fnmlp.ensemble._ensemble import Ensemble
+from fnmlp.nn import CrossEntropy, Loss, check_l2, value_and_grad
+from fnmlp.optim import ClipByGlobalNorm
+from fnmlp.train.engine import BATCHED, Batch, Carry, Executor, Kernels, StepKind, \
+    check_step_options
 
 
-def member_step(ensemble: Ensemble, loss: Loss, optimizer, l2: float):
+def member_step(ensemble: Ensemble, loss: Loss, optimizer, l2: float, kernels: Kernels):
     """The step of one member, ``(params, opt_state, state, x, y, weight, key, active, decay) ->
     ((params, opt_state, state), loss)``, to be mapped over the members."""
     model = ensemble.model
@@ -31,7 +30,8 @@ def member_step(ensemble: Ensemble, loss: Loss, optimizer, l2: float):
 
     def step(params, opt_state, state, x, y, weight, key, active, decay):
         value, grads, new_state = value_and_grad(model, params, x, y, loss, state, key=key,
-                                                 weight=weight, l2=l2)
+                                                 weight=weight, l2=l2,
+                                                 lane_order_sums=kernels.lane_order_sums)
         decayed = params
         if decay is not None:  # exactly where the optimizer applies its own weight_decay
             if decoupled:
@@ -39,7 +39,8 @@ def member_step(ensemble: Ensemble, loss: Loss, optimizer, l2: float):
                 decayed = tree_map(lambda p: p * scale, params)
             else:
                 grads = tree_map(lambda g, p: g + p * decay, grads, params)
-        new_params, new_opt_state = optimizer.unchecked_update(decayed, grads, opt_state)
+        new_params, new_opt_state = optimizer.unchecked_update(decayed, grads, opt_state,
+                                                               fused=kernels.fused_optimizer)
         new = (new_params, new_opt_state, new_state)
         if active is None:
             return new, value
@@ -78,28 +79,55 @@ def check_weight_decay(ensemble: Ensemble, optimizer, weight_decay) -> list[floa
     return values.tolist()
 
 
-class EnsembleStep:
+def _per_member(item, members_dim: int) -> int | None:
+    return None if item is None or item[0] != members_dim else 0
+
+
+class EnsembleStep(StepKind):
     """``step(params, opt_state, x, y) -> (params, opt_state, losses)`` for all members; see
-    ``Ensemble.train_step``."""
+    ``Ensemble.train_step``. Its data: ``[x, y, weight, active, decay, key]``."""
 
     def __init__(self, ensemble: Ensemble, loss: Loss, optimizer, *, compile: bool = True,
-                 weight_decay=None, l2: float = 0.0, compiler: str = "auto"):
-        check_loss(loss)
-        if compiler not in COMPILERS:
-            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
-        if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):
-            raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
-                            f"got {optimizer!r}")
-        self.ensemble, self.loss, self.optimizer = ensemble, loss, optimizer
+                 weight_decay=None, l2: float = 0.0, compiler: str = "auto",
+                 verify: bool = False, threads="auto", flush_denormals: bool = True):
+        check_step_options(loss, optimizer, compiler)
+        self.ensemble, self.model, self.loss, self.optimizer = (ensemble, ensemble, loss,
+                                                                optimizer)
+        self.members = ensemble.size
         self.l2 = check_l2(l2)
         self.weight_decay = check_weight_decay(ensemble, optimizer, weight_decay)
-        self.compile, self.compiler = compile, compiler
-        self._step = member_step(ensemble, loss, optimizer, self.l2)
-        self._threads = StepThreads("auto", ensemble.model, members=ensemble.size)
-        self._graphs: dict[tuple, object] = {}
+        identity = ("ensemble", ensemble, loss, optimizer.structure, self.l2,
+                    None if self.weight_decay is None else tuple(self.weight_decay), compiler)
+        self.executor = Executor(identity, self._function, self._row_axes, compile=compile,
+                                 compiler=compiler, verify=verify, cuda_graphs=False,
+                                 threads=threads, model=ensemble.model, members=ensemble.size,
+                                 eager_kernels=BATCHED, flush_denormals=flush_denormals)
+        self.compile = self.executor.compiled
         self._decay: dict[tuple, Tensor] = {}
-        self._rows: dict[tuple, int] = {}  # data layout -> rows of its compiled graph
-        self._constants: dict[tuple, Tensor] = {}
+        self._ones: dict[tuple, Tensor] = {}
+
+    def _function(self, kernels: Kernels, layout: tuple):
+        """The step of every member: ``(carry, x, y, weight, active, decay, key) -> (carry,
+        losses)``, the member step mapped over what ``layout`` says is per member."""
+        x, y, weight, active, decay, key = layout
+        y_per_member = y[0] == (2 if not y[1].is_floating_point and isinstance(
+            self.loss, CrossEntropy) else 3)
+        dims = (0, 0, 0, _per_member(x, 3), 0 if y_per_member else None,
+                _per_member(weight, 2), None if key is None else 0,
+                None if active is None else 0, None if decay is None else 0)
+        member = vmap(member_step(self.ensemble, self.loss, self.optimizer, self.l2, kernels),
+                      in_dims=dims)
+
+        def step(carry, x, y, weight, active, decay, key):
+            return member(*carry, x, y, weight, key, active, decay)
+
+        return step
+
+    def _row_axes(self, layout: tuple) -> tuple:
+        x, y, weight = layout[:3]
+        y_axis = 1 if y[0] == (2 if not y[1].is_floating_point and isinstance(
+            self.loss, CrossEntropy) else 3) else 0
+        return (x[0] - 2, y_axis, None if weight is None else weight[0] - 1, None, None, None)
 
     def __call__(self, params, opt_state, x, y, *, state=None, sample_weight=None,
                  key: Tensor | None = None, active=None):
@@ -120,43 +148,30 @@ class EnsembleStep:
         """
         ensemble = self.ensemble
         like = ensemble.check_params(params)
-        ensemble._check_stacked(opt_state, "opt_state")
+        ensemble.check_stacked(opt_state, "opt_state")
         self.optimizer.check(ensemble.member(params, 0), None, ensemble.member(opt_state, 0))
         x, y, weight = ensemble.check_batch(x, y, self.loss, sample_weight, like, finite=False)
         model_state = ensemble.check_model_state(state, like)
-        key = ensemble._check_keys(key, x.device) if ensemble.model.has_dropout else None
+        key = ensemble.check_keys(key, x.device) if ensemble.model.has_dropout else None
         if active is not None:
             active = torch.as_tensor(active, device=like.device)
             if active.shape != (ensemble.size,) or active.dtype != torch.bool:
                 raise ValueError(f"active must be {ensemble.size} booleans, got "
                                  f"{tuple(active.shape)} {active.dtype}")
-        params, opt_state, losses, new_state = self.run(params, opt_state, model_state, x, y,
-                                                        weight=weight, key=key, active=active)
-        return (params, opt_state, losses) if state is None else (params, opt_state, losses,
-                                                                  new_state)
+        new, losses = self.run(Carry(params, opt_state, model_state),
+                               Batch(x, y, weight, key, x.shape[-2], None, ()), active)
+        return (new.params, new.opt_state, losses) if state is None else (
+            new.params, new.opt_state, losses, new.state)
 
-    def run(self, params, opt_state, state, x: Tensor, y: Tensor, *,
-            weight: Tensor | None = None, key: Tensor | None = None,
-            active: Tensor | None = None):
-        """``(params, opt_state, losses, state)``: ``__call__`` without its checks; on one
-        thread when all members' step is small (``fnmlp.train_step``'s ``threads="auto"``)."""
-        with self._threads(x.shape[-2], x.device):
-            return self._run(params, opt_state, state, x, y, weight, key, active)
-
-    def _run(self, params, opt_state, state, x, y, weight, key, active):
-        like = x
-        decay = self._decay_for(like)
-        if active is None and weight is not None and weight.dim() == 2:
-            # a member may have no weight in this batch: it must not step
-            active = torch.ones(self.ensemble.size, dtype=torch.bool, device=x.device)
-        if not self.compile:
-            dims = (0, 0, 0, *batch_dims(x, y, weight, self.loss), None if key is None else 0,
-                    None if active is None else 0, None if decay is None else 0)
-            with torch.no_grad():
-                (params, opt_state, state), losses = vmap(self._step, in_dims=dims)(
-                    params, opt_state, state, x, y, weight, key, active, decay)
-            return params, opt_state, losses, state
-        return self._run_compiled(params, opt_state, state, x, y, weight, key, active, decay)
+    def run(self, carry: Carry, batch: Batch, active: Tensor | None = None):
+        """``(carry, losses)``: ``__call__`` without its checks (the loop's step)."""
+        x, weight = batch.x, batch.weight
+        if active is None and (self.compile or (weight is not None and weight.dim() == 2)):
+            # compiled: one graph for every mask; per-member weights: a member may have no
+            # weight in this batch and must not step
+            active = self._constant(self.ensemble.size, torch.bool, x.device)
+        data = [x, batch.y, weight, active, self._decay_for(x), batch.key]
+        return self.executor(carry, data, batch.rows, batch.pad_to)
 
     def _decay_for(self, like: Tensor) -> Tensor | None:
         if self.weight_decay is None:
@@ -168,69 +183,33 @@ class EnsembleStep:
                                                       device=like.device)
         return decay
 
-    def _run_compiled(self, params, opt_state, state, x, y, weight, key, active, decay):
-        from fnmlp.train._compile import compile_graph, pad_rows
-
-        size, rows = self.ensemble.size, x.shape[-2]
-        if weight is None:
-            weight = self._ones(rows, x.dtype, x.device)
-        if active is None:
-            active = self._ones(size, torch.bool, x.device)
-        layout = (x.dim(), y.dim(), weight.dim(), x.dtype, x.device)
-        target = max(rows, self._rows.get(layout, 0))
-        if target > rows:  # a short batch runs padded (weight 0) in the graph compiled already
-            x = pad_rows(x, target, x.dim() - 2)
-            y = pad_rows(y, target, int(per_member_targets(y, self.loss)))
-            weight = pad_rows(weight, target, weight.dim() - 1)
-        self._rows[layout] = target
-        leaves, spec = flatten((params, opt_state, state))
-        data = [x, y, weight, active] + ([decay] if decay is not None else []) + (
-            [key] if key is not None else [])
-        args = [t.contiguous() for t in (*leaves, *data)]
-        specialization = (spec, *[(t.shape, t.dtype) for t in args], torch.get_num_threads(),
-                          x.device)
-        graph = self._graphs.get(specialization)
-        if graph is None:
-            function = self._flat_function(spec, x.dim() == 3, per_member_targets(y, self.loss),
-                                           weight.dim() == 2,
-                                           decay is not None, key is not None)
-            with torch.no_grad():
-                graph = self._graphs[specialization] = compile_graph(
-                    function, args, compiler=self.compiler, cuda_graphs=False)
-        with torch.no_grad():
-            outputs = list(graph(*args))
-        params, opt_state, state = tree_builder(spec)(outputs[:-1])
-        return params, opt_state, outputs[-1], state
-
-    def _ones(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def _constant(self, size: int, dtype: torch.dtype, device: torch.device) -> Tensor:
         """A (size,) tensor of ones, made once (graph inputs are never written)."""
-        ones = self._constants.get((size, dtype, device))
+        ones = self._ones.get((size, dtype, device))
         if ones is None:
-            ones = self._constants[(size, dtype, device)] = torch.ones(size, dtype=dtype,
-                                                                       device=device)
+            ones = self._ones[(size, dtype, device)] = torch.ones(size, dtype=dtype,
+                                                                  device=device)
         return ones
 
-    def _flat_function(self, spec, x_per_member: bool, y_per_member: bool,
-                       weight_per_member: bool,
-                       decayed: bool, keyed: bool):
-        """The step over flat tensors: ``(*leaves, x, y, weight, active[, decay][, key]) ->
-        (*leaves, losses)``."""
-        from fnmlp.train._compile import with_own_code
+    # --- what the loop needs ------------------------------------------------------------
 
-        build, step = tree_builder(spec), self._step
-        dims = (0, 0, 0, 0 if x_per_member else None,
-                0 if y_per_member else None, 0 if weight_per_member else None,
-                0 if keyed else None, 0, 0 if decayed else None)
-        extra = int(decayed) + int(keyed)
+    def dropout_key(self, seed: int, step: int, device: torch.device) -> Tensor:
+        return self.ensemble.dropout_keys(seed, step, device=device)
 
-        def fnmlp_ensemble_step(*args):
-            leaves, data = args[:len(args) - 4 - extra], args[len(args) - 4 - extra:]
-            x, y, weight, active = data[:4]
-            decay = data[4] if decayed else None
-            key = data[-1] if keyed else None
-            params, opt_state, state = build(list(leaves))
-            new, losses = vmap(step, in_dims=dims)(params, opt_state, state, x, y, weight, key,
-                                                   active, decay)
-            return (*flatten(new)[0], losses)
+    def valid_losses(self, carry: Carry, x: Tensor, y: Tensor) -> list[float]:
+        return self.ensemble.losses(carry.params, carry.state, x, y, self.loss).tolist()
 
-        return with_own_code(fnmlp_ensemble_step)
+    def select(self, keep, new, old):
+        mask = torch.tensor(list(keep), device=self.ensemble.first_leaf(new).device)
+        return select_members(mask, new, old)
+
+    def forget(self) -> None:
+        self.executor.forget()
+
+
+def select_members(mask: Tensor, new, old):
+    """Per member: ``new`` where ``mask`` (K,) holds, else ``old``."""
+    def pick(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(mask.view(-1, *[1] * (a.dim() - 1)), a, b)
+
+    return tree_map(pick, new, old)

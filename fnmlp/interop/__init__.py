@@ -1,13 +1,15 @@
 """The interop layer of the design: fnmlp ⇄ ``torch`` (modules, losses, optimizers and
-schedules), through one two-way registry, and checkpoints on disk."""
+schedules), through one two-way registry, checkpoints on disk, and ``register``, which makes a
+class of one's own savable and twinnable."""
 
 from fnmlp.interop._checkpoint import Checkpoint, CheckpointError, load, save
-from fnmlp.interop._registry import (ModuleRule, SharedMaskDropout, TorchOptimizer,
-                                     loss_from_torch, loss_to_torch, optimizer_from_torch,
-                                     optimizer_to_torch, register_module, supported_modules)
+from fnmlp.interop._registry import (SharedMaskDropout, TorchOptimizer, loss_from_torch,
+                                     loss_to_torch, optimizer_from_torch, optimizer_to_torch,
+                                     register, supported_modules)
+from fnmlp.interop._spec import decode_spec, encode_spec
 from fnmlp.interop._torch import TorchTwin, from_torch, set_dropout_key, to_torch
 
 __all__ = ["save", "load", "Checkpoint", "CheckpointError", "to_torch", "from_torch",
            "TorchTwin", "SharedMaskDropout", "set_dropout_key", "loss_to_torch",
            "loss_from_torch", "optimizer_to_torch", "optimizer_from_torch", "TorchOptimizer",
-           "ModuleRule", "register_module", "supported_modules"]
+           "register", "supported_modules", "encode_spec", "decode_spec"]

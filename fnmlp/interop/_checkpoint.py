@@ -8,6 +8,9 @@ containers, so loading never runs code from the file (safetensors would do as we
 more dependency for the same guarantee). Writing is atomic: a temporary file in the same folder,
 flushed, fsynced, then renamed over the target, so a writer killed midway leaves the previous
 checkpoint intact.
+
+The model is any registered model kind (``MLP``, ``Ensemble``): the checkpoint code knows only
+its small protocol, ``ModelKind``, and its spec (``fnmlp.interop._spec``).
 """
 
 from __future__ import annotations
@@ -17,15 +20,32 @@ import hashlib
 import json
 import os
 import tempfile
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
+from fnmlp import _registry
 from fnmlp.interop import _spec
-from fnmlp.nn._model import MLP
 
 FORMAT = "fnmlp-checkpoint"
 VERSION = 1
+
+
+class ModelKind(Protocol):
+    """What a checkpoint needs of a model (``MLP``, ``Ensemble``), besides being registered
+    with kind "model" (``fnmlp._registry``). A kind may also define ``check_opt_state(
+    optimizer, params, opt_state)``; without it ``optimizer.check(params, None, opt_state)``
+    applies."""
+
+    def check_params(self, params) -> Tensor:
+        """Raise unless ``params`` fit; return one leaf (for dtype and device)."""
+
+    def check_state(self, state, like: Tensor) -> None:
+        """Raise unless ``state`` fits, on ``like``'s dtype and device."""
+
+    def init_state(self, *, dtype: torch.dtype, device: Any) -> Any:
+        """The initial state."""
 
 
 class CheckpointError(RuntimeError):
@@ -34,27 +54,28 @@ class CheckpointError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
-    """What ``fnmlp.load`` returns: ``model``, ``params``, ``state`` (a tuple of ``()`` for a
-    stateless model), ``opt_state`` and ``optimizer`` (None if not saved), ``metadata`` and the
+    """What ``fnmlp.load`` returns: ``model`` (an ``MLP``, an ``Ensemble``), ``params``,
+    ``state`` (a tuple of ``()`` for a stateless ``MLP``), ``opt_state`` and ``optimizer`` (None if not saved), ``metadata`` and the
     ``extra`` trees (a fit's generator state and best parameters)."""
 
-    model: MLP
-    params: tuple
-    state: tuple
+    model: ModelKind
+    params: Any
+    state: Any
     opt_state: object = None
     optimizer: object = None
     metadata: dict = dataclasses.field(default_factory=dict)
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-def save(path, model: MLP, params, *, state=None, opt_state=None, optimizer=None,
+def save(path, model: ModelKind, params, *, state=None, opt_state=None, optimizer=None,
          metadata: dict | None = None, extra: dict | None = None) -> None:
     """Write a checkpoint to ``path`` atomically (the previous file stays intact until the new
     one is complete on disk).
 
     Arguments:
         path: the file to write (its folder must exist).
-        model, params: the network and its parameters (checked against each other).
+        model, params: the network (an ``MLP``, an ``Ensemble``) and its parameters (checked
+            against each other; an ensemble's stacked).
         state: the model's state (``BatchNorm``); default the initial one.
         opt_state, optimizer: the optimizer's state and the optimizer itself (its spec), to
             continue training.
@@ -62,12 +83,17 @@ def save(path, model: MLP, params, *, state=None, opt_state=None, optimizer=None
             None) stored with it.
         extra: more trees of tensors by name (``fit`` keeps its generator state here).
     """
+    _check_kind(model, "model")
     like = model.check_params(params)
     if state is None:
         state = model.init_state(dtype=like.dtype, device=like.device)
     model.check_state(state, like)
     if opt_state is not None and optimizer is not None:
-        optimizer.check(params, None, opt_state)
+        check_opt_state = getattr(model, "check_opt_state", None)
+        if check_opt_state is not None:
+            check_opt_state(optimizer, params, opt_state)
+        else:
+            optimizer.check(params, None, opt_state)
     _check_plain(metadata or {}, "metadata")
     tensors: dict[str, Tensor] = {}
     header = {
@@ -140,6 +166,7 @@ def load(path, *, map_location=None) -> Checkpoint:
 def _rebuild(header: dict, tensors: dict, map_location) -> Checkpoint:
     """The checkpoint a verified header and its tensors describe."""
     model = _spec.decode_spec(header["model"])
+    _check_kind(model, "the saved model")
     optimizer = None if header["optimizer"] is None else _spec.decode_spec(header["optimizer"])
     target = map_location if map_location is not None else header["device"]
     try:
@@ -158,6 +185,13 @@ def _rebuild(header: dict, tensors: dict, map_location) -> Checkpoint:
     return Checkpoint(model=model, params=trees["params"], state=trees["state"],
                       opt_state=trees["opt_state"], optimizer=optimizer,
                       metadata=header["metadata"], extra=extra)
+
+
+def _check_kind(model, name: str) -> None:
+    entry = _registry.entry(type(model))
+    if entry is None or entry.kind != "model":
+        kinds = ", ".join(e.name for e in _registry.entries("model"))
+        raise TypeError(f"{name} must be a model ({kinds}), got {type(model).__name__}")
 
 
 def _check_plain(value, name: str) -> None:

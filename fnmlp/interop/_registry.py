@@ -1,16 +1,22 @@
 """The two-way registry between fnmlp and ``torch``: every primitive with its ``nn`` module,
 every loss with its ``nn`` loss, every optimizer with its ``torch.optim`` class and every
 schedule with its ``lr_scheduler``. ``to_torch``, ``from_torch`` and ``TorchTwin`` read only
-these tables; the core classes know nothing of them. Adding a primitive means one entry here.
+these rules. A primitive's twin lives in the one registry of classes (``fnmlp._registry``):
+an activation names its module on its class (``torch_module``), the other built-ins' twins are
+set here, and a user's class is registered, twin included, by one call of ``register``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
+from fnmlp import _registry
+from fnmlp._registry import Twin
 from fnmlp.nn import _activations as act
 from fnmlp.nn._dropout import Dropout, keep_mask
 from fnmlp.nn._linear import Linear, LinearParams
@@ -20,6 +26,82 @@ from fnmlp.nn._norm import BatchNorm, BatchNormState, LayerNorm, NormParams
 from fnmlp.nn._primitive import Primitive
 from fnmlp.optim import schedules as sched
 from fnmlp.optim._optimizers import SGD, Adagrad, Adam, ClipByGlobalNorm, Optimizer, RMSprop
+
+# --- registering a class of one's own ----------------------------------------------------------
+
+_KINDS = ((Primitive, "primitive"), (Loss, "loss"), (Optimizer, "optimizer"),
+          (sched.Schedule, "schedule"))
+
+
+def register(cls: type | None = None, /, *, name: str | None = None,
+             torch_module: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
+             to_torch: Callable[..., nn.Module] | None = None,
+             from_torch: Callable[[nn.Module], tuple[Primitive, Any, Any]] | None = None,
+             in_width: Callable[[nn.Module], int | None] | None = None):
+    """Register a class of your own, once: ``fnmlp.save``/``fnmlp.load`` then carry it, and a
+    primitive given ``torch_module`` converts with ``to_torch``, ``from_torch`` and
+    ``TorchTwin``. Returns ``cls``; without ``cls``, a class decorator (put it above
+    ``@dataclasses.dataclass(frozen=True)``).
+
+    Arguments:
+        cls: a frozen dataclass subclassing ``fnmlp.Primitive``, ``fnmlp.nn.Loss``,
+            ``fnmlp.optim.Optimizer`` or ``fnmlp.optim.schedules.Schedule``; its params and
+            state trees hold tensors, tuples, lists and ``fnmlp.pytree_dataclass`` instances.
+        name: the stable name checkpoints store (default: the class name; must be free).
+        torch_module: a primitive's ``nn.Module`` class, or a tuple of them (``to_torch``
+            makes the first, ``from_torch`` recognizes all).
+        to_torch: ``(primitive, params, state, n_in) -> module`` holding copies; default
+            ``torch_module(**options)``, the primitive's fields by name.
+        from_torch: ``(module) -> (primitive, params, state)``, copies; default the primitive
+            from the module's attributes of its fields' names, with no params or state.
+        in_width: ``(module) -> int | None``, the input width the module fixes.
+
+    Raises ``ValueError`` for a class registered already, or a name, activation name or module
+    class another class holds; ``TypeError`` for a class that cannot be registered.
+    """
+    twin_args = (torch_module, to_torch, from_torch, in_width)
+
+    def decorate(cls: type) -> type:
+        kind = _kind(cls)
+        twin = None
+        if any(arg is not None for arg in twin_args):
+            if kind != "primitive":
+                raise TypeError(f"{cls.__name__}: torch_module, to_torch, from_torch and "
+                                "in_width describe a primitive's nn.Module twin")
+            twin = _twin(cls, *twin_args)
+        act.new_names(cls)  # an activation's names must be free
+        return _registry.add(cls, kind, name=name, twin=twin)
+
+    return decorate if cls is None else decorate(cls)
+
+
+def _kind(cls) -> str:
+    if not isinstance(cls, type):
+        raise TypeError(f"register takes a class, got {cls!r}")
+    kind = next((kind for base, kind in _KINDS if issubclass(cls, base)), None)
+    if kind is None:
+        raise TypeError(f"{cls.__name__} cannot be registered: it must subclass fnmlp.Primitive,"
+                        " fnmlp.nn.Loss, fnmlp.optim.Optimizer or fnmlp.optim.schedules.Schedule")
+    if "__dataclass_params__" not in cls.__dict__ or not cls.__dataclass_params__.frozen:
+        raise TypeError(f"{cls.__name__} must be a frozen dataclass (a hashable spec): decorate "
+                        "it with @dataclasses.dataclass(frozen=True), below @fnmlp.register")
+    return kind
+
+
+def _twin(cls, torch_module, to_torch, from_torch, in_width) -> Twin:
+    modules = torch_module if isinstance(torch_module, tuple) else (torch_module,)
+    if not modules or not all(isinstance(m, type) and issubclass(m, nn.Module)
+                              for m in modules):
+        raise TypeError(f"{cls.__name__}: torch_module must be an nn.Module class (or a tuple of "
+                        f"them), got {torch_module!r}")
+    for function, role in ((to_torch, "to_torch"), (from_torch, "from_torch"),
+                           (in_width, "in_width")):
+        if function is not None and not callable(function):
+            raise TypeError(f"{cls.__name__}: {role} must be callable, got {function!r}")
+    default = _registry.options_twin(cls, modules[0])
+    return Twin(modules, to_torch or default.to_torch, from_torch or default.from_torch,
+                in_width or _registry.no_width)
+
 
 # --- primitives ⇄ nn modules ------------------------------------------------------------------
 
@@ -44,47 +126,44 @@ class SharedMaskDropout(nn.Module):
         return f"p={self.p}, stream={self.stream}"
 
 
-class ModuleRule(NamedTuple):
-    """How one primitive type and its ``nn`` module types convert.
-
-    ``to_torch(primitive, params, state, n_in, factory, shared_dropout) -> nn.Module`` (holding
-    copies); ``from_torch(module) -> (primitive, params, state)`` (copies); ``in_width(module)``
-    the input width the module fixes, or None."""
-
-    primitive: type
-    modules: tuple[type, ...]
-    to_torch: Callable[..., nn.Module]
-    from_torch: Callable[[nn.Module], tuple[Primitive, Any, Any]]
-    in_width: Callable[[nn.Module], int | None] = lambda module: None
+def rule_for_primitive(primitive: Primitive) -> Twin:
+    """The twin registered for exactly ``type(primitive)``."""
+    entry = _registry.entry(type(primitive))
+    if entry is None or entry.twin is None:
+        name = type(primitive).__name__
+        raise TypeError(f"{name} has no torch.nn counterpart registered; give it one when "
+                        f"registering it: fnmlp.register({name}, torch_module=..., "
+                        "to_torch=..., from_torch=...)")
+    return entry.twin
 
 
-_BY_PRIMITIVE: dict[type, ModuleRule] = {}
-_BY_MODULE: dict[type, ModuleRule] = {}
+def module_for(primitive: Primitive, params, state, n_in: int,
+               shared_dropout: bool = False) -> nn.Module:
+    """The ``nn`` module twin of one primitive, holding copies of ``params`` and ``state``;
+    with ``shared_dropout``, ``Dropout``'s is a ``SharedMaskDropout``."""
+    if shared_dropout and type(primitive) is Dropout:
+        return SharedMaskDropout(primitive.p, primitive.stream or 0)
+    return rule_for_primitive(primitive).to_torch(primitive, params, state, n_in)
 
 
-def register_module(rule: ModuleRule) -> None:
-    """Add a primitive ⇄ module conversion (the first module type is what ``to_torch`` makes)."""
-    _BY_PRIMITIVE[rule.primitive] = rule
-    for module in rule.modules:
-        _BY_MODULE[module] = rule
+def rule_for_module(module: nn.Module) -> Twin | None:
+    """The twin whose module classes include ``module``'s (or a base class of it), or None."""
+    by_module = _by_module(_registry.generation())
+    return next((by_module[cls] for cls in type(module).__mro__ if cls in by_module), None)
 
 
-def rule_for_primitive(primitive: Primitive) -> ModuleRule:
-    for cls in type(primitive).__mro__:
-        if cls in _BY_PRIMITIVE:
-            return _BY_PRIMITIVE[cls]
-    raise TypeError(f"{type(primitive).__name__} has no torch.nn counterpart registered")
-
-
-def rule_for_module(module: nn.Module) -> ModuleRule | None:
-    for cls in type(module).__mro__:
-        if cls in _BY_MODULE:
-            return _BY_MODULE[cls]
-    return None
+@functools.lru_cache(maxsize=1)
+def _by_module(generation: int) -> dict[type, Twin]:
+    return {module: entry.twin for entry in _registry.entries("primitive")
+            if entry.twin is not None for module in entry.twin.modules}
 
 
 def supported_modules() -> list[str]:
-    return [f"nn.{cls.__name__}" for cls in _BY_MODULE if cls.__module__.startswith("torch")]
+    """The ``torch.nn`` modules ``from_torch`` converts, those fixing a width first."""
+    by_module = _by_module(_registry.generation())
+    return [f"nn.{cls.__name__}" for cls in sorted(
+        by_module, key=lambda cls: by_module[cls].in_width is _registry.no_width)
+        if cls.__module__.startswith("torch")]
 
 
 def _copy(tensor: torch.Tensor) -> torch.Tensor:
@@ -98,8 +177,13 @@ def _copied(module: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
     return module
 
 
-def _linear_to_torch(primitive: Linear, params: LinearParams, state, n_in, factory, shared):
-    linear = nn.utils.skip_init(nn.Linear, n_in, primitive.units, **factory)  # no RNG draw
+def _factory(tensor: torch.Tensor) -> dict:
+    return {"dtype": tensor.dtype, "device": tensor.device}
+
+
+def _linear_to_torch(primitive: Linear, params: LinearParams, state, n_in):
+    linear = nn.utils.skip_init(nn.Linear, n_in, primitive.units,  # no RNG draw
+                                **_factory(params.weight))
     return _copied(linear, {"weight": params.weight, "bias": params.bias})
 
 
@@ -109,8 +193,8 @@ def _linear_from_torch(module: nn.Linear):
     return Linear(module.out_features), LinearParams(_copy(module.weight), _copy(module.bias)), ()
 
 
-def _layer_norm_to_torch(primitive: LayerNorm, params: NormParams, state, n_in, factory, shared):
-    norm = nn.LayerNorm(n_in, eps=primitive.eps, **factory)
+def _layer_norm_to_torch(primitive: LayerNorm, params: NormParams, state, n_in):
+    norm = nn.LayerNorm(n_in, eps=primitive.eps, **_factory(params.weight))
     return _copied(norm, {"weight": params.weight, "bias": params.bias})
 
 
@@ -121,10 +205,13 @@ def _layer_norm_from_torch(module: nn.LayerNorm):
     return (LayerNorm(module.eps), NormParams(_copy(module.weight), _copy(module.bias)), ())
 
 
-def _batch_norm_to_torch(primitive: BatchNorm, params, state, n_in, factory, shared):
+def _batch_norm_to_torch(primitive: BatchNorm, params, state, n_in):
+    tensors = ([params.weight] if primitive.affine else []) + \
+        ([state.running_mean] if primitive.track_running_stats else [])
     norm = nn.BatchNorm1d(n_in, eps=primitive.eps, momentum=primitive.momentum,
                           affine=primitive.affine,
-                          track_running_stats=primitive.track_running_stats, **factory)
+                          track_running_stats=primitive.track_running_stats,
+                          **(_factory(tensors[0]) if tensors else {}))
     values = {}
     if primitive.affine:
         values.update(weight=params.weight, bias=params.bias)
@@ -148,52 +235,31 @@ def _batch_norm_from_torch(module: nn.BatchNorm1d):
     return primitive, params, state
 
 
-def _dropout_to_torch(primitive: Dropout, params, state, n_in, factory, shared):
-    return SharedMaskDropout(primitive.p, primitive.stream or 0) if shared else \
-        nn.Dropout(primitive.p)
+def _row_wise(primitive: type, module: type) -> Twin:
+    """The twin of a row-wise activation: ``module(dim=1)``; ``dim=-1`` or None are rows too."""
+
+    def from_torch(instance):
+        if instance.dim not in (1, -1, None):
+            name = module.__name__
+            raise ValueError(f"nn.{name}(dim={instance.dim}) is not supported: fnmlp's is "
+                             f"row-wise, use nn.{name}(dim=1)")
+        return primitive(), (), ()
+
+    return Twin((module,), lambda a, params, state, n_in: module(dim=1), from_torch)
 
 
-register_module(ModuleRule(Linear, (nn.Linear,), _linear_to_torch, _linear_from_torch,
-                           lambda module: module.in_features))
-register_module(ModuleRule(LayerNorm, (nn.LayerNorm,), _layer_norm_to_torch,
-                           _layer_norm_from_torch,
-                           lambda module: module.normalized_shape[-1]))
-register_module(ModuleRule(BatchNorm, (nn.BatchNorm1d,), _batch_norm_to_torch,
-                           _batch_norm_from_torch, lambda module: module.num_features))
-register_module(ModuleRule(Dropout, (nn.Dropout, SharedMaskDropout), _dropout_to_torch,
-                           lambda module: (Dropout(module.p), (), ())))
-
-
-def _activation(primitive: type, module: type, to_args=lambda a: {}, from_args=lambda m: {}):
-    """A rule for a parameterless activation whose options map one to one."""
-    register_module(ModuleRule(
-        primitive, (module,),
-        lambda p, params, state, n_in, factory, shared: module(**to_args(p)),
-        lambda m: (primitive(**from_args(m)), (), ())))
-
-
-def _row_wise(module):
-    if module.dim not in (1, -1, None):
-        name = type(module).__name__
-        raise ValueError(f"nn.{name}(dim={module.dim}) is not supported: fnmlp's is row-wise, "
-                         f"use nn.{name}(dim=1)")
-    return {}
-
-
-_activation(act.Identity, nn.Identity)
-_activation(act.ReLU, nn.ReLU)
-_activation(act.Sigmoid, nn.Sigmoid)
-_activation(act.Tanh, nn.Tanh)
-_activation(act.SiLU, nn.SiLU)
-_activation(act.Softmax, nn.Softmax, lambda a: {"dim": 1}, _row_wise)
-_activation(act.LogSoftmax, nn.LogSoftmax, lambda a: {"dim": 1}, _row_wise)
-_activation(act.LeakyReLU, nn.LeakyReLU, lambda a: {"negative_slope": a.negative_slope},
-            lambda m: {"negative_slope": m.negative_slope})
-_activation(act.ELU, nn.ELU, lambda a: {"alpha": a.alpha}, lambda m: {"alpha": m.alpha})
-_activation(act.GELU, nn.GELU, lambda a: {"approximate": a.approximate},
-            lambda m: {"approximate": m.approximate})
-_activation(act.Softplus, nn.Softplus, lambda a: {"beta": a.beta, "threshold": a.threshold},
-            lambda m: {"beta": m.beta, "threshold": m.threshold})
+_registry.set_twin(Linear, Twin((nn.Linear,), _linear_to_torch, _linear_from_torch,
+                                lambda module: module.in_features))
+_registry.set_twin(LayerNorm, Twin((nn.LayerNorm,), _layer_norm_to_torch,
+                                   _layer_norm_from_torch,
+                                   lambda module: module.normalized_shape[-1]))
+_registry.set_twin(BatchNorm, Twin((nn.BatchNorm1d,), _batch_norm_to_torch,
+                                   _batch_norm_from_torch, lambda module: module.num_features))
+_registry.set_twin(Dropout, Twin((nn.Dropout, SharedMaskDropout),
+                                 lambda primitive, params, state, n_in: nn.Dropout(primitive.p),
+                                 lambda module: (Dropout(module.p), (), ())))
+_registry.set_twin(act.Softmax, _row_wise(act.Softmax, nn.Softmax))
+_registry.set_twin(act.LogSoftmax, _row_wise(act.LogSoftmax, nn.LogSoftmax))
 
 # --- losses ⇄ nn losses -----------------------------------------------------------------------
 
@@ -424,6 +490,6 @@ def optimizer_from_torch(optimizer: torch.optim.Optimizer, scheduler=None,
     return result
 
 
-__all__ = ["SharedMaskDropout", "ModuleRule", "register_module", "rule_for_primitive",
-           "rule_for_module", "supported_modules", "loss_to_torch", "loss_from_torch",
+__all__ = ["register", "SharedMaskDropout", "rule_for_primitive", "rule_for_module",
+           "module_for", "supported_modules", "loss_to_torch", "loss_from_torch",
            "TorchOptimizer", "optimizer_to_torch", "optimizer_from_torch"]

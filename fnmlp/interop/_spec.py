@@ -1,8 +1,9 @@
 """Specs and pytrees as plain data (JSON-able dicts and lists), and back, for checkpoints.
 
-Only known classes are rebuilt: fnmlp's primitives, optimizers and schedules by name, and
-pytree dataclasses registered with ``fnmlp.pytree_dataclass``; nothing is imported or called by
-name from the data, so reading a spec runs no code from it.
+Only registered classes are rebuilt: specs by their registry name (``fnmlp._registry``: fnmlp's
+own classes and those given to ``fnmlp.register``), and pytree dataclasses made with
+``fnmlp.pytree_dataclass``, by ``module.qualname``; nothing is imported or called by name from
+the data, so reading a spec runs no code from it.
 """
 
 from __future__ import annotations
@@ -12,23 +13,12 @@ import numbers
 
 from torch import Tensor
 
-from fnmlp import _tree
-from fnmlp.nn import _activations, _dropout, _linear, _losses, _norm
+from fnmlp import _registry, _tree
 from fnmlp.nn._model import MLP
-from fnmlp.optim import _optimizers, schedules
 
-_SPEC_CLASSES: dict[str, type] = {
-    cls.__name__: cls for cls in (
-        _linear.Linear, _norm.LayerNorm, _norm.BatchNorm, _dropout.Dropout,
-        _activations.Identity, _activations.ReLU, _activations.Sigmoid, _activations.Tanh,
-        _activations.Softmax, _activations.LeakyReLU, _activations.ELU, _activations.GELU,
-        _activations.SiLU, _activations.Softplus, _activations.LogSoftmax,
-        _optimizers.SGD, _optimizers.Adam, _optimizers.RMSprop, _optimizers.Adagrad,
-        _optimizers.ClipByGlobalNorm, schedules.Constant, schedules.StepDecay,
-        schedules.Exponential, schedules.Cosine, schedules.LinearWarmup,
-        _losses.MSE, _losses.L1, _losses.Huber, _losses.SmoothL1, _losses.PoissonNLL,
-        _losses.CrossEntropy,
-        _losses.BinaryCrossEntropyWithLogits)}
+# MLP keeps the layout it had before the registry ({"kind", "in_features", "layers"}), so that
+# files stay readable both ways
+_registry.add(MLP, "model")
 
 
 class SpecError(ValueError):
@@ -36,16 +26,21 @@ class SpecError(ValueError):
 
 
 def encode_spec(value):
-    """A JSON-able description of a spec: an ``MLP``, a primitive, a loss, an optimizer or a
-    schedule (fnmlp's own classes: a custom primitive cannot be saved)."""
-    if isinstance(value, MLP):
+    """A JSON-able description of a spec: a model (``MLP``, ``Ensemble``), a primitive, a
+    loss, an optimizer or a schedule, of a registered class."""
+    entry = _registry.entry(type(value))
+    if entry is None:
+        name = type(value).__name__
+        raise TypeError(f"{name} cannot be saved as a spec: it is not registered; register "
+                        f"it once with fnmlp.register({name}) (a frozen dataclass subclassing "
+                        "fnmlp.Primitive, fnmlp.nn.Loss, fnmlp.optim.Optimizer or "
+                        "fnmlp.optim.schedules.Schedule)")
+    if entry.cls is MLP:
         return {"kind": "MLP", "in_features": value.in_features,
                 "layers": [encode_spec(layer) for layer in value.layers]}
-    if dataclasses.is_dataclass(value) and _SPEC_CLASSES.get(type(value).__name__) is type(value):
-        return {"kind": type(value).__name__,
-                "options": {f.name: _encode_option(getattr(value, f.name))
-                            for f in dataclasses.fields(value)}}
-    raise TypeError(f"{type(value).__name__} cannot be saved as a spec")
+    return {"kind": entry.name,
+            "options": {f.name: _encode_option(getattr(value, f.name))
+                        for f in dataclasses.fields(value)}}
 
 
 def _encode_option(value):
@@ -63,13 +58,14 @@ def decode_spec(data):
     if not isinstance(data, dict) or "kind" not in data:
         raise SpecError(f"not a spec: {data!r}")
     try:
-        if data["kind"] == "MLP":
+        entry = _registry.named(data["kind"])
+        if entry is None:
+            raise SpecError(f"unknown kind {data['kind']!r} (a class of your own must be "
+                            "registered with fnmlp.register before loading)")
+        if entry.cls is MLP:
             return MLP(data["in_features"], [decode_spec(layer) for layer in data["layers"]])
-        cls = _SPEC_CLASSES.get(data["kind"])
-        if cls is None:
-            raise SpecError(f"unknown kind {data['kind']!r}")
         options = {name: _decode_option(value) for name, value in data["options"].items()}
-        return cls(**options)
+        return entry.cls(**options)
     except SpecError:
         raise
     except Exception as error:  # malformed data: wrong types, missing keys, bad options
@@ -98,9 +94,9 @@ def encode_tree(tree, tensors: dict[str, Tensor]):
                 [encode_tree(child, tensors) for child in tree]}
     if isinstance(tree, dict) and all(isinstance(key, str) for key in tree):
         return {"dict": {key: encode_tree(child, tensors) for key, child in tree.items()}}
-    fields = _tree._DATACLASS_FIELDS.get(type(tree))
+    fields = _tree.dataclass_fields(type(tree))
     if fields is not None:
-        return {"dataclass": _qualified(type(tree)),
+        return {"dataclass": _tree.dataclass_name(type(tree)),
                 "fields": {name: encode_tree(getattr(tree, name), tensors) for name in fields}}
     raise TypeError(f"a {type(tree).__name__} cannot be saved: trees hold tensors, tuples, "
                     "lists, dicts with string keys and fnmlp.pytree_dataclass instances")
@@ -123,15 +119,10 @@ def decode_tree(data, tensors: dict[str, Tensor]):
     if "dict" in data:
         return {key: decode_tree(child, tensors) for key, child in data["dict"].items()}
     if "dataclass" in data:
-        classes = {_qualified(cls): cls for cls in _tree._DATACLASS_FIELDS}
-        cls = classes.get(data["dataclass"])
+        cls = _tree.dataclass_named(data["dataclass"])
         if cls is None:
-            raise SpecError(f"unknown pytree dataclass {data['dataclass']!r} (register it with "
+            raise SpecError(f"unknown pytree dataclass {data['dataclass']!r} (define it with "
                             "fnmlp.pytree_dataclass before loading)")
         return cls(**{name: decode_tree(child, tensors) for name, child in
                       data["fields"].items()})
     raise SpecError(f"not a tree: {data!r}")
-
-
-def _qualified(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"

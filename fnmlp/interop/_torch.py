@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from fnmlp._tree import tree_leaves
-from fnmlp.interop._registry import (SharedMaskDropout, loss_to_torch, optimizer_to_torch,
-                                     rule_for_module, rule_for_primitive, supported_modules)
+from fnmlp.interop._registry import (SharedMaskDropout, loss_to_torch, module_for,
+                                     optimizer_to_torch, rule_for_module, supported_modules)
 from fnmlp.nn._losses import CrossEntropy, mse
 from fnmlp.nn._model import MLP, Params, State
 
@@ -33,8 +33,7 @@ def to_torch(model: MLP, params: Params, state: State | None = None, *,
     like = model.check_params(params)
     state = model.init_state(dtype=like.dtype, device=like.device) if state is None else state
     model.check_state(state, like)
-    factory = {"dtype": like.dtype, "device": like.device}
-    modules = [rule_for_primitive(layer).to_torch(layer, p, s, n_in, factory, shared_dropout)
+    modules = [module_for(layer, p, s, n_in, shared_dropout)
                for layer, p, s, n_in in zip(model.layers, params, state, model.widths)]
     return nn.Sequential(*modules)
 
@@ -43,8 +42,9 @@ def from_torch(module: nn.Module) -> tuple[MLP, Params, State]:
     """``(model, params, state)`` for an ``nn.Sequential`` of supported modules (copies).
 
     Each module becomes one primitive: ``nn.Linear`` (with bias), ``nn.LayerNorm``,
-    ``nn.BatchNorm1d``, ``nn.Dropout`` and the activations listed by the registry; the input
-    width is the first ``nn.Linear``'s (or norm's).
+    ``nn.BatchNorm1d``, ``nn.Dropout``, the activations and the modules of primitives given to
+    ``fnmlp.register`` (``supported_modules()``); the input width is the first module's that
+    fixes one (``nn.Linear``'s, a norm's).
     """
     if not isinstance(module, nn.Sequential):
         raise TypeError(f"from_torch takes an nn.Sequential, got {type(module).__name__}")

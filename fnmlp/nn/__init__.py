@@ -9,12 +9,14 @@ from fnmlp.nn._linear import Linear, LinearParams
 from fnmlp.nn._losses import (L1, MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Huber, Loss,
                               PoissonNLL, SmoothL1, binary_cross_entropy_with_logits,
                               cross_entropy, huber, l1, mse, poisson_nll, smooth_l1)
-from fnmlp.nn._model import MLP, Dense, Params, State, check_loss
+from fnmlp.nn._model import (EVAL, MLP, Dense, Params, State, backward, check_l2, check_loss,
+                             forward, l2_penalty, value_and_grad)
 from fnmlp.nn._norm import BatchNorm, BatchNormState, LayerNorm, NormParams
 from fnmlp.nn._primitive import Context, Primitive
 
 __all__ = [
-    "Primitive", "Context", "MLP", "Dense", "Params", "State", "check_loss",
+    "Primitive", "Context", "EVAL", "MLP", "Dense", "Params", "State", "check_loss", "check_l2",
+    "forward", "backward", "value_and_grad", "l2_penalty",
     "Linear", "LinearParams", "LayerNorm", "BatchNorm", "NormParams", "BatchNormState",
     "Dropout", "dropout_key",
     "Activation", "Identity", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Softplus", "Sigmoid",

@@ -5,26 +5,47 @@ state. ``forward`` keeps what the backward needs as its residual; ``backward`` a
 vector-Jacobian product. The backward formulas follow the operation order of PyTorch's own
 derivative kernels, so that results match autograd bit for bit where the math allows (see
 README, "Parity").
+
+Each class is the one place an activation is declared: defining it registers it (its spec
+name, its ``name`` and ``aliases`` for ``get_activation``, its ``torch_module`` twin); the
+tables below are read from the registry.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from fnmlp import _registry
 from fnmlp.nn._primitive import EVAL, Primitive
 from fnmlp.nn._rowsum import row_sum
 
 
 @dataclasses.dataclass(frozen=True)
-class Activation(Primitive):
-    """Base class of the activations; ``name`` is the string that selects one."""
+class Activation(Primitive, abstract=True):
+    """Base class of the activations.
+
+    ``name``: the string that selects one (``get_activation``); ``aliases``: more strings for
+    it; ``variants``: names of preset options (``{"gelu_tanh": {"approximate": "tanh"}}``);
+    ``torch_module``: the ``torch.nn`` module taking the same options by name, its twin (set
+    none, and register a twin, where the options differ).
+    """
 
     name: ClassVar[str]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    variants: ClassVar[dict[str, dict[str, Any]]] = {}
+    torch_module: ClassVar[type[nn.Module] | None] = None
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)  # registers fnmlp's own
+        module = cls.__dict__.get("torch_module")
+        if module is not None and _registry.entry(cls) is not None:
+            _registry.set_twin(cls, _registry.options_twin(cls, module))
 
     def __call__(self, z: Tensor) -> Tensor:
         """The activation of ``z``."""
@@ -36,6 +57,8 @@ class Identity(Activation):
     """a = z;  dz = da."""
 
     name: ClassVar[str] = "identity"
+    aliases = ("linear", "none")
+    torch_module = nn.Identity
 
     def forward(self, params, z, state, context):
         return z, None, state
@@ -50,6 +73,7 @@ class ReLU(Activation):
     passes the gradient through, as autograd's ``threshold_backward``)."""
 
     name: ClassVar[str] = "relu"
+    torch_module = nn.ReLU
 
     def forward(self, params, z, state, context):
         a = torch.relu(z)
@@ -65,6 +89,7 @@ class Sigmoid(Activation):
     """a = 1 / (1 + exp(-z));  dz = da * (1 - a) * a."""
 
     name: ClassVar[str] = "sigmoid"
+    torch_module = nn.Sigmoid
 
     def forward(self, params, z, state, context):
         a = torch.sigmoid(z)
@@ -79,6 +104,7 @@ class Tanh(Activation):
     """a = tanh(z);  dz = da * (1 - a²), with 1 - a² as one fused multiply-add like autograd's."""
 
     name: ClassVar[str] = "tanh"
+    torch_module = nn.Tanh
 
     def forward(self, params, z, state, context):
         a = torch.tanh(z)
@@ -92,14 +118,15 @@ class Tanh(Activation):
 class Softmax(Activation):
     """Row-wise a_i = exp(z_i - max z) / sum_j exp(z_j - max z);  dz = (da - sum_j da_j a_j) * a."""
 
-    name: ClassVar[str] = "softmax"
+    name: ClassVar[str] = "softmax"  # twin: nn.Softmax(dim=1), in interop
 
     def forward(self, params, z, state, context):
         a = torch.softmax(z, dim=1)
-        return a, a, state
+        return a, (a, context.lane_order_sums), state  # the row sum's order, for backward
 
-    def backward(self, params, a, da, need_input_grad=True):
-        return (da - row_sum(da * a)) * a, ()
+    def backward(self, params, residual, da, need_input_grad=True):
+        a, lane_order = residual
+        return (da - row_sum(da * a, lane_order)) * a, ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +135,7 @@ class LeakyReLU(Activation):
 
     negative_slope: float = 0.01
     name: ClassVar[str] = "leaky_relu"
+    torch_module = nn.LeakyReLU
 
     def forward(self, params, z, state, context):
         return torch.nn.functional.leaky_relu(z, self.negative_slope), z, state
@@ -122,6 +150,7 @@ class ELU(Activation):
 
     alpha: float = 1.0
     name: ClassVar[str] = "elu"
+    torch_module = nn.ELU
 
     def forward(self, params, z, state, context):
         return torch.nn.functional.elu(z, self.alpha), z, state
@@ -143,6 +172,8 @@ class GELU(Activation):
 
     approximate: str = "none"
     name: ClassVar[str] = "gelu"
+    variants = {"gelu_tanh": {"approximate": "tanh"}}
+    torch_module = nn.GELU
 
     def __post_init__(self):
         if self.approximate not in ("none", "tanh"):
@@ -168,6 +199,8 @@ class SiLU(Activation):
     """a = z·σ(z);  dz = da·σ(z)·(1 + z(1 - σ(z)))."""
 
     name: ClassVar[str] = "silu"
+    aliases = ("swish",)
+    torch_module = nn.SiLU
 
     def forward(self, params, z, state, context):
         return torch.nn.functional.silu(z), z, state
@@ -185,6 +218,7 @@ class Softplus(Activation):
     beta: float = 1.0
     threshold: float = 20.0
     name: ClassVar[str] = "softplus"
+    torch_module = nn.Softplus
 
     def forward(self, params, z, state, context):
         return torch.nn.functional.softplus(z, self.beta, self.threshold), z, state
@@ -199,36 +233,73 @@ class Softplus(Activation):
 class LogSoftmax(Activation):
     """Row-wise a = z - log sum_j exp(z_j);  dz = da - exp(a)·sum_j da_j."""
 
-    name: ClassVar[str] = "log_softmax"
+    name: ClassVar[str] = "log_softmax"  # twin: nn.LogSoftmax(dim=1), in interop
 
     def forward(self, params, z, state, context):
         a = torch.log_softmax(z, dim=1)
-        return a, a, state
+        return a, (a, context.lane_order_sums), state  # the row sum's order, for backward
 
-    def backward(self, params, a, da, need_input_grad=True):
-        return da - torch.exp(a) * row_sum(da), ()
+    def backward(self, params, residual, da, need_input_grad=True):
+        a, lane_order = residual
+        return da - torch.exp(a) * row_sum(da, lane_order), ()
 
 
-_BY_NAME: dict[str, Activation] = {
-    act.name: act for act in (Identity(), ReLU(), Sigmoid(), Tanh(), Softmax(), LeakyReLU(),
-                              ELU(), GELU(), SiLU(), Softplus(), LogSoftmax())
-}
-_BY_NAME["gelu_tanh"] = GELU("tanh")
-_ALIASES = {"linear": "identity", "none": "identity", "swish": "silu"}
+def _table() -> tuple[dict[str, Activation], dict[str, str]]:
+    """``(activations by name, aliases)``, read from the registry."""
+    return _build_table(_registry.generation())
+
+
+@functools.lru_cache(maxsize=1)
+def _build_table(generation: int) -> tuple[dict[str, Activation], dict[str, str]]:
+    by_name: dict[str, Activation] = {}
+    aliases: dict[str, str] = {}
+    for entry in _registry.entries("primitive"):
+        for name, activation in named_instances(entry.cls).items():
+            by_name[name] = activation
+        for alias in entry.cls.__dict__.get("aliases", ()):
+            aliases[alias] = entry.cls.name
+    return by_name, aliases
+
+
+def named_instances(cls: type) -> dict[str, Activation]:
+    """The instances ``cls`` offers by name: its own ``name`` (default options) and its
+    ``variants``; none for a class that is no activation or inherits its ``name``."""
+    if not (isinstance(cls, type) and issubclass(cls, Activation)) or "name" not in cls.__dict__:
+        return {}
+    found = {cls.name: cls()}
+    for name, options in cls.__dict__.get("variants", {}).items():
+        found[name] = cls(**options)
+    return found
+
+
+def new_names(cls: type) -> list[str]:
+    """The names (and aliases) ``cls`` would select by; raises ``ValueError`` for one that
+    another activation holds already."""
+    names = [*named_instances(cls), *(cls.__dict__.get("aliases", ())
+                                       if "name" in cls.__dict__ else ())]
+    by_name, aliases = _table()
+    for name in names:
+        holder = type(by_name[name]).__name__ if name in by_name else \
+            type(by_name[aliases[name]]).__name__ if name in aliases else None
+        if holder is not None:
+            raise ValueError(f"the activation name {name!r} is taken by {holder}: give "
+                             f"{cls.__name__} a name of its own")
+    return names
 
 
 def get_activation(activation: str | Activation | None) -> Activation:
     """Resolve a name (``"tanh"``, ``"relu"``, ...), ``None`` (identity) or an instance."""
     if activation is None:
-        return _BY_NAME["identity"]
+        return _table()[0]["identity"]
     if isinstance(activation, Activation):
         return activation
     if isinstance(activation, str):
-        key = _ALIASES.get(activation.lower(), activation.lower())
-        if key in _BY_NAME:
-            return _BY_NAME[key]
+        by_name, aliases = _table()
+        key = aliases.get(activation.lower(), activation.lower())
+        if key in by_name:
+            return by_name[key]
         raise ValueError(
-            f"unknown activation {activation!r}; supported: {', '.join(sorted(_BY_NAME))}"
+            f"unknown activation {activation!r}; supported: {', '.join(sorted(by_name))}"
         )
     raise TypeError(
         f"activation must be a name or an fnmlp activation, got {type(activation).__name__}"
@@ -236,4 +307,5 @@ def get_activation(activation: str | Activation | None) -> Activation:
 
 
 def activation_names() -> list[str]:
-    return sorted(_BY_NAME)
+    """Every name ``get_activation`` takes, aliases aside."""
+    return sorted(_table()[0])

@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fnmlp import _validate
+from fnmlp import _registry, _validate
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -41,6 +41,11 @@ class Loss:
 
     reduction: str = "mean"
     name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        """fnmlp's own losses register themselves (a user's: ``fnmlp.register``)."""
+        super().__init_subclass__(**kwargs)
+        _registry.add_own(cls, "loss")
 
     def __post_init__(self):
         if self.reduction not in REDUCTIONS:

@@ -402,11 +402,13 @@ def backward(model: MLP, params: Params, residuals: list, dy: Tensor) -> Params:
 
 def value_and_grad(model: MLP, params: Params, x: Tensor, y: Tensor, loss: Loss,
                    state: State, *, key: Tensor | None = None, weight: Tensor | None = None,
-                   l2: float = 0.0):
+                   l2: float = 0.0, lane_order_sums: bool = True):
     """``(loss, grads, new_state)`` without checks: the forward loop, the loss, the reverse
     loop. ``weight``: (m,) row weights (0 for padding rows), None for all equal. ``l2``: the
-    penalty of ``l2_penalty``."""
-    context = Context(train=True, key=key, row_weight=weight)
+    penalty of ``l2_penalty``. ``lane_order_sums``: ``Context.lane_order_sums`` (True:
+    softmax's backward bit-identical to autograd eagerly; False: plain row sums, for a step
+    traced to be compiled)."""
+    context = Context(train=True, key=key, row_weight=weight, lane_order_sums=lane_order_sums)
     out, residuals, new_state = forward(model, params, x, state, context)
     value, loss_residual = loss.forward(out, y, weight)
     grads = backward(model, params, residuals, loss.backward(loss_residual))

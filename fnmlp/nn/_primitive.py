@@ -12,6 +12,9 @@ for a primitive with none); ``forward`` never mutates ``state``, it returns the 
 is the loss's cotangent of ``y`` and ``backward`` returns those of ``x`` (None when
 ``need_input_grad`` is false: the first layer's is never needed) and of ``params``, structured
 like ``params``. ``MLP`` composes primitives in series: one forward loop, one reverse loop.
+
+fnmlp's own primitives register themselves (``fnmlp._registry``) as they are defined; a user's
+is made savable and twinnable by ``fnmlp.register``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor
 
+from fnmlp._registry import add_own
+
 
 class Context(NamedTuple):
     """What one call of a network tells each of its primitives.
@@ -30,11 +35,16 @@ class Context(NamedTuple):
     statistics, no dropout). ``key``: the dropout key of this step (``fnmlp.dropout_key``), or
     None for no dropout. ``row_weight``: (m,) weights of the rows, or None for all equal; rows
     of weight 0 (padding) must not influence the other rows (batch statistics skip them).
+    ``lane_order_sums``: row sums in a backward (softmax's, log-softmax's) add in the SIMD lane
+    order of PyTorch's CPU kernel, bit-identical to autograd eagerly (``fnmlp.nn._rowsum``);
+    False for plain sums, which a step traced to be compiled takes. A primitive reads it in
+    ``forward`` and keeps it in its residual for ``backward``.
     """
 
     train: bool = True
     key: Tensor | None = None
     row_weight: Tensor | None = None
+    lane_order_sums: bool = True
 
 
 EVAL = Context(train=False)
@@ -53,6 +63,13 @@ class Primitive:
     uses_key: ClassVar[bool] = False
     min_training_rows: ClassVar[int] = 1
     penalized: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, abstract: bool = False, **kwargs):
+        """Register fnmlp's own primitives by class name; ``abstract=True`` marks a base class
+        (``Activation``), which is no spec."""
+        super().__init_subclass__(**kwargs)
+        if not abstract:
+            add_own(cls, "primitive")
 
     def out_features(self, n_in: int) -> int:
         """The output width for an input width ``n_in``."""

@@ -4,15 +4,20 @@ Softmax's backward needs ``sum_j(g_ij * a_ij)`` per row. PyTorch's vectorized CP
 row in SIMD lanes (one lane per vector slot, the tail folded into the first lanes), then adds the
 lanes together. Reproducing that order makes fnmlp's softmax backward bit-identical to autograd's
 in eager mode, which keeps long, chaotic training runs identical to the ``nn.Module`` twin.
-Where the order is not known (other devices, other SIMD widths) and in compiled graphs (dynamo's
-and fnmlp's own traces, see ``plain_sums``) a plain sum is used: it differs from autograd's only
-in the last bits, and a compiler fuses it.
+
+The caller chooses (``row_sum(products, lane_order)``; the primitives take it from
+``Context.lane_order_sums`` in their forward and keep it in their residual): a step that is
+traced to be compiled passes False, a plain sum, which differs from autograd's only in the last
+bits and which a compiler fuses. Where the order is not known (other devices, other SIMD widths,
+other dtypes) the sum is plain whatever was asked.
+
+The order is looked up by ``torch.backends.cpu.get_cpu_capability()`` (what ATen dispatches its
+vectorized CPU kernels to: "AVX2", "AVX512", ...; the ``ATEN_CPU_CAPABILITY`` environment
+variable can lower it) and the dtype, read once at import.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
 
 import torch
@@ -25,26 +30,21 @@ _KNOWN_CPU_ORDERS = {
     ("AVX512", torch.float64): (8, "sequential"),
     ("AVX512", torch.float32): (16, "halving"),
 }
-_PLAIN = contextvars.ContextVar("fnmlp_plain_row_sums", default=False)
 
 
-@contextlib.contextmanager
-def plain_sums():
-    """Within this block ``row_sum`` is a plain sum: for tracing a graph to compile (a bare
-    ``make_fx`` does not set ``torch.compiler.is_compiling()``)."""
-    token = _PLAIN.set(True)
-    try:
-        yield
-    finally:
-        _PLAIN.reset(token)
-
-
-@functools.cache
-def _cpu_capability() -> str:
+def _read_cpu_capability() -> str:
     try:
         return torch.backends.cpu.get_cpu_capability()
     except Exception:  # pragma: no cover - very old or unusual builds
         return "unknown"
+
+
+_CPU_CAPABILITY = _read_cpu_capability()  # a constant: dynamo traces the lookup below
+
+
+def _cpu_capability() -> str:
+    """The CPU capability ATen's kernels run at, as read at import."""
+    return _CPU_CAPABILITY
 
 
 def _lanes_sum(products: torch.Tensor, lanes: int, finish: str) -> torch.Tensor:
@@ -70,15 +70,15 @@ def _lanes_sum(products: torch.Tensor, lanes: int, finish: str) -> torch.Tensor:
     return acc
 
 
-def row_sum(products: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 1 of a 2-D tensor, keepdim; shape (m, n) -> (m, 1)."""
-    if (
-        products.device.type == "cpu"
-        and products.dim() == 2
-        and not torch.compiler.is_compiling()
-        and not _PLAIN.get()
-    ):
-        order = _KNOWN_CPU_ORDERS.get((_cpu_capability(), products.dtype))
+def row_sum(products: torch.Tensor, lane_order: bool) -> torch.Tensor:
+    """Sum over dim 1 of a 2-D tensor, keepdim; shape (m, n) -> (m, 1).
+
+    ``lane_order``: add in the SIMD lane order of PyTorch's CPU kernel (bit-identical to
+    autograd's softmax backward) where that order is known for this CPU and dtype; False (or an
+    unknown order) is a plain ``products.sum(dim=1, keepdim=True)``.
+    """
+    if lane_order and products.device.type == "cpu" and products.dim() == 2:
+        order = _KNOWN_CPU_ORDERS.get((_CPU_CAPABILITY, products.dtype))
         if order is not None:
             return _lanes_sum(products, *order)
     return products.sum(dim=1, keepdim=True)

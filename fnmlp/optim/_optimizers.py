@@ -7,19 +7,17 @@ dtype), per-parameter buffers shaped like the parameters. A compiled step thus
 never recompiles for a new learning rate or a schedule. ``lr`` is a float, a 0-d tensor, or a
 schedule from ``fnmlp.schedules`` (then the state's rate is the schedule's base).
 
-On the CPU (contiguous leaves of one float dtype, outside tracing and ``torch.func``
-transforms: ``_fusable``), Adam/AdamW and SGD with momentum update every leaf in one call of
-torch's fused kernel (``torch.optim``'s ``fused=True``) on copies of the parameters and
-buffers: one call instead of ~10 operations per leaf, which is most of an update of a small
-network. Its results agree with the per-leaf
-formulas (which compiled and batched steps trace) within rounding. (The rate is passed as a
-number: a CPU tensor's ``item()`` costs no sync, and every torch >= 2.4 takes it.)
+``update`` checks its arguments and runs the per-leaf formulas (what compiled and batched steps
+trace); ``unchecked_update(params, grads, state, *, fused=False)`` is the same update without
+the checks, for other packages' steps. With ``fused=True`` the caller says the update runs
+eagerly, and Adam/AdamW and SGD with momentum then go through torch's fused CPU kernel where the
+tensors allow (``fnmlp.optim._fused``: one call for every leaf instead of ~10 operations per
+leaf, within rounding of the formulas).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import numbers
 from typing import ClassVar
@@ -27,65 +25,30 @@ from typing import ClassVar
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
-from torch.utils import _python_dispatch
 
-from fnmlp._tree import flatten, pytree_dataclass, tree_builder
+from fnmlp import _registry
+from fnmlp._tree import flatten, pytree_dataclass, tree_builder, unflatten_traced
 from fnmlp._validate import check_learning_rate
+from fnmlp.optim import _fused
 from fnmlp.optim.schedules import Schedule
 
 
 def _leafwise(fn, params, *trees):
-    """Apply ``fn(p, *others) -> tuple`` leaf by leaf; return one tree per output.
+    """Apply ``fn(p, *others) -> tuple`` leaf by leaf; return one tree per output (None for an
+    output that is None at every leaf: an absent buffer).
 
-    fnmlp's own flattening is several times faster than torch's pytree for these small trees
-    (it matters in an eager step); dynamo traces torch's instead (it cannot hash a spec)."""
-    if torch.compiler.is_compiling():
-        leaves, spec = pytree.tree_flatten(params)
-        others = [pytree.tree_leaves(tree) if tree is not None else [None] * len(leaves)
-                  for tree in trees]
-        build = functools.partial(pytree.tree_unflatten, treespec=spec)
-    else:
-        leaves, spec = flatten(params)
-        others = [flatten(tree)[0] if tree is not None else [None] * len(leaves)
-                  for tree in trees]
-        build = tree_builder(spec)
-    results = [fn(leaf, *(other[i] for other in others)) for i, leaf in enumerate(leaves)]
-    return tuple(build([r[k] for r in results]) for k in range(len(results[0])))
-
-
-def _fusable(params, grads) -> tuple | None:
-    """``(leaves, spec, grad_leaves)`` when an update may run through torch's fused CPU
-    optimizer kernels, else None. They take plain, contiguous CPU tensors of one float32 or
-    float64 dtype (they walk raw memory: no strides), outside any tracing (``torch.compile``,
-    ``make_fx``, ``torch.jit.trace`` and other dispatch modes: the kernels read the rate and
-    the step as numbers) and ``torch.func`` transforms (``vmap``'s ensembles: no batching
-    rule), with no autograd history to record."""
-    if (not _FUSED_KERNELS or torch.compiler.is_compiling() or torch.jit.is_tracing()
-            or _current_dispatch_mode() is not None):
-        return None
+    One flattening for eager code and tracing alike: fnmlp's own (several times faster than
+    torch's pytree for these small trees, and traced by dynamo and ``make_fx``), rebuilt by
+    walking the spec (``unflatten_traced``: no generated code, which dynamo cannot trace)."""
     leaves, spec = flatten(params)
-    grad_leaves = flatten(grads)[0]
-    if not leaves or len(grad_leaves) != len(leaves):
-        return None
-    dtype = leaves[0].dtype
-    recording = torch.is_grad_enabled()
-    if dtype in (torch.float32, torch.float64) and all(
-            type(t) is Tensor and t.dtype == dtype and t.is_cpu and t.is_contiguous()
-            and not _is_wrapped(t) and not (recording and t.requires_grad)
-            for t in (*leaves, *grad_leaves)):
-        return leaves, spec, grad_leaves
-    return None
-
-
-def _contiguous_copies(tree) -> list[Tensor]:
-    """Fresh contiguous copies of ``tree``'s leaves (what the fused kernels update)."""
-    return [t.clone(memory_format=torch.contiguous_format) for t in flatten(tree)[0]]
-
-
-_FUSED_KERNELS = all(hasattr(torch, kernel) for kernel in
-                     ("_fused_adam_", "_fused_adamw_", "_fused_sgd_"))
-_is_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: True)
-_current_dispatch_mode = getattr(_python_dispatch, "_get_current_dispatch_mode", lambda: True)
+    others = [flatten(tree)[0] if tree is not None else [None] * len(leaves) for tree in trees]
+    results = [fn(leaf, *(other[i] for other in others)) for i, leaf in enumerate(leaves)]
+    outputs = []
+    for k in range(len(results[0])):
+        column = [r[k] for r in results]
+        absent = all(value is None for value in column)
+        outputs.append(None if absent else unflatten_traced(column, spec))
+    return tuple(outputs)
 
 
 def _zeros_like(params, fill: float = 0.0):
@@ -148,6 +111,11 @@ class Optimizer:
 
     lr: float | Tensor | Schedule
 
+    def __init_subclass__(cls, **kwargs):
+        """fnmlp's own optimizers register themselves (a user's: ``fnmlp.register``)."""
+        super().__init_subclass__(**kwargs)
+        _registry.add_own(cls, "optimizer")
+
     def __post_init__(self):
         if not isinstance(self.lr, Schedule):
             check_learning_rate(self.lr)
@@ -191,7 +159,7 @@ class Optimizer:
         """The state's per-parameter buffers: name -> whether these options keep it."""
         raise NotImplementedError
 
-    def update(self, params, grads, state):
+    def update(self, params, grads, state, *, fused: bool = False):
         """``(new_params, new_state)`` after one update with ``grads``.
 
         Arguments:
@@ -200,13 +168,37 @@ class Optimizer:
                 parameter, of its dtype and on its device.
             state: this optimizer's state for these params (``init(params)`` or the last
                 ``update``).
+            fused: as ``unchecked_update``'s: True only where this call runs eagerly (not
+                under ``torch.compile``, ``make_fx`` or ``vmap``); the default runs the per-leaf
+                formulas, which trace anywhere.
 
         Checks that the three match (structure, shapes, dtypes, devices) before any work, and
         records no autograd history, whatever ``requires_grad`` the inputs have.
         """
         self.check(params, grads, state)
         with torch.no_grad():
-            return self.unchecked_update(params, grads, state)
+            return self.unchecked_update(params, grads, state, fused=fused)
+
+    def unchecked_update(self, params, grads, state, *, fused: bool = False):
+        """``(new_params, new_state)``: ``update`` without its checks, for other packages'
+        training steps (which check once, up front). Pure: nothing passed in is mutated.
+
+        Arguments:
+            params, grads, state: as ``update``'s, trusted to fit together (a mismatch fails
+                inside torch, or worse, silently broadcasts).
+            fused: run the update through torch's fused CPU kernel where the tensors allow it
+                (Adam, AdamW and SGD with momentum; ``fnmlp.optim._fused``: CPU, contiguous,
+                one float32 or float64 dtype, plain tensors, none requiring grad under grad
+                mode), else the per-leaf formulas, silently; the results agree within
+                rounding (~1e-16 relative per step in float64), not bit for bit. The caller
+                promises that the call runs eagerly: the kernels read the rate as a number and
+                have no batching rule, so steps that are traced (``torch.compile``,
+                ``make_fx``) or batched (``vmap``) pass False, the per-leaf formulas.
+
+        Records autograd history if grad mode is on and the inputs require grad (``update``
+        turns it off).
+        """
+        raise NotImplementedError
 
     def check(self, params, grads, state) -> None:
         """Raise unless ``params``, ``grads`` (None: not checked) and ``state`` fit together."""
@@ -279,10 +271,19 @@ class SGD(Optimizer):
     def buffers(self):
         return {"momentum_buffer": bool(self.momentum)}
 
-    def unchecked_update(self, params, grads, state: SGDState):
-        fusable = _fusable(params, grads) if self.momentum else None  # plain SGD: one op a leaf
-        if fusable is not None:
-            return self.fused_update(*fusable, state)
+    def unchecked_update(self, params, grads, state: SGDState, *, fused: bool = False):
+        fusable = _fused.fusable(params, grads) if fused and self.momentum else None
+        if fusable is not None:  # plain SGD: one multiply-add a leaf, never fused
+            leaves, spec, grad_leaves = fusable
+            new_params, buffers = _fused.sgd_momentum(
+                leaves, grad_leaves, state.momentum_buffer, lr=self.learning_rate(state).item(),
+                momentum=self.momentum, dampening=self.dampening,
+                weight_decay=self.weight_decay, nesterov=self.nesterov, maximize=self.maximize,
+                first_step=bool(state.step == 0))
+            build = tree_builder(spec)
+            return build(new_params), SGDState(step=state.step + 1,
+                                               learning_rate=state.learning_rate,
+                                               momentum_buffer=build(buffers))
         neg_lr = -self.learning_rate(state)
         first = state.step == 0 if self.momentum else None
 
@@ -302,18 +303,6 @@ class SGD(Optimizer):
         new_params, buffers = _leafwise(one, params, grads, state.momentum_buffer)
         return new_params, SGDState(step=state.step + 1, learning_rate=state.learning_rate,
                                     momentum_buffer=buffers if self.momentum else None)
-
-    def fused_update(self, leaves: list, spec, grad_leaves: list, state: SGDState):
-        """``_update`` with momentum through torch's fused CPU kernel
-        (``torch.optim.SGD(fused=True)``'s), on copies; the same arithmetic within rounding."""
-        build = tree_builder(spec)
-        p, buffers = _contiguous_copies(leaves), _contiguous_copies(state.momentum_buffer)
-        torch._fused_sgd_(p, grad_leaves, buffers, weight_decay=self.weight_decay,
-                          momentum=self.momentum, lr=self.learning_rate(state).item(),
-                          dampening=self.dampening, nesterov=self.nesterov,
-                          maximize=self.maximize, is_first_step=bool(state.step == 0))
-        return build(p), SGDState(step=state.step + 1, learning_rate=state.learning_rate,
-                                  momentum_buffer=build(buffers))
 
 
 @pytree_dataclass
@@ -364,10 +353,20 @@ class Adam(Optimizer):
     def buffers(self):
         return {"exp_avg": True, "exp_avg_sq": True, "max_exp_avg_sq": self.amsgrad}
 
-    def unchecked_update(self, params, grads, state: AdamState):
-        fusable = _fusable(params, grads)
+    def unchecked_update(self, params, grads, state: AdamState, *, fused: bool = False):
+        fusable = _fused.fusable(params, grads) if fused else None
         if fusable is not None:
-            return self.fused_update(*fusable, state)
+            leaves, spec, grad_leaves = fusable
+            step = state.step + 1
+            new_params, m, v, v_max = _fused.adam(
+                leaves, grad_leaves, state.exp_avg, state.exp_avg_sq, state.max_exp_avg_sq, step,
+                lr=self.learning_rate(state).item(), betas=self.betas, eps=self.eps,
+                weight_decay=self.weight_decay, amsgrad=self.amsgrad, decoupled=self.decoupled,
+                maximize=self.maximize)
+            build = tree_builder(spec)
+            return build(new_params), AdamState(
+                step=step, learning_rate=state.learning_rate, exp_avg=build(m),
+                exp_avg_sq=build(v), max_exp_avg_sq=build(v_max) if self.amsgrad else None)
         lr = self.learning_rate(state)
         step = steps_taken(state) + 1
         beta1, beta2 = self.betas
@@ -393,25 +392,6 @@ class Adam(Optimizer):
         return new_params, AdamState(step=state.step + 1, learning_rate=state.learning_rate,
                                      exp_avg=m, exp_avg_sq=v,
                                      max_exp_avg_sq=v_max if self.amsgrad else None)
-
-    def fused_update(self, leaves: list, spec, grad_leaves: list, state: AdamState):
-        """``_update`` through torch's fused CPU kernel (``torch.optim.Adam(fused=True)``'s):
-        one call for every leaf instead of ~10 operations per leaf, on copies of the parameters
-        and buffers (nothing passed in changes). The same arithmetic, within rounding (the
-        kernel's order of operations differs: ~1e-16 relative in float64)."""
-        build = tree_builder(spec)
-        p, m, v = (_contiguous_copies(tree) for tree in
-                   (leaves, state.exp_avg, state.exp_avg_sq))
-        v_max = _contiguous_copies(state.max_exp_avg_sq) if self.amsgrad else []
-        step = state.step + 1
-        kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
-        kernel(p, grad_leaves, m, v, v_max, [step] * len(leaves),
-               lr=self.learning_rate(state).item(), beta1=self.betas[0], beta2=self.betas[1],
-               weight_decay=self.weight_decay, eps=self.eps, amsgrad=self.amsgrad,
-               maximize=self.maximize)
-        return build(p), AdamState(step=step, learning_rate=state.learning_rate,
-                                   exp_avg=build(m), exp_avg_sq=build(v),
-                                   max_exp_avg_sq=build(v_max) if self.amsgrad else None)
 
 
 @pytree_dataclass
@@ -455,7 +435,8 @@ class RMSprop(Optimizer):
         return {"square_avg": True, "grad_avg": self.centered,
                 "momentum_buffer": bool(self.momentum)}
 
-    def unchecked_update(self, params, grads, state: RMSpropState):
+    def unchecked_update(self, params, grads, state: RMSpropState, *, fused: bool = False):
+        # no fused kernel: ``fused`` changes nothing
         lr = self.learning_rate(state)
 
         def one(p, g, s, mean, buffer):
@@ -517,7 +498,8 @@ class Adagrad(Optimizer):
     def buffers(self):
         return {"sum": True}
 
-    def unchecked_update(self, params, grads, state: AdagradState):
+    def unchecked_update(self, params, grads, state: AdagradState, *, fused: bool = False):
+        # no fused kernel: ``fused`` changes nothing
         clr = self.learning_rate(state) / (1 + steps_taken(state) * self.lr_decay)
 
         def one(p, g, s):
@@ -563,12 +545,15 @@ class ClipByGlobalNorm:
     update = Optimizer.update
     check = Optimizer.check
 
-    def unchecked_update(self, params, grads, state):
+    def unchecked_update(self, params, grads, state, *, fused: bool = False):
+        """``Optimizer.unchecked_update``: the gradients clipped, then ``inner``'s update
+        (``fused`` passed on)."""
         leaves = pytree.tree_leaves(grads)
         norms = torch.stack([torch.linalg.vector_norm(g) for g in leaves])
         total = torch.linalg.vector_norm(norms)
         scale = torch.clamp(self.max_norm / (total + 1e-6), max=1.0)
-        return self.inner.unchecked_update(params, pytree.tree_map(lambda g: g * scale, grads), state)
+        return self.inner.unchecked_update(params, pytree.tree_map(lambda g: g * scale, grads),
+                                           state, fused=fused)
 
     def with_learning_rate(self, state, lr):
         return self.inner.with_learning_rate(state, lr)
@@ -579,6 +564,9 @@ class ClipByGlobalNorm:
     @property
     def schedule(self):
         return self.inner.schedule
+
+
+_registry.add(ClipByGlobalNorm, "optimizer")  # a wrapper, no Optimizer subclass
 
 
 def _pair(values):

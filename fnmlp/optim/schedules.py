@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor
 
+from fnmlp import _registry
 from fnmlp._validate import check_learning_rate, check_positive_int
 
 
@@ -25,6 +26,11 @@ class Schedule:
     """Base class: ``base`` learning rate times ``factor(step)``."""
 
     base: float
+
+    def __init_subclass__(cls, **kwargs):
+        """fnmlp's own schedules register themselves (a user's: ``fnmlp.register``)."""
+        super().__init_subclass__(**kwargs)
+        _registry.add_own(cls, "schedule")
 
     def __post_init__(self):
         check_learning_rate(self.base, "base learning rate")

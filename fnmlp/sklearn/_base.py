@@ -18,11 +18,12 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 
 import fnmlp
-from fnmlp.nn._dropout import make_key
-from fnmlp.nn._model import MLP, Dense
-from fnmlp.train._auto import choose_compile, compiled_before
-from fnmlp.train._step import TrainStep
-from fnmlp.train._threads import describe_threads
+from fnmlp._tree import tree_leaves, tree_map
+from fnmlp.nn import MLP, Dense
+from fnmlp.train import NonFiniteLossError
+from fnmlp.train.engine import (BatchSource, Carry, Policy, Run, TrainStep, choose_compile,
+                                compiled_before, describe_threads, network_identity,
+                                train_loop)
 
 SOLVERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
@@ -151,7 +152,7 @@ class BaseMLP(BaseEstimator):
         generator = torch.Generator().manual_seed(_seed(random_state))
         params = self.model_.init(generator, dtype=dtype)
         device = torch.device(self.device)
-        self.params_ = fnmlp._tree.tree_map(lambda t: t.to(device), params)
+        self.params_ = tree_map(lambda t: t.to(device), params)
         self.state_ = self.model_.init_state(dtype=dtype, device=device)
         self.n_outputs_, self.n_layers_ = outputs, len(self._hidden_layers()) + 2
         self._opt_state, self._dropout_seed, self._steps = None, _seed(random_state), 0
@@ -182,101 +183,54 @@ class BaseMLP(BaseEstimator):
         return tuple(train), tuple(valid)
 
     def _run(self, split, loss, optimizer, random_state, incremental: bool) -> None:
-        """scikit-learn's stochastic solver loop: epochs of shuffled batches, the stopping rule
-        on the training loss (or validation score), ``invscaling``/``adaptive`` rates."""
+        """scikit-learn's stochastic solver loop, run by fnmlp's one training loop: epochs of
+        shuffled batches, then ``_SolverRules`` (the stopping rule on the training loss or
+        validation score, ``invscaling``/``adaptive`` rates)."""
         (x, y, weight), valid = split
         n = x.shape[0]
-        like = fnmlp._tree.tree_leaves(self.params_)[0]
+        like = tree_leaves(self.params_)[0]
         batch_size = min(200, n) if self.batch_size == "auto" else self.batch_size
         if batch_size > n:
             warnings.warn("Got `batch_size` less than 1 or larger than sample size. It is "
                           "going to be clipped", stacklevel=3)
         batch_size = int(np.clip(batch_size, 1, n))
         steps = math.ceil(n / batch_size) * (1 if incremental else self.max_iter)
+        l2 = float(self.alpha)
         compiled, reason = choose_compile(
             self.compile, self.model_, steps,
-            cached=self.compile == "auto" and compiled_before(self.model_, loss, optimizer,
-                                                              float(self.alpha)))
+            cached=self.compile == "auto" and compiled_before(
+                network_identity(self.model_, loss, optimizer, l2, None, "auto")))
         if self.verbose:
             print(f"fnmlp: {'compiled' if compiled else 'eager'} steps ({reason}); "
                   f"{describe_threads('auto', self.model_, batch_size)}")
-        step = TrainStep(self.model_, loss, optimizer, compile=compiled, l2=float(self.alpha))
-        x_data = x if sp.issparse(x) else _tensor(x, like)
-        y_data = self._target_tensor(y, like)
-        w_data = None if weight is None else _tensor(weight, like)
-        shuffler = torch.Generator().manual_seed(_seed(random_state))
-        pad_to = batch_size if compiled and n > batch_size else None
+        step = TrainStep(self.model_, loss, optimizer, compile=compiled, l2=l2)
+        sparse = sp.issparse(x)
+        source = BatchSource(
+            x if sparse else _tensor(x, like), self._target_tensor(y, like),
+            None if weight is None else _tensor(weight, like), batch_size=batch_size,
+            shuffle=bool(self.shuffle),
+            generator=torch.Generator().manual_seed(_seed(random_state)),
+            pad_to=batch_size if compiled and n > batch_size else None,
+            densify=(lambda part: _tensor(part.toarray(), like)) if sparse else None)
         self.n_iter_ = 0
-        params, opt_state, state = self.params_, self._opt_state, self.state_
-        self._best = (params, state)
-        lr = float(self.learning_rate_init)
+        run = Run(Carry(self.params_, self._opt_state, self.state_),
+                  steps_done=self._steps,
+                  dropout_seed=self._dropout_seed if self.model_.has_dropout else None)
+        rules = _SolverRules(self, optimizer, valid, n, incremental)
         try:
-            for _ in range(self.max_iter):
-                xs, ys, ws = x_data, y_data, w_data
-                if self.shuffle:  # one gather per epoch; the batches are then slices
-                    order = torch.randperm(n, generator=shuffler).to(like.device)
-                    xs = x_data.index_select(0, order) if isinstance(x_data, torch.Tensor) \
-                        else x_data[order.cpu().numpy()]
-                    ys = y_data.index_select(0, order)
-                    ws = None if w_data is None else w_data.index_select(0, order)
-                values, sizes = [], []
-                for start in range(0, n, batch_size):
-                    rows = slice(start, start + batch_size)
-                    xb = _rows(xs, rows, like)
-                    wb = None if ws is None else ws[rows]
-                    if wb is not None and not bool(wb.any()):
-                        continue  # no weight in this batch: nothing to learn
-                    key = None
-                    if self.model_.has_dropout:
-                        key = make_key(self._dropout_seed, self._steps, device=like.device)
-                    params, opt_state, value, state = step.run(
-                        params, opt_state, state, xb, ys[rows], weight=wb, key=key,
-                        pad_to=pad_to)
-                    self._steps += 1
-                    values.append(value)  # no sync per step
-                    sizes.append(xb.shape[0])
-                self.params_, self._opt_state, self.state_ = params, opt_state, state
-                self.n_iter_ += 1
-                # scikit-learn's loss_: the batch losses weighted by their rows (one sync)
-                self.loss_ = _weighted_sum(torch.stack(values).tolist(), sizes) / n
-                if not math.isfinite(self.loss_):
-                    raise ValueError("Solver produced non-finite parameter weights (the loss "
-                                     f"became {self.loss_} in iteration {self.n_iter_}). The "
-                                     "input data may contain large values and need to be "
-                                     "preprocessed, or learning_rate_init is too large.")
-                self.t_ += n
-                self.loss_curve_.append(self.loss_)
-                if self.verbose:
-                    print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
-                self._update_no_improvement_count(valid)
-                if self.solver == "sgd" and self.learning_rate == "invscaling":
-                    lr = float(self.learning_rate_init) / (self.t_ + 1) ** self.power_t
-                    opt_state = self._opt_state = optimizer.with_learning_rate(opt_state, lr)
-                if self._no_improvement_count > self.n_iter_no_change:
-                    what = ("Validation score" if self.early_stopping else "Training loss")
-                    message = (f"{what} did not improve more than tol={self.tol:f} for "
-                               f"{self.n_iter_no_change} consecutive epochs.")
-                    if self.solver != "sgd" or self.learning_rate != "adaptive":
-                        if self.verbose:
-                            print(message + " Stopping.")
-                        break
-                    if lr <= 1e-6:
-                        if self.verbose:
-                            print(message + " Learning rate too small. Stopping.")
-                        break
-                    lr /= 5.0
-                    opt_state = self._opt_state = optimizer.with_learning_rate(opt_state, lr)
-                    if self.verbose:
-                        print(message + f" Setting learning rate to {lr:f}")
-                    self._no_improvement_count = 0
-                if incremental:
-                    break
-                if self.n_iter_ == self.max_iter:
-                    warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) "
-                                  "reached and the optimization hasn't converged yet.",
-                                  ConvergenceWarning, stacklevel=3)
+            train_loop(step, source, run, epochs=1 if incremental else self.max_iter,
+                       policies=[rules])
+        except NonFiniteLossError as error:
+            raise ValueError("Solver produced non-finite parameter weights. The input data may "
+                             "contain large values and need to be preprocessed "
+                             f"({error}; or learning_rate_init is too large).") from error
         finally:
-            step.forget()
+            self._steps = run.steps_done
+        self.params_, self._opt_state, self.state_ = run.carry
+        if not incremental and not rules.stopped and self.n_iter_ == self.max_iter:
+            warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) "
+                          "reached and the optimization hasn't converged yet.",
+                          ConvergenceWarning, stacklevel=3)
         if self.early_stopping:
             self.params_, self.state_ = self._best
 
@@ -307,7 +261,7 @@ class BaseMLP(BaseEstimator):
         """The network's outputs (before ``out_activation_``) for validated ``X``."""
         check_is_fitted(self)
         X = self._validate_predict(X)
-        like = fnmlp._tree.tree_leaves(self.params_)[0]
+        like = tree_leaves(self.params_)[0]
         chunks = []
         for start in range(0, X.shape[0], _PREDICT_CHUNK):
             rows = slice(start, start + _PREDICT_CHUNK)
@@ -362,11 +316,13 @@ def _rows(x, rows, like: torch.Tensor) -> torch.Tensor:
 
 
 def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """``array`` as a tensor like ``like``, sharing memory where it can (a read-only array,
-    such as a memory map, too: fnmlp never writes to its input)."""
+    """``array`` as a C-contiguous tensor like ``like`` (the products then sum in the same order
+    whatever the input's layout: a CSC matrix densifies Fortran-ordered), sharing memory where
+    it can (a read-only array, such as a memory map, too: fnmlp never writes to its input)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return torch.as_tensor(array, dtype=like.dtype, device=like.device)
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=like.dtype,
+                               device=like.device)
 
 
 def _weighted_sum(values: list[float], weights: list[int]) -> float:
@@ -395,3 +351,61 @@ def _number(value, name: str, low: float, high: float = math.inf, *, strict: boo
 def _integer(value, name: str) -> None:
     if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+class _SolverRules(Policy):
+    """scikit-learn's rules after each epoch of its stochastic solvers: ``loss_`` (the batch
+    losses weighted by their rows), ``n_iter_``, ``t_``, the curves, the stopping rule on the
+    training loss (or the validation score with ``early_stopping``), and the ``invscaling`` /
+    ``adaptive`` learning rates, written into the run's optimizer state."""
+
+    def __init__(self, estimator: BaseMLP, optimizer, valid, rows: int, incremental: bool):
+        self.estimator, self.optimizer, self.valid = estimator, optimizer, valid
+        self.rows, self.incremental = rows, incremental
+        self.lr = float(estimator.learning_rate_init)
+        self.stopped = False
+
+    def on_epoch_end(self, run: Run, logs: dict) -> bool:
+        est = self.estimator
+        est.params_, est._opt_state, est.state_ = run.carry
+        est.n_iter_ += 1
+        values = [row[0] for row in logs["batch_losses"]]
+        est.loss_ = _weighted_sum(values, logs["batch_rows"]) / self.rows
+        if not math.isfinite(est.loss_):
+            raise ValueError("Solver produced non-finite parameter weights. The input data may "
+                             f"contain large values and need to be preprocessed (the loss "
+                             f"became {est.loss_} in iteration {est.n_iter_}; or "
+                             "learning_rate_init is too large).")
+        est.t_ += self.rows
+        est.loss_curve_.append(est.loss_)
+        if est.verbose:
+            print("Iteration %d, loss = %.8f" % (est.n_iter_, est.loss_))
+        est._update_no_improvement_count(self.valid)
+        if est.solver == "sgd" and est.learning_rate == "invscaling":
+            self.lr = float(est.learning_rate_init) / (est.t_ + 1) ** est.power_t
+            self._set_rate(run)
+        if est._no_improvement_count > est.n_iter_no_change:
+            what = "Validation score" if est.early_stopping else "Training loss"
+            message = (f"{what} did not improve more than tol={est.tol:f} for "
+                       f"{est.n_iter_no_change} consecutive epochs.")
+            if est.solver != "sgd" or est.learning_rate != "adaptive":
+                if est.verbose:
+                    print(message + " Stopping.")
+                self.stopped = True
+                return True
+            if self.lr <= 1e-6:
+                if est.verbose:
+                    print(message + " Learning rate too small. Stopping.")
+                self.stopped = True
+                return True
+            self.lr /= 5.0
+            self._set_rate(run)
+            if est.verbose:
+                print(message + f" Setting learning rate to {self.lr:f}")
+            est._no_improvement_count = 0
+        return False
+
+    def _set_rate(self, run: Run) -> None:
+        opt_state = self.optimizer.with_learning_rate(run.carry.opt_state, self.lr)
+        run.carry = Carry(run.carry.params, opt_state, run.carry.state)
+        self.estimator._opt_state = opt_state

@@ -11,8 +11,6 @@ takes the cautious ends.
 
 from __future__ import annotations
 
-import sys
-
 from fnmlp.nn._linear import Linear
 
 SAVED_PER_LINEAR_S = 150e-6  # per step and Linear layer, the low end of the measurements
@@ -37,8 +35,9 @@ def choose_compile(compile, model, steps: int, *, cached: bool = False) -> tuple
     return compile, "compile=True" if compile else "compile=False"
 
 
-def compiled_before(model, loss, optimizer, l2: float) -> bool:
-    """Whether this process compiled a step of (model, loss, optimizer structure, l2)."""
-    module = sys.modules.get("fnmlp.train._compile")
-    return (module is not None and hasattr(optimizer, "structure")  # else refused later
-            and module.has_graphs(model, loss, optimizer, l2))
+def compiled_before(identity: tuple) -> bool:
+    """Whether this process holds a compiled graph of the step ``identity`` (its graphs' key in
+    the shared cache)."""
+    from fnmlp.train._compile import has_graphs
+
+    return has_graphs(identity)

@@ -1,25 +1,23 @@
-"""The compiled training step: one graph for the manual forward, backward and update.
+"""Compiling a step: tracing, compiling, padding, the one graph cache, verification.
 
-Imported lazily, by ``fnmlp.train`` only when a step is compiled, so that ``import fnmlp`` loads
-no compiler. Its parts, each a small unit:
+Its parts, each a small unit:
 
-- ``step_function``: the pure step over flat tensors, ``(*leaves, x, y, weight[, key]) ->
-  (*leaves, loss)``; row weights are always present, so padding rows are just weight 0;
-- ``compile_graph``: tracing and compiling one graph. On CPU the step is traced once
-  (``make_fx`` under a fake mode) and compiled by inductor directly, with a C++ wrapper and no
-  dynamo guards (a large share of a small step); that private-API path is one function,
-  ``_compile_with_inductor``, with ``torch.compile(..., options=...)`` as its tested fallback.
-  On CUDA it is ``torch.compile(mode="reduce-overhead")``: a CUDA graph, one launch per step;
+- ``compile_graph``: tracing and compiling one graph of a step's flat function (made by
+  ``fnmlp.train._executor``). On CPU the step is traced once (``make_fx`` under a fake mode) and
+  compiled by inductor directly, with a C++ wrapper and no dynamo guards (a large share of a
+  small step); that private-API path is one function, ``_compile_with_inductor``, with
+  ``torch.compile(..., options=...)`` as its tested fallback. On CUDA it is
+  ``torch.compile(mode="reduce-overhead")``: a CUDA graph, one launch per step;
 - ``BatchPadding``: which compiled batch size a batch runs at (a short batch is zero-padded to
   one already compiled rather than compiling a graph of its own);
-- ``CompiledStep``: the graphs of one (model, loss, optimizer structure, options), keyed by what
-  a graph is specialized on (tree structure, shapes, dtypes, device): fnmlp's own guards;
+- ``shared_graphs``: the one bounded (LRU) cache of compiled graphs, keyed by a step's identity
+  (kind, model, loss, optimizer structure, options) and then by what a graph is specialized on
+  (tree structure, shapes, dtypes, thread count, device): fnmlp's own guards. Every kind of
+  step (one network, an ensemble, data-parallel) keeps its graphs here;
 - ``copy_out_of_graph_pool``: CUDA graph outputs live in the graph's pool, which the next
   replay overwrites; one kernel per dtype copies them out so returned parameters stay valid;
 - ``verify``: compares a compiled step with the eager step (compilers have miscompiled
-  update expressions, see ``../shared/PITFALLS.md``);
-- ``shared_compiled_step``: a bounded (LRU) cache of ``CompiledStep`` s, so that a second
-  ``fit`` with the same spec reuses its graphs; it holds graphs, never parameters.
+  update expressions: inductor has dropped ``alpha`` from an ``add`` over a matmul).
 """
 
 from __future__ import annotations
@@ -34,32 +32,12 @@ import warnings
 import torch
 from torch import Tensor
 
-from fnmlp._tree import flatten, through_flat_buckets, tree_builder
-from fnmlp.nn._model import value_and_grad
-from fnmlp.nn._rowsum import plain_sums
+from fnmlp._tree import through_flat_buckets
 from fnmlp.train._errors import CompileVerificationError
 
 _unique = itertools.count()
 _PAD_ROWS = 1024  # a direct call pads by at most max(this, its own rows) rather than recompile
 _CACHE_SIZE = 16
-
-
-def step_function(model, loss, optimizer, spec, keyed: bool, l2: float = 0.0):
-    """The pure step over flat tensors: ``(*leaves, x, y, weight[, key]) -> (*leaves, loss)``,
-    ``leaves`` those of ``(params, opt_state, state)`` laid out by ``spec``."""
-    build = tree_builder(spec)
-
-    def fnmlp_train_step(*args):
-        key = args[-1] if keyed else None
-        *leaves, x, y, weight = args[:-1] if keyed else args
-        params, opt_state, state = build(leaves)
-        value, grads, state = value_and_grad(model, params, x, y, loss, state, key=key,
-                                             weight=weight, l2=l2)
-        params, opt_state = optimizer.unchecked_update(params, grads, opt_state)
-        leaves, _ = flatten((params, opt_state, state))
-        return (*leaves, value)
-
-    return with_own_code(fnmlp_train_step)
 
 
 def with_own_code(function):
@@ -96,7 +74,6 @@ def compile_graph(function, args: list[Tensor], *, compiler: str, cuda_graphs: b
                           stacklevel=3)
             return torch.compile(function, fullgraph=True, dynamic=False,
                                  options=cpu_inductor_options())
-    # Dynamo sets is_compiling() while it traces: its graphs use plain row sums too.
     mode = "reduce-overhead" if cuda_graphs else None
     return torch.compile(function, fullgraph=True, dynamic=False, mode=mode)
 
@@ -122,14 +99,15 @@ def _compile_with_inductor(function, args: list[Tensor]):
 
 def trace(function, args: list[Tensor]):
     """``(graph, fake_args)``: ``function`` traced into an FX graph of aten ops on fake copies
-    of ``args``, with plain row sums (no CPU lane-order emulation in a compiled graph)."""
+    of ``args`` (``function`` is made with the traced kernels: plain row sums, no fused
+    optimizer kernels; see ``fnmlp.train._executor.Kernels``)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     fake_mode = FakeTensorMode(shape_env=ShapeEnv())
     fake_args = [fake_mode.from_tensor(arg, static_shapes=True) for arg in args]
-    with fake_mode, plain_sums():
+    with fake_mode:
         graph = make_fx(function)(*fake_args)
     return graph, fake_args
 
@@ -175,108 +153,41 @@ def pad_rows(values: Tensor, rows: int, axis: int = 0) -> Tensor:
     return padded
 
 
-# --- the graphs of one step -------------------------------------------------------------------
+# --- the one graph cache ----------------------------------------------------------------------
 
 
-class CompiledStep:
-    """The compiled graphs of one (model, loss, optimizer structure, options)."""
+class Graphs:
+    """The compiled graphs of one step identity (its kind, model, loss, optimizer structure and
+    options): by what a graph is specialized on (tree structure, shapes, dtypes, thread count,
+    device) — fnmlp's own guards — and the batch sizes compiled so far."""
 
-    def __init__(self, model, loss, optimizer, *, cuda_graphs: bool | None, compiler: str,
-                 l2: float = 0.0):
-        self.model, self.loss, self.optimizer, self.l2 = model, loss, optimizer, l2
-        self.cuda_graphs, self.compiler = cuda_graphs, compiler
-        self.graphs: dict[tuple, object] = {}  # what a graph is specialized on -> graph
+    def __init__(self):
+        self.by_specialization: dict[tuple, object] = {}
+        self.by_data: dict[tuple, object] = {}  # (spec, data signature) -> the graph last used
         self.padding = BatchPadding()
-        self._ones: dict[tuple, Tensor] = {}  # (rows, padded rows, dtype, device) -> weights
-        self._by_data: dict[tuple, object] = {}  # (spec, data shapes, device) -> last graph
-        self._last: tuple = (None, None, None)  # (spec, data signature, graph) of the last call
-
-    def compiler_for(self, device: torch.device) -> str:
-        return resolve_compiler(self.compiler, device)
-
-    def uses_cuda_graphs(self, device: torch.device) -> bool:
-        return (device.type == "cuda" and self.compiler_for(device) == "dynamo"
-                and self.cuda_graphs is not False)
-
-    def __call__(self, leaves: list[Tensor], spec, x: Tensor, y: Tensor, weight: Tensor | None,
-                 key: Tensor | None, pad_to: int | None = None, *,
-                 own_outputs: bool = False) -> list[Tensor]:
-        """The outputs ``[*leaves, loss]`` of one step; a batch shorter than ``pad_to`` (or than
-        a compiled batch size near it) is zero-padded, its padding weighted 0. ``own_outputs``:
-        ``leaves`` are a graph's outputs of the last step (contiguous, shaped as ``spec``'s
-        graph inputs), so only the data decide which graph runs."""
-        rows, device = x.shape[0], x.device
-        target = self.padding.size_for(max(rows, pad_to or 0), x.dtype, device)
-        data = [pad_rows(x, target), pad_rows(y, target),
-                self._weights(weight, rows, target, x.dtype, device)]
-        if key is not None:
-            data.append(key)
-        if not all(arg.is_contiguous() for arg in data):
-            data = [arg.contiguous() for arg in data]
-        # A CPU graph is specialized on the thread count too (inductor's kernels are).
-        signature = (*[(arg.shape, arg.dtype) for arg in data], torch.get_num_threads(), device)
-        graph, hit = None, False
-        if own_outputs:  # the last call's graph by identity first: hashing a spec costs ~8 µs
-            last_spec, last_signature, last_graph = self._last
-            hit = last_spec is spec and last_signature == signature
-            graph = last_graph if hit else self._by_data.get((spec, signature))
-        if graph is None:
-            if not all(leaf.is_contiguous() for leaf in leaves):
-                leaves = [leaf.contiguous() for leaf in leaves]
-            # What a directly compiled graph is specialized on; dynamo checks the same.
-            specialization = (spec, *signature[:-1], *[(leaf.shape, leaf.dtype)
-                                                       for leaf in leaves], device)
-            graph = self.graphs.get(specialization)
-        graphs = self.uses_cuda_graphs(device)
-        args = [*leaves, *data]
-        with torch.no_grad():
-            if graph is None:
-                function = step_function(self.model, self.loss, self.optimizer, spec,
-                                         keyed=key is not None, l2=self.l2)
-                graph = self.graphs[specialization] = compile_graph(
-                    function, args, compiler=self.compiler_for(device), cuda_graphs=graphs)
-            if not hit:
-                self._by_data[(spec, signature)] = graph
-                self._last = (spec, signature, graph)
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            outputs = graph(*args)
-        return copy_out_of_graph_pool(outputs) if graphs else list(outputs)
-
-    def _weights(self, weight, rows: int, target: int, dtype, device) -> Tensor:
-        if weight is not None:
-            return pad_rows(weight, target)
-        ones = self._ones.get((rows, target, dtype, device))
-        if ones is None:
-            ones = torch.zeros(target, dtype=dtype, device=device)
-            ones[:rows] = 1
-            self._ones[(rows, target, dtype, device)] = ones
-        return ones
 
 
-_SHARED: collections.OrderedDict[tuple, CompiledStep] = collections.OrderedDict()
+_SHARED: collections.OrderedDict[tuple, Graphs] = collections.OrderedDict()
 
 
-def shared_compiled_step(model, loss, optimizer, *, cuda_graphs, compiler,
-                         l2: float = 0.0) -> CompiledStep:
-    """The ``CompiledStep`` for these arguments, shared by every caller; the least recently
-    used of more than ``_CACHE_SIZE`` are dropped (with their graphs)."""
-    key = (model, loss, optimizer.structure, cuda_graphs, compiler, l2)
-    step = _SHARED.get(key)
-    if step is None:
-        step = _SHARED[key] = CompiledStep(model, loss, optimizer, cuda_graphs=cuda_graphs,
-                                           compiler=compiler, l2=l2)
+def shared_graphs(identity: tuple) -> Graphs:
+    """The ``Graphs`` of ``identity``, shared by every step of every kind, so that a second
+    ``fit`` with the same spec reuses them; the least recently used of more than
+    ``_CACHE_SIZE`` identities are dropped (with their graphs). It holds graphs, never
+    parameters."""
+    graphs = _SHARED.get(identity)
+    if graphs is None:
+        graphs = _SHARED[identity] = Graphs()
         while len(_SHARED) > _CACHE_SIZE:
             _SHARED.popitem(last=False)
-    _SHARED.move_to_end(key)
-    return step
+    _SHARED.move_to_end(identity)
+    return graphs
 
 
-def has_graphs(model, loss, optimizer, l2: float) -> bool:
-    """Whether a shared compiled step of (model, loss, optimizer structure, l2) holds a graph."""
-    return any(key[:3] == (model, loss, optimizer.structure) and key[5] == l2 and step.graphs
-               for key, step in _SHARED.items())
-
+def has_graphs(identity: tuple) -> bool:
+    """Whether the cache holds a compiled graph for ``identity``."""
+    graphs = _SHARED.get(identity)
+    return graphs is not None and bool(graphs.by_specialization)
 
 # --- outputs ----------------------------------------------------------------------------------
 

@@ -1,25 +1,24 @@
-"""The training loop: epochs of minibatch steps at the edge of the pure core."""
+"""``fit`` of one network: its checks, then the one training loop (``fnmlp.train._loop``)
+over a ``TrainStep`` (or the steps a ``Strategy`` makes: data-parallel ranks)."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import sys
 
 import torch
+from torch import Tensor
 
 from fnmlp import _validate
-from fnmlp._tree import tree_leaves
-from fnmlp.nn._dropout import make_key
-from fnmlp.nn._losses import Loss, mse
-from fnmlp.nn._model import MLP, Params, State, check_loss, check_l2, forward
-from fnmlp.nn._primitive import EVAL
-from fnmlp.train._errors import NonFiniteLossError
+from fnmlp.nn import MLP, Loss, Params, State, check_l2, check_loss, mse
 from fnmlp.train._auto import choose_compile, compiled_before
+from fnmlp.train._errors import NonFiniteLossError
+from fnmlp.train._executor import Carry
+from fnmlp.train._loop import BatchSource, EarlyStopping, Run, all_finite, train_loop
+from fnmlp.train._policies import Callback, Checkpointer, Reporter
+from fnmlp.train._run import restore_run
+from fnmlp.train._step import TrainStep, network_identity
 from fnmlp.train._threads import check_threads, describe_threads
-from fnmlp.train._run import Run, restore_run, save_run
-from fnmlp.train._step import TrainStep, train_step
 
 
 @dataclasses.dataclass
@@ -72,14 +71,12 @@ def fit(
     restore_best: bool = False,
     on_epoch_end=None,
     progress: bool | None = None,
-    distributed: bool = False,
+    strategy: Strategy | None = None,
 ) -> FitResult:
     """Train ``params`` for ``epochs`` passes over (x, y) in minibatches of ``batch_size``.
 
     Arguments:
-        model, params: the network spec and its parameters (not modified); an
-            ``fnmlp.Ensemble`` and its stacked parameters train every member at once
-            (``Ensemble.fit``: its extra options, per-member rates and bagging, are there).
+        model, params: the network spec and its parameters (not modified).
         x: (n, in_features) inputs; y: (n, out_features) targets, or (n,) class labels for
             cross-entropy. Tensors on the parameters' dtype and device, or arrays.
         epochs, batch_size: passes over the data and rows per step (the last batch may be
@@ -117,74 +114,43 @@ def fit(
         on_epoch_end: ``f(epoch, logs) -> stop?``, ``logs`` a dict with ``train_loss`` (and
             ``valid_loss``); a true result stops the fit.
         progress: a progress bar over the epochs (tqdm); default: when stderr is a terminal.
-        distributed: data-parallel over the ranks ``torchrun`` started (``fnmlp.distributed``):
-            every rank runs this fit on the same data; each global batch's rows are split
-            across the ranks, their gradients summed by one all-reduce, and the result is the
-            one-process fit of the same global batches (to rounding). Rank 0's parameters (and
-            shuffling stream) are broadcast first; only rank 0 prints and checkpoints.
+        strategy: where the steps run: this process (the default) or data-parallel ranks
+            (``fnmlp.fit(..., distributed=True)`` passes ``fnmlp.distributed``'s).
 
     Returns a ``FitResult``; a loss that turns NaN or inf raises ``NonFiniteLossError`` (after
     checkpointing the last finite parameters, when checkpointing).
     """
-    from fnmlp.ensemble import Ensemble
-
-    if isinstance(model, Ensemble):  # every member in one step: Ensemble.fit
-        unsupported = {"checkpoint": checkpoint, "resume": resume, "verify": verify,
-                       "on_epoch_end": on_epoch_end, "progress": progress,
-                       "distributed": distributed,
-                       "threads": None if threads == "auto" else threads}
-        given = [name for name, value in unsupported.items() if value not in (None, False)]
-        if given:
-            raise ValueError(f"fit of an Ensemble does not support {', '.join(given)} yet")
-        return model.fit(params, x, y, epochs=epochs, batch_size=batch_size,
-                         optimizer=optimizer, loss=loss, l2=l2, sample_weight=sample_weight,
-                         valid=valid, shuffle=shuffle, generator=generator, opt_state=opt_state,
-                         state=state, patience=patience, min_delta=min_delta,
-                         restore_best=restore_best, compile=compile, compiler=compiler,
-                         verbose=verbose)
+    if not isinstance(model, MLP):
+        raise TypeError(f"fit trains an fnmlp.MLP (fnmlp.fit also takes an fnmlp.Ensemble), "
+                        f"got {type(model).__name__}; for a torch.nn module use "
+                        "fnmlp.from_torch(module) first")
     check_loss(loss)
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")
-    _check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
-                       on_epoch_end, progress, valid)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
+                      on_epoch_end, progress, valid, generator)
+    strategy = strategy or Strategy()
     like = model.check_params(params)
     choose_compile(compile, model, 0)  # a bad value is refused before any work
     check_threads(threads)
-    lead = True
-    if distributed:
-        from fnmlp import distributed as data_parallel
-
-        if verify or compiler != "auto" or threads != "auto":
-            raise ValueError("verify=, compiler= and threads= are not supported with "
-                             "distributed=True")
-        data_parallel.init(device=like.device)
-        lead = data_parallel.rank() == 0
-        verbose, progress = verbose and lead, progress if lead else False
+    strategy.setup(like, verify=verify, compiler=compiler)
     x, y = model.check_data(params, x, y, loss=loss, like=like)
+    l2 = check_l2(l2)
     compile, reason = choose_compile(
         compile, model, -(-x.shape[0] // batch_size) * epochs,
-        cached=compile == "auto" and compiled_before(model, loss, optimizer, check_l2(l2)))
-    if distributed and data_parallel.any_rank(compile) != compile:  # all ranks alike
-        compile, reason = True, "another rank compiles"
-    if verbose:
+        cached=compile == "auto" and compiled_before(
+            network_identity(model, loss, optimizer, l2, None, compiler)))
+    compile, reason = strategy.agree_compile(compile, reason)
+    if verbose and strategy.lead:
         print(f"fnmlp: {'compiled' if compile else 'eager'} steps ({reason})"
-              + ("" if distributed else f"; {describe_threads(threads, model, batch_size)}"))
-    if distributed:
-        step = data_parallel.DistributedStep(model, loss, optimizer, compile=compile, l2=l2)
-    else:
-        step = train_step(model, loss, optimizer, compile=compile, verify=verify,
-                          compiler=compiler, l2=l2, threads=threads)
-    if not _all_finite(params):
+              f"; {describe_threads(threads, model, batch_size)}")
+    step = strategy.make_step(model, loss, optimizer, compile=compile, verify=verify,
+                              compiler=compiler, l2=l2, threads=threads)
+    if not all_finite(params):
         raise ValueError("params contain NaN or inf before training; start from finite "
                          "parameters (e.g. model.init)")
     weight = _validate.as_weights(sample_weight, x.shape[0], like)
-    if valid is not None:
-        if not (isinstance(valid, (tuple, list)) and len(valid) == 2):
-            raise TypeError("valid must be a pair (x_valid, y_valid)")
-        valid = model.check_data(params, *valid, loss=loss, like=like,
-                                 names=("x_valid", "y_valid"))
+    valid = check_valid(model, params, valid, loss, like)
     if state is None:
         state = model.init_state(dtype=like.dtype, device=like.device)
     else:
@@ -197,178 +163,104 @@ def fit(
             "choose another batch_size)")
     settings = {}
     if checkpoint is not None:  # refused now rather than at the first checkpoint
-        from fnmlp.interop._spec import encode_spec
-
-        encode_spec(model)  # a custom primitive or optimizer cannot be checkpointed
-        encode_spec(optimizer)
-        settings = {"batch_size": batch_size, "shuffle": shuffle, "loss": encode_spec(loss),
-                    "weighted": weight is not None, "rows": x.shape[0], "l2": step.l2}
+        settings = checkpoint_settings(model, optimizer, loss, batch_size=batch_size,
+                                       shuffle=shuffle, weighted=weight is not None,
+                                       rows=x.shape[0], l2=l2)
     if (shuffle or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
-    if distributed:  # the same data and loop on every rank, or a clear error before any work
-        data_parallel.check_same_run(x, y, weight, valid, epochs=epochs, batch_size=batch_size,
-                                     shuffle=shuffle, resume=resume)
+    strategy.check_same_run(x, y, weight, valid, epochs=epochs, batch_size=batch_size,
+                            shuffle=shuffle, resume=resume)
     run = None
     if resume:
         run = restore_run(checkpoint, model, optimizer, like, generator, settings, epochs)
-        if run is not None and not _all_finite(run.params):
+        if run is not None and not all_finite(run.carry.params):
             raise ValueError(f"{checkpoint} holds non-finite parameters")
     if run is None:
         if opt_state is None:
             opt_state = optimizer.init(params)
         else:
             optimizer.check(params, None, opt_state)
-        run = Run(params, opt_state, state)
+        run = Run(Carry(params, opt_state, state))
         if model.has_dropout:
             run.dropout_seed = int(torch.randint(0, 2**32, (), generator=generator,
                                                  device=generator.device))
-    if distributed:  # every rank goes on from rank 0's parameters and shuffling stream
-        data_parallel.check_same({"epoch": run.epoch, "steps done": run.steps_done},
-                                 "the run each rank starts or resumes (its checkpoint file)")
-        run.params, run.opt_state, generator = data_parallel.start_alike(
-            run.params, run.opt_state, generator)
-
-    epochs_left = range(run.epoch, epochs if not run.stopped else run.epoch)
-    with torch.no_grad(), _progress_bar(progress, epochs_left) as bar:
-        try:
-            for epoch in epochs_left:
-                run.epoch = epoch
-                try:
-                    train_loss = _train_epoch(run, step, model, x, y, weight, batch_size,
-                                              shuffle, generator, compile)
-                except NonFiniteLossError as error:
-                    if checkpoint is not None and lead:  # the last finite state too
-                        save_run(f"{os.fspath(checkpoint)}.nonfinite", run, model, optimizer,
-                                 generator, settings)
-                        error.args = (f"{error.args[0]}; the last finite state is saved at "
-                                      f"{os.fspath(checkpoint)}.nonfinite",)
-                    raise
-                logs = {"train_loss": train_loss}
-                run.train_loss.append(train_loss)
-                if valid is not None:
-                    if distributed:  # each rank its shard of the rows, summed
-                        logs["valid_loss"] = step.evaluate(run.params, *valid)
-                    else:
-                        prediction = forward(model, run.params, valid[0], run.state, EVAL)[0]
-                        logs["valid_loss"] = loss(prediction, valid[1]).item()
-                    run.valid_loss.append(logs["valid_loss"])
-                    if run.improved(logs["valid_loss"], min_delta):
-                        run.best = (run.params, run.state)  # kept for restore_best on resume
-                _report(epoch, logs, verbose, bar)
-                early = patience is not None and run.waited >= patience  # final, even resumed
-                asked = on_epoch_end is not None and bool(on_epoch_end(epoch, logs))
-                if distributed:  # one rank's callback stops every rank
-                    asked = data_parallel.any_rank(asked)
-                run.epoch, run.stopped = epoch + 1, early
-                if checkpoint is not None and lead and (early or asked or run.epoch == epochs
-                                                        or run.epoch % checkpoint_every == 0):
-                    save_run(checkpoint, run, model, optimizer, generator, settings)
-                if early or asked:
-                    break
-        finally:
-            step.forget()
-    if distributed:  # return once rank 0's last checkpoint is written
-        data_parallel.wait_for_all("waiting for rank 0 to finish", data_parallel.DEFAULT_TIMEOUT)
-    params, state = run.best if restore_best and run.best is not None else (run.params,
-                                                                            run.state)
-    return FitResult(params=params, opt_state=run.opt_state,
-                     history=History(run.train_loss, run.valid_loss), state=state)
+    generator = strategy.start(run, generator)
+    source = BatchSource(
+        x, y, weight, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        pad_to=batch_size if compile and x.shape[0] > batch_size else None,
+        check_rows=(lambda w, where: model.check_training_rows(w.shape[0], w, where))
+        if model.has_batch_statistics else None)
+    policies = [EarlyStopping(step, patience, min_delta),
+                Reporter(verbose, progress, range(run.epoch, epochs), step.lead)]
+    if on_epoch_end is not None:
+        policies.append(Callback(on_epoch_end, 1))
+    saver = None if checkpoint is None else Checkpointer(checkpoint, step, generator, settings,
+                                                          checkpoint_every)
+    try:
+        train_loop(step, source, run, epochs=epochs, valid=valid, policies=policies,
+                   checkpoint=saver, on_non_finite="raise")
+    except NonFiniteLossError as error:
+        error.history = History([v[0] for v in run.train_loss],
+                                [v[0] for v in run.valid_loss])
+        raise
+    strategy.finish()
+    params, state = (run.best if restore_best and run.best is not None
+                     else (run.carry.params, run.carry.state))
+    return FitResult(params=params, opt_state=run.carry.opt_state,
+                     history=History([v[0] for v in run.train_loss],
+                                     [v[0] for v in run.valid_loss]), state=state)
 
 
-def _train_epoch(run: Run, step: TrainStep, model: MLP, x, y, weight, batch_size: int,
-                 shuffle: bool, generator, compile: bool) -> float:
-    """One pass over (x, y), advancing ``run``; the mean of the batch losses."""
-    n = x.shape[0]
-    pad_to = batch_size if compile and n > batch_size else None
-    order = None
-    if shuffle:
-        order = torch.randperm(n, generator=generator, device=generator.device).to(x.device)
-    batch_losses = []
-    if run.previous is None:
-        run.previous = (run.params, run.opt_state, run.state)
-    for batch, start in enumerate(range(0, n, batch_size)):
-        rows = slice(start, start + batch_size) if order is None else \
-            order[start:start + batch_size]
-        batch_weight = None if weight is None else weight[rows]
-        if batch_weight is not None:
-            if not bool(batch_weight.any()):
-                continue  # every row weighs 0: nothing to learn, no step
-            if shuffle:  # a shuffled batch's weights are known only now
-                model.check_training_rows(len(batch_weight), batch_weight,
-                                          f" (epoch {run.epoch}, batch {batch})")
-        key = None
-        if run.dropout_seed is not None:
-            key = make_key(run.dropout_seed, run.steps_done, device=x.device)
-        params, opt_state, value, state = step.run(
-            run.params, run.opt_state, run.state, x[rows], y[rows], weight=batch_weight,
-            key=key, pad_to=pad_to)
-        value = value.item()
-        if not math.isfinite(value):
-            if not _all_finite(run.params):  # the previous update overflowed: step back
-                run.params, run.opt_state, run.state = run.previous
-                run.steps_done -= 1
-            _raise_non_finite(run, f"the loss became {value} in epoch {run.epoch}, batch {batch}",
-                              batch)
-        run.steps_done += 1
-        run.previous = (run.params, run.opt_state, run.state)
-        run.params, run.opt_state, run.state = params, opt_state, state
-        batch_losses.append(value)
-    if not _all_finite(run.params):  # the epoch's last update overflowed
-        run.params, run.opt_state, run.state = run.previous
-        run.steps_done -= 1
-        _raise_non_finite(run, f"the parameters became NaN or inf in the last step of epoch "
-                               f"{run.epoch}", None)
-    return sum(batch_losses) / len(batch_losses) if batch_losses else math.nan
+class Strategy:
+    """Where one network's steps run: this process. (``fnmlp.distributed`` provides the
+    data-parallel one: every rank runs the same fit on its shard of each batch.)"""
+
+    lead = True
+
+    def setup(self, like: Tensor, *, verify: bool, compiler: str) -> None:
+        """Called once the parameters are checked, before any work."""
+
+    def agree_compile(self, compile: bool, reason: str) -> tuple[bool, str]:
+        return compile, reason
+
+    def make_step(self, model, loss, optimizer, *, compile, verify, compiler, l2, threads):
+        return TrainStep(model, loss, optimizer, compile=compile, verify=verify,
+                         compiler=compiler, l2=l2, threads=threads)
+
+    def check_same_run(self, x, y, weight, valid, **settings) -> None:
+        """Refuse a run that differs between processes."""
+
+    def start(self, run: Run, generator):
+        """The generator to shuffle with, once ``run`` is made or restored."""
+        return generator
+
+    def finish(self) -> None:
+        """Called after the last epoch."""
 
 
-def _raise_non_finite(run: Run, what: str, batch: int | None) -> None:
-    raise NonFiniteLossError(
-        f"{what}; the error carries the last finite parameters (.params) and the history so "
-        "far; try a smaller learning rate",
-        epoch=run.epoch, batch=batch, params=run.params, opt_state=run.opt_state,
-        history=History(list(run.train_loss), list(run.valid_loss)), state=run.state)
+def check_valid(model, params, valid, loss, like: Tensor, member=None):
+    """``valid`` as checked tensors ``(x_valid, y_valid)``, or None."""
+    if valid is None:
+        return None
+    if not (isinstance(valid, (tuple, list)) and len(valid) == 2):
+        raise TypeError("valid must be a pair (x_valid, y_valid)")
+    return model.check_data(params, *valid, loss=loss, like=like, names=("x_valid", "y_valid"))
 
 
-def _report(epoch: int, logs: dict, verbose: bool, bar) -> None:
-    if verbose:
-        line = f"Epoch: {epoch} - L: {logs['train_loss']:.4f}"
-        if "valid_loss" in logs:
-            line += f" - L_v {logs['valid_loss']:.4f}"
-        print(line)
-    if bar is not None:
-        bar.set_postfix({"loss": f"{logs['train_loss']:.4g}",
-                         **({"valid": f"{logs['valid_loss']:.4g}"} if "valid_loss" in logs
-                            else {})})
+def checkpoint_settings(model, optimizer, loss, **settings) -> dict:
+    """What must be the same to resume a checkpointed fit; refuses (now rather than at the
+    first checkpoint) a model or optimizer that cannot be saved."""
+    from fnmlp.interop import encode_spec
+
+    encode_spec(model)
+    encode_spec(optimizer)
+    return {**settings, "loss": encode_spec(loss)}
 
 
-class _progress_bar:  # noqa: N801 (a context manager used like a function)
-    """A tqdm bar over ``epochs`` when asked (or, by default, when stderr is a terminal)."""
-
-    def __init__(self, progress: bool | None, epochs: range):
-        shown = progress if progress is not None else sys.stderr.isatty()
-        self.bar = None
-        if shown and len(epochs):
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=len(epochs), unit="epoch", initial=0)
-        self._epochs = epochs
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def set_postfix(self, values: dict) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(values)
-            self.bar.update(1)
-
-
-def _check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
-                       on_epoch_end, progress, valid) -> None:
+def check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
+                      on_epoch_end, progress, valid, generator) -> None:
+    """Refuse a bad option of the loop, naming it (before any work)."""
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
     _validate.check_positive_int(checkpoint_every, "checkpoint_every")
@@ -386,7 +278,6 @@ def _check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta
         raise TypeError(f"on_epoch_end must be callable, got {on_epoch_end!r}")
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be True, False or None, got {progress!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
-
-def _all_finite(tree) -> bool:
-    return all(bool(torch.isfinite(leaf).all()) for leaf in tree_leaves(tree))

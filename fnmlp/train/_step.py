@@ -1,9 +1,9 @@
-"""The training step as one pure function, eager or compiled into one graph.
+"""One network's training step: the manual forward, the manual backward and the optimizer
+update as one pure function, run eagerly or compiled by the ``Executor``.
 
 ``train_step(model, loss, optimizer)`` returns ``step(params, opt_state, x, y) -> (params,
-opt_state, loss)``: the manual forward, the manual backward and the optimizer update. This module
-checks the input, reuses the leaves it returned last, and dispatches to the eager functions or
-to the compiled graphs (``fnmlp.train._compile``, imported only when a step is compiled).
+opt_state, loss)``, which checks its input; ``TrainStep.run`` is the unchecked step the training
+loop calls (the step kind of one network).
 """
 
 from __future__ import annotations
@@ -12,71 +12,70 @@ import torch
 from torch import Tensor
 
 from fnmlp import _validate
-from fnmlp._tree import flatten, tree_builder
-from fnmlp.nn._losses import Loss
-from fnmlp.nn._model import MLP, check_loss, check_l2, value_and_grad
-from fnmlp.optim._optimizers import ClipByGlobalNorm, Optimizer
-from fnmlp.train._denormals import flushed_denormals
-from fnmlp.train._threads import StepThreads
+from fnmlp.nn import (EVAL, MLP, Loss, check_l2, check_loss, dropout_key, forward,
+                      value_and_grad)
+from fnmlp.optim import ClipByGlobalNorm, Optimizer
+from fnmlp.train._executor import EAGER, Carry, Executor, Kernels
+from fnmlp.train._loop import Batch, StepKind
 
 COMPILERS = ("auto", "inductor", "dynamo")
 
 
-def eager_step(model: MLP, loss: Loss, optimizer, params, opt_state, state, x: Tensor,
-               y: Tensor, weight: Tensor | None, key: Tensor | None, l2: float = 0.0):
-    """``(params, opt_state, loss, state)`` after one step of the eager functions."""
-    with torch.no_grad():
-        value, grads, state = value_and_grad(model, params, x, y, loss, state, key=key,
-                                             weight=weight, l2=l2)
-        params, opt_state = optimizer.unchecked_update(params, grads, opt_state)  # checked by callers
-    return params, opt_state, value, state
+def check_step_options(loss, optimizer, compiler: str) -> None:
+    """Refuse a loss, optimizer or compiler a step cannot take, naming it."""
+    check_loss(loss)
+    if compiler not in COMPILERS:
+        raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
+    if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):
+        raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
+                        f"got {optimizer!r}")
 
 
-class _LastOutputs:
-    """What a step returned last: trees it made are known valid (their checks are skipped),
-    and a compiled step's leaves need no flattening when they are passed back."""
+def network_step(model: MLP, loss: Loss, optimizer, l2: float, kernels: Kernels):
+    """The pure step of one network, ``(carry, x, y, weight, key) -> (carry, loss)``."""
 
-    def __init__(self):
-        self.clear()
+    def step(carry: Carry, x: Tensor, y: Tensor, weight: Tensor | None, key: Tensor | None):
+        params, opt_state, state = carry
+        value, grads, new_state = value_and_grad(
+            model, params, x, y, loss, state, key=key, weight=weight, l2=l2,
+            lane_order_sums=kernels.lane_order_sums)
+        params, opt_state = optimizer.unchecked_update(params, grads, opt_state,
+                                                       fused=kernels.fused_optimizer)
+        return (params, opt_state, new_state), value
 
-    def clear(self) -> None:
-        self.trees, self.leaves, self.spec, self.like = (None, None, None), None, None, None
-        self.builder = None  # ``tree_builder(spec)``, kept: hashing a spec costs ~8 µs
-
-    def knows(self, trees: tuple) -> bool:
-        last = self.trees
-        return trees[0] is last[0] and trees[1] is last[1] and trees[2] is last[2]
-
-    def remember(self, trees: tuple, like: Tensor, leaves: list | None = None,
-                 spec=None, builder=None) -> None:
-        self.trees, self.like, self.leaves, self.spec = trees, like, leaves, spec
-        self.builder = builder
+    return step
 
 
-class TrainStep:
+def network_identity(model: MLP, loss: Loss, optimizer, l2: float, cuda_graphs, compiler: str
+                     ) -> tuple:
+    """What one network's compiled step depends on besides its inputs (its graphs' key)."""
+    return ("network", model, loss, getattr(optimizer, "structure", optimizer), l2,
+            cuda_graphs, compiler)
+
+
+def _row_axes(layout: tuple) -> tuple:
+    return (0, 0, 0, None)  # x, y, weight by rows; the dropout key is not
+
+
+class TrainStep(StepKind):
     """``step(params, opt_state, x, y) -> (params, opt_state, loss)``; see ``train_step``."""
 
     def __init__(self, model: MLP, loss: Loss, optimizer, *, compile: bool = True,
                  verify: bool = False, cuda_graphs: bool | None = None, compiler: str = "auto",
                  l2: float = 0.0, threads: int | str = "auto", flush_denormals: bool = True):
-        if compiler not in COMPILERS:
-            raise ValueError(f"compiler must be one of {COMPILERS}, got {compiler!r}")
-        self._threads = StepThreads(threads, model)  # checks ``threads``
-        check_loss(loss)
-        if not isinstance(optimizer, (Optimizer, ClipByGlobalNorm)):
-            raise TypeError(f"optimizer must be an fnmlp optimizer such as fnmlp.sgd(0.01), "
-                            f"got {optimizer!r}")
+        if not isinstance(model, MLP):
+            raise TypeError(f"model must be an fnmlp.MLP, got {type(model).__name__}")
+        check_step_options(loss, optimizer, compiler)
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.l2 = check_l2(l2)
-        self.flush_denormals = bool(flush_denormals)
-        self.compiled = None
-        if compile:
-            from fnmlp.train._compile import shared_compiled_step
-
-            self.compiled = shared_compiled_step(model, loss, optimizer, cuda_graphs=cuda_graphs,
-                                                 compiler=compiler, l2=self.l2)
-        self._verify_next = verify and compile
-        self._last = _LastOutputs()
+        identity = network_identity(model, loss, optimizer, self.l2, cuda_graphs, compiler)
+        self.executor = Executor(
+            identity, lambda kernels, layout: network_step(model, loss, optimizer, self.l2,
+                                                            kernels),
+            _row_axes, compile=compile, compiler=compiler, verify=verify,
+            cuda_graphs=cuda_graphs, threads=threads, model=model, eager_kernels=EAGER,
+            flush_denormals=flush_denormals)
+        self.compiled = self.executor.compiled
 
     def __call__(self, params, opt_state, x, y, *, state=None, sample_weight=None,
                  key: Tensor | None = None):
@@ -95,8 +94,9 @@ class TrainStep:
         ``fit`` checks the data once).
         """
         model_state = self.model.state_or_default(None, None) if state is None else state
-        known = self._last.knows((params, opt_state, model_state))
-        like = self._last.like if known else self.model.check_params(params)
+        carry = Carry(params, opt_state, model_state)
+        known = self.executor.knows(carry)
+        like = self.executor.last_like if known else self.model.check_params(params)
         x, y = self.model.check_data(params, x, y, loss=self.loss, finite=False, like=like)
         self.loss.check_labels(y, self.model.out_features)  # a compiled graph cannot raise
         if not known:
@@ -106,57 +106,28 @@ class TrainStep:
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
         self.model.check_training_rows(x.shape[0], weight)  # a compiled graph cannot raise
         key = self.model.check_key(key, x.device)
-        params, opt_state, value, new_state = self.run(params, opt_state, model_state, x, y,
-                                                       weight=weight, key=key)
-        return (params, opt_state, value) if state is None else (params, opt_state, value,
-                                                                new_state)
+        new, value = self.run(carry, Batch(x, y, weight, key, x.shape[0], None, (True,)))
+        return (new.params, new.opt_state, value) if state is None else (
+            new.params, new.opt_state, value, new.state)
 
-    def run(self, params, opt_state, state, x: Tensor, y: Tensor, *,
-            weight: Tensor | None = None, key: Tensor | None = None, pad_to: int | None = None):
-        """``(params, opt_state, loss, state)``: ``__call__`` without its checks, for callers
-        that validated the data. ``pad_to``: pad a compiled step's short batch to this size."""
-        with self._threads(max(x.shape[0], pad_to or 0), x.device):
-            return self._run(params, opt_state, state, x, y, weight, key, pad_to)
-
-    def _run(self, params, opt_state, state, x, y, weight, key, pad_to):
-        if self.compiled is None:
-            params, opt_state, value, new_state = eager_step(
-                self.model, self.loss, self.optimizer, params, opt_state, state, x, y, weight, key,
-                self.l2)
-            if not self.model.has_state:  # no tensors: keep the caller's object
-                new_state = state
-            self._last.remember((params, opt_state, new_state), x)
-            return params, opt_state, value, new_state
-        trees = (params, opt_state, state)
-        own = self._last.knows(trees) and self._last.leaves is not None
-        if own:
-            leaves, spec, build = self._last.leaves, self._last.spec, self._last.builder
-        else:
-            leaves, spec = flatten(trees)
-            build = tree_builder(spec)
-        flush = self.flush_denormals and x.device.type == "cpu" and torch.get_num_threads() == 1
-        with flushed_denormals(flush):
-            outputs = self.compiled(leaves, spec, x, y, weight, key, pad_to, own_outputs=own)
-        if self._verify_next:
-            self._verify(trees, x, y, weight, key, outputs)
-        leaves = outputs[:-1]
-        new_params, opt_state, new_state = build(leaves)
+    def run(self, carry: Carry, batch: Batch, active=None) -> tuple[Carry, Tensor]:
+        """``(carry, loss)``: ``__call__`` without its checks (the loop's step)."""
+        new, value = self.executor(carry, [batch.x, batch.y, batch.weight, batch.key],
+                                   batch.rows, batch.pad_to)
         if not self.model.has_state:  # no tensors: keep the caller's object (leaf reuse)
-            new_state = state
-        self._last.remember((new_params, opt_state, new_state), x, leaves, spec, build)
-        return new_params, opt_state, outputs[-1], new_state
+            new = Carry(new.params, new.opt_state, carry.state)
+        return new, value
+
+    def dropout_key(self, seed: int, step: int, device: torch.device) -> Tensor:
+        return dropout_key(seed, step, device=device)
+
+    def valid_losses(self, carry: Carry, x: Tensor, y: Tensor) -> list[float]:
+        prediction = forward(self.model, carry.params, x, carry.state, EVAL)[0]
+        return [self.loss(prediction, y).item()]
 
     def forget(self) -> None:
         """Drop the references to the last outputs (they are kept for reuse)."""
-        self._last.clear()
-
-    def _verify(self, trees, x, y, weight, key, outputs) -> None:
-        from fnmlp.train._compile import verify
-
-        params, opt_state, value, state = eager_step(self.model, self.loss, self.optimizer,
-                                                     *trees, x, y, weight, key, self.l2)
-        verify(outputs, [*flatten((params, opt_state, state))[0], value])
-        self._verify_next = False
+        self.executor.forget()
 
 
 def train_step(model: MLP, loss: Loss, optimizer, *, compile: bool = True, verify: bool = False,

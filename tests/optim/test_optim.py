@@ -5,7 +5,6 @@ import dataclasses
 
 import pytest
 import torch
-import torch.fx.experimental.proxy_tensor
 
 import fnmlp
 from helpers import leaves, relative, torch_state_as_fnmlp
@@ -150,72 +149,6 @@ def test_cosine_floor_is_absolute_when_the_rate_is_changed():
     assert S.cosine(0.1, 10, 0.01)(10).item() == pytest.approx(0.01, rel=1e-15)
 
 
-FUSED = {**{name: CONFIGS[name] for name in ["adam", "adam-wd-amsgrad", "adamw", "adamw-amsgrad",
-                                             "adam-cosine", "sgd-momentum", "sgd-dampening-wd",
-                                             "sgd-nesterov"]},
-         "adam-maximize": fnmlp.adam(0.01, maximize=True, weight_decay=0.01),
-         "sgd-maximize": fnmlp.sgd(0.05, momentum=0.9, maximize=True)}
-
-
-@pytest.mark.parametrize("dtype, tolerance", [(F64, 1e-15), (torch.float32, 1e-6)])
-@pytest.mark.parametrize("name", list(FUSED))
-def test_fused_kernels_match_the_formulas(name, dtype, tolerance, monkeypatch):
-    """On CPU an eager Adam or momentum-SGD update is one call of torch's fused kernel: each step
-    within rounding of the per-leaf formula (the one compiled and batched steps trace), and
-    nothing passed in changes (gradients included)."""
-    from fnmlp.optim import _optimizers
-
-    optimizer = FUSED[name]
-    model, params, x, y = _problem()
-    params = fnmlp._tree.tree_map(lambda t: t.to(dtype), params)
-    x, y = x.to(dtype), y.to(dtype)
-    calls = []
-    for kernel in ("_fused_adam_", "_fused_adamw_", "_fused_sgd_"):
-        original = getattr(torch, kernel)
-        monkeypatch.setattr(torch, kernel, lambda *a, _k=original, **k: calls.append(1) or
-                            _k(*a, **k))
-    state = optimizer.init(params)
-    for step in range(20):
-        _, grads = model.value_and_grad(params, x[step % 5 * 8:][:8], y[step % 5 * 8:][:8])
-        before = [t.clone() for t in leaves((params, grads, state))]
-        fused = optimizer.update(params, grads, state)
-        assert all(torch.equal(a, b) for a, b in zip(before, leaves((params, grads, state))))
-        monkeypatch.setattr(_optimizers, "_FUSED_KERNELS", False)
-        formula = optimizer.update(params, grads, state)
-        monkeypatch.setattr(_optimizers, "_FUSED_KERNELS", True)
-        for a, b in zip(leaves(fused), leaves(formula)):
-            assert a.dtype == b.dtype and relative(a, b) <= tolerance, (step, relative(a, b))
-        params, state = fused
-    assert len(calls) == 20 and state.step.item() == 20
-
-
-def test_fused_kernels_only_where_they_apply():
-    """The formula path runs for plain SGD (one operation a leaf, bit-identical to the twin),
-    a tree of mixed dtypes, parameters that record autograd history, and inside vmap."""
-    from fnmlp.optim._optimizers import _fusable
-
-    one = (torch.ones(3, dtype=F64),)
-    assert _fusable(one, one) is not None
-    assert _fusable((torch.ones(3, dtype=F64), torch.ones(2)), (torch.ones(3, dtype=F64),
-                                                                torch.ones(2))) is None
-    assert _fusable((torch.ones(3, dtype=F64, requires_grad=True),), one) is None
-    assert torch.func.vmap(lambda p: torch.tensor(_fusable((p,), (p,)) is None))(
-        torch.ones(2, 3)).all()
-    params = (torch.ones(3, dtype=F64),)
-    sgd = fnmlp.sgd(0.1)
-    new, _ = sgd.update(params, params, sgd.init(params))
-    assert torch.equal(new[0], torch.addcmul(params[0], params[0], torch.tensor(-0.1, dtype=F64)))
-    # the kernels walk raw memory: strided leaves (a transposed weight, an expanded gradient)
-    # take the formula, and so does any tracing (the kernels read the rate as a number)
-    square = torch.randn(4, 3, dtype=F64)
-    assert _fusable((square.t(),), (square.t().contiguous(),)) is None
-    assert _fusable((square,), (torch.ones(3, dtype=F64).expand(4, 3),)) is None
-    traced = []
-    torch.fx.experimental.proxy_tensor.make_fx(
-        lambda p: traced.append(_fusable((p,), (p,))) or p)(torch.ones(2))
-    assert traced == [None]
-
-
 @pytest.mark.parametrize("optimizer", [fnmlp.adam(0.01), fnmlp.sgd(0.05, momentum=0.9)],
                          ids=repr)
 def test_a_transposed_weight_is_updated_as_a_contiguous_one(optimizer):
@@ -228,7 +161,7 @@ def test_a_transposed_weight_is_updated_as_a_contiguous_one(optimizer):
     results = []
     for params in (strided, plain):
         state = optimizer.init(params)
-        for _ in range(3):
-            params, state = optimizer.update(params, grads, state)
+        for _ in range(3):  # the strided one takes the formulas, the plain one the kernel
+            params, state = optimizer.update(params, grads, state, fused=True)
         results.append(params)
     assert relative(results[0].weight, results[1].weight) <= 1e-15

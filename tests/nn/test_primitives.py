@@ -14,7 +14,7 @@ TRAIN = Context(train=True)
 
 def _torch_module(primitive):
     """The primitive's nn module, through the interop registry."""
-    return _registry.rule_for_primitive(primitive).to_torch(primitive, (), (), 0, {}, False)
+    return _registry.module_for(primitive, (), (), 0)
 
 
 def _forward(primitive, params, x, context=TRAIN):

@@ -1,7 +1,8 @@
-"""One rank of the data-parallel tests (tests/test_distributed.py), started by the test with
-RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (or in a single process, without them).
+"""One rank of the data-parallel tests (tests/distributed/test_distributed.py), started by
+the test with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set (or in a single process,
+without them).
 
-    python tests/distributed_worker.py OUT_DIR MODE [options as JSON]
+    python tests/distributed/distributed_worker.py OUT_DIR MODE [options as JSON]
 
 MODE "steps": DistributedStep directly on the seed workload's global batches, the parameters
 after every step saved; "fit": fnmlp.fit(distributed=...) with the options (checkpoint, resume,
@@ -17,6 +18,7 @@ import time
 import torch
 
 import fnmlp
+from fnmlp.train.engine import Batch, Carry
 from fnmlp._tree import flatten
 from fnmlp.workloads import seed_data, seed_model
 
@@ -45,13 +47,12 @@ def main(out_dir: str, mode: str, options: dict) -> None:
                                                          "collective", "in_graph"))
         else:
             step = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False, l2=l2)
-        opt_state, state = optimizer.init(params), model.state_or_default(None, None)
+        carry = Carry(params, optimizer.init(params), model.state_or_default(None, None))
         history = []
         for start in range(0, x.shape[0], batch):
-            params, opt_state, value, state = step.run(params, opt_state, state,
-                                                       x[start:start + batch],
-                                                       y[start:start + batch])
-            history.append(([leaf.clone() for leaf in flatten(params)[0]], value.item()))
+            xb, yb = x[start:start + batch], y[start:start + batch]
+            carry, value = step.run(carry, Batch(xb, yb, None, None, xb.shape[0], None, (True,)))
+            history.append(([leaf.clone() for leaf in flatten(carry.params)[0]], value.item()))
         result["history"] = history
     else:
         fault = options.get("fault")

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import fnmlp
+from fnmlp.distributed._step import check_distributable
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-13  # relative, float64: the reduction order differs from one process
 
 
@@ -138,13 +139,13 @@ def test_ranks_must_agree_and_one_stop_request_stops_all(tmp_path):
 
 def test_distributed_refuses_what_it_cannot_reproduce():
     with pytest.raises(ValueError, match="BatchNorm"):
-        fnmlp.distributed.check_distributable(
+        check_distributable(
             fnmlp.MLP(3, [fnmlp.Dense(4), fnmlp.BatchNorm(), fnmlp.Linear(1)]), fnmlp.mse)
     with pytest.raises(ValueError, match="Dropout"):
-        fnmlp.distributed.check_distributable(
+        check_distributable(
             fnmlp.MLP(3, [fnmlp.Dense(4), fnmlp.Dropout(0.5), fnmlp.Linear(1)]), fnmlp.mse)
     with pytest.raises(ValueError, match="class weights"):
-        fnmlp.distributed.check_distributable(fnmlp.MLP(3, [fnmlp.Linear(2)]),
+        check_distributable(fnmlp.MLP(3, [fnmlp.Linear(2)]),
                                               fnmlp.CrossEntropy(weight=(1.0, 2.0)))
     with pytest.raises(fnmlp.distributed.DistributedError, match="torchrun"):
         model = fnmlp.MLP(3, [fnmlp.Linear(1)])

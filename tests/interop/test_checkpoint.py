@@ -15,7 +15,7 @@ import fnmlp
 from helpers import leaves
 
 F64 = torch.float64
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _everything():

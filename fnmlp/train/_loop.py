@@ -1,0 +1,351 @@
+"""The one training loop: a batch source, a kind of step, and policies.
+
+Every fit (``fnmlp.fit`` of a network, ``Ensemble.fit``, data-parallel ``fit(distributed=
+True)``, the scikit-learn estimators) runs ``train_loop``:
+
+- ``BatchSource``: each epoch's order (one permutation from the explicit generator and one
+  gather of the rows, on the data's device), row weights (bagging counts too), the batches
+  without weight skipped, the zero-weight padding of a short batch (``pad_to``), the dropout
+  key of each step from the step counter;
+- a ``StepKind``: one network (``fnmlp.train.TrainStep``), an ensemble (``EnsembleStep``:
+  vmapped members, an ``active`` mask) or data-parallel shards (``DistributedStep``);
+- policies, called after every epoch in order: early stopping (one value, or one per
+  member), the estimators' rules, progress and logging, callbacks, checkpoints.
+
+A step's losses stay on the device and are read once per epoch. A loss that became NaN or inf
+is found then; one network's fit replays the epoch up to that batch (steps are deterministic)
+and raises ``NonFiniteLossError`` with the last finite parameters, while an ensemble puts the
+diverged members back to the epoch's start and trains them no more.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+from fnmlp._tree import tree_leaves
+from fnmlp.train._errors import NonFiniteLossError
+from fnmlp.train._executor import Carry
+
+
+class Batch(NamedTuple):
+    """One step's data: ``x``, ``y``, row ``weight`` (None: all 1), dropout ``key`` (None: no
+    dropout), ``rows``, ``pad_to`` (a compiled step pads a short batch to it) and ``stepped``
+    (per member, whether the batch has weight for it: its loss counts)."""
+
+    x: Tensor
+    y: Tensor
+    weight: Tensor | None
+    key: Tensor | None
+    rows: int
+    pad_to: int | None
+    stepped: tuple
+
+
+class StepKind:
+    """What the loop needs of a kind of step; the defaults are those of one process."""
+
+    members: int = 1  # losses per step
+    lead: bool = True  # this process prints and checkpoints (rank 0)
+    model: object = None  # what a checkpoint saves (an ``MLP`` or an ``Ensemble``)
+    optimizer: object = None
+
+    def run(self, carry: Carry, batch: Batch, active: Tensor | None = None
+            ) -> tuple[Carry, Tensor]:
+        """``(carry, losses)`` after one step; ``active``: (K,) members that step."""
+        raise NotImplementedError
+
+    def dropout_key(self, seed: int, step: int, device: torch.device) -> Tensor:
+        raise NotImplementedError
+
+    def valid_losses(self, carry: Carry, x: Tensor, y: Tensor) -> list[float]:
+        """Each member's loss on (x, y) in evaluation mode."""
+        raise NotImplementedError
+
+    def select(self, keep: Sequence[bool], new, old):
+        """Per member: ``new`` where ``keep``, else ``old`` (trees of this kind)."""
+        return new if keep[0] else old
+
+    def agree(self, flag: bool) -> bool:
+        """``flag`` as every process sees it (true if any process's is)."""
+        return flag
+
+    def forget(self) -> None:
+        """Drop references kept between steps."""
+
+
+class BatchSource:
+    """The batches of each epoch over (x, y) with optional row weights.
+
+    Arguments:
+        x, y: the rows; ``x`` a tensor, or anything indexable by a NumPy array of rows
+            (a scipy sparse matrix) with ``densify`` making a batch of it a tensor.
+        weight: (n,) row weights, (K, n) per member, or None.
+        batch_size, shuffle, generator: rows per step; a permutation per epoch from
+            ``generator`` (else in order).
+        pad_to: the size a compiled step pads a short batch to (None: no padding).
+        check_rows: ``check_rows(weight, where)``: a check of each shuffled weighted batch
+            (``BatchNorm``'s rows of non-zero weight), or None.
+    """
+
+    def __init__(self, x, y: Tensor, weight: Tensor | None, *, batch_size: int,
+                 shuffle: bool = False, generator: torch.Generator | None = None,
+                 pad_to: int | None = None, members: int = 1,
+                 densify: Callable | None = None, check_rows: Callable | None = None):
+        self.x, self.y, self.weight = x, y, weight
+        self.rows = y.shape[0]
+        self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
+        self.pad_to, self.members = pad_to, members
+        self.densify, self.check_rows = densify, check_rows
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return -(-self.rows // self.batch_size)
+
+    def epoch(self, step: StepKind, run: Run) -> list[Batch]:
+        """The epoch's batches (their dropout keys from ``run.steps_done`` on)."""
+        n, size = self.rows, self.batch_size
+        x, y, weight = self.x, self.y, self.weight
+        if self.shuffle:  # one permutation and one gather per epoch; the batches are slices
+            order = torch.randperm(n, generator=self.generator, device=self.generator.device)
+            order = order.to(y.device)
+            x = (x.index_select(0, order) if isinstance(x, Tensor)
+                 else x[order.cpu().numpy()])
+            y = y.index_select(0, order)
+            weight = None if weight is None else weight.index_select(weight.dim() - 1, order)
+        stepped = self._stepped(weight)
+        batches, steps = [], run.steps_done
+        for index, start in enumerate(range(0, n, size)):
+            if not any(stepped[index]):
+                continue  # no weight in this batch for any member: nothing to learn, no step
+            rows = slice(start, start + size)
+            xb = x[rows] if self.densify is None else self.densify(x[rows])
+            wb = None if weight is None else weight[..., rows]
+            if wb is not None and self.check_rows is not None and self.shuffle:
+                self.check_rows(wb, f" (epoch {run.epoch}, batch {index})")
+            key = None if run.dropout_seed is None else step.dropout_key(run.dropout_seed,
+                                                                          steps, y.device)
+            batches.append(Batch(xb, y[rows], wb, key, xb.shape[0], self.pad_to,
+                                 stepped[index]))
+            steps += 1
+        return batches
+
+    def _stepped(self, weight: Tensor | None) -> list[tuple]:
+        """Per batch, per member: whether it has weight (one sync for the epoch)."""
+        count, members = self.batches_per_epoch, self.members
+        if weight is None:
+            return [(True,) * members] * count
+        padded = torch.nn.functional.pad(weight, (0, count * self.batch_size - self.rows))
+        sums = padded.reshape(*weight.shape[:-1], count, self.batch_size).sum(-1)
+        has = (sums > 0).reshape(-1, count).T  # (batches, weight sets)
+        rows = has.tolist()
+        return [tuple(r) * (members if len(r) == 1 else 1) for r in rows]
+
+
+@dataclasses.dataclass
+class Run:
+    """A fit in progress, at the start of ``epoch``: what a checkpoint holds to continue it
+    bit-identically. Per-member lists have one entry for a single network."""
+
+    carry: Carry
+    members: int = 1
+    epoch: int = 0
+    steps_done: int = 0
+    train_loss: list = dataclasses.field(default_factory=list)  # per epoch, per member
+    valid_loss: list = dataclasses.field(default_factory=list)
+    dropout_seed: int | None = None
+    best_loss: list = None
+    best_epoch: list = None
+    waited: list = None
+    stopped_epoch: list = None  # early stopping, per member (final)
+    diverged_epoch: list = None
+    best: tuple | None = None  # (params, state) at each member's best validation loss
+    extras: dict = dataclasses.field(default_factory=dict)  # the policies' own state (JSON)
+    tensors: dict = dataclasses.field(default_factory=dict)  # and tensors (bagging counts)
+
+    def __post_init__(self):
+        k = self.members
+        self.best_loss = self.best_loss or [math.inf] * k
+        self.best_epoch = self.best_epoch or [None] * k
+        self.waited = self.waited or [0] * k
+        self.stopped_epoch = self.stopped_epoch or [None] * k
+        self.diverged_epoch = self.diverged_epoch or [None] * k
+
+    @property
+    def active(self) -> list[bool]:
+        return [s is None and d is None for s, d in zip(self.stopped_epoch, self.diverged_epoch)]
+
+
+class Policy:
+    """Something done after every epoch; ``on_epoch_end`` returns True to stop the fit."""
+
+    def on_epoch_end(self, run: Run, logs: dict) -> bool:
+        return False
+
+    def on_non_finite(self, run: Run, error: NonFiniteLossError) -> None:
+        """Called before a ``NonFiniteLossError`` leaves the loop (``run`` at the last finite
+        step)."""
+
+    def close(self) -> None:
+        """Called when the loop ends, however it ends."""
+
+
+class EarlyStopping(Policy):
+    """A member stops (keeps its parameters; the others go on) after ``patience`` epochs
+    without its validation loss improving by more than ``min_delta``; each member's best
+    parameters and state are kept in ``run.best`` (for ``restore_best``)."""
+
+    def __init__(self, step: StepKind, patience: int | None, min_delta: float):
+        self.step, self.patience, self.min_delta = step, patience, min_delta
+
+    def on_epoch_end(self, run: Run, logs: dict) -> bool:
+        losses = logs.get("valid_losses")
+        if losses is None:
+            return False
+        active, improved = run.active, []
+        for k, value in enumerate(losses):
+            better = active[k] and value < run.best_loss[k] - self.min_delta
+            if better:
+                run.best_loss[k], run.best_epoch[k], run.waited[k] = value, logs["epoch"], 0
+            elif active[k]:
+                run.waited[k] += 1
+            improved.append(better)
+        if any(improved):  # kept even without restore_best: a resumed fit may ask for it
+            current = (run.carry.params, run.carry.state)
+            run.best = current if run.best is None else self.step.select(improved, current,
+                                                                         run.best)
+        if self.patience is not None:
+            for k in range(run.members):
+                if active[k] and run.waited[k] >= self.patience:
+                    run.stopped_epoch[k] = logs["epoch"] + 1
+        return not any(run.active)
+
+
+def all_finite(tree) -> bool:
+    """Whether every leaf of ``tree`` is finite (one sync)."""
+    leaves = [leaf for leaf in tree_leaves(tree) if leaf.is_floating_point()]
+    if not leaves:
+        return True
+    return bool(torch.stack([leaf.isfinite().all() for leaf in leaves]).all())
+
+
+def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
+               valid: tuple | None = None, policies: Sequence[Policy] = (),
+               checkpoint: Policy | None = None, on_non_finite: str = "raise") -> Run:
+    """Train ``run`` to ``epochs`` (or until a policy stops it); returns ``run``.
+
+    ``valid``: (x, y) whose loss each member gets per epoch (``logs["valid_losses"]``);
+    ``checkpoint``: saves ``run`` after the policies (``epoch_done(run, final)``);
+    ``on_non_finite``: "raise" (``NonFiniteLossError``) or "freeze" (an ensemble's diverged
+    members go back to the epoch's start and train no more).
+    """
+    members = run.members
+    try:
+        with torch.no_grad():
+            for epoch in range(run.epoch, epochs):
+                if not any(run.active):
+                    break
+                run.epoch = epoch
+                start, start_steps = run.carry, run.steps_done
+                active = _active_mask(run, step, source)
+                batches = source.epoch(step, run)
+                losses = []
+                for batch in batches:
+                    run.carry, loss = step.run(run.carry, batch, active)
+                    run.steps_done += 1
+                    losses.append(loss)
+                values = (torch.stack(losses).reshape(len(losses), members).tolist()
+                          if losses else [])
+                epoch_losses = _epoch_means(values, [b.stepped for b in batches], members)
+                if on_non_finite == "raise":
+                    _raise_if_non_finite(step, run, batches, values, start, start_steps,
+                                         [*policies, checkpoint])
+                else:
+                    _freeze_diverged(step, run, epoch_losses,
+                                     [b.stepped for b in batches], start)
+                run.train_loss.append(epoch_losses)
+                logs = {"epoch": epoch, "train_losses": epoch_losses, "batch_losses": values,
+                        "batch_rows": [b.rows for b in batches]}
+                if valid is not None:
+                    logs["valid_losses"] = step.valid_losses(run.carry, *valid)
+                    run.valid_loss.append(logs["valid_losses"])
+                run.epoch = epoch + 1
+                stop = False
+                for policy in policies:
+                    stop = policy.on_epoch_end(run, logs) or stop
+                stop = step.agree(stop)
+                if checkpoint is not None:
+                    checkpoint.epoch_done(run, final=stop or run.epoch == epochs)
+                if stop:
+                    break
+    finally:
+        step.forget()
+        for policy in [*policies, checkpoint]:
+            if policy is not None:
+                policy.close()
+    return run
+
+
+def _active_mask(run: Run, step: StepKind, source: BatchSource) -> Tensor | None:
+    """(K,) booleans of the members that step, for an ensemble (None: all, or one network)."""
+    if run.members == 1:
+        return None
+    device = source.y.device
+    return torch.tensor(run.active, device=device)
+
+
+def _epoch_means(values: list[list[float]], stepped: list[tuple], members: int) -> list[float]:
+    """Each member's mean over the batches it stepped in (NaN for none)."""
+    means = []
+    for k in range(members):
+        mine = [row[k] for row, s in zip(values, stepped) if s[k]]
+        means.append(sum(mine) / len(mine) if mine else math.nan)
+    return means
+
+
+def _raise_if_non_finite(step: StepKind, run: Run, batches: list[Batch], values: list,
+                         start: Carry, start_steps: int, policies) -> None:
+    """For one network: if a loss became NaN or inf (or the last update overflowed), put
+    ``run`` back to the last finite step by replaying the epoch to it, and raise."""
+    bad = next((i for i, row in enumerate(values) if not math.isfinite(row[0])), None)
+    if bad is None and all_finite(run.carry.params):
+        return
+    upto = bad if bad is not None else len(batches) - 1  # steps before the failing one
+    carries = [start]
+    for batch in batches[:upto]:
+        carries.append(step.run(carries[-1], batch)[0])
+    if bad is not None and not all_finite(carries[-1].params) and upto > 0:
+        carries.pop()  # the update before the failing loss overflowed: one more step back
+    run.carry, run.steps_done = carries[-1], start_steps + len(carries) - 1
+    if bad is not None:
+        what = f"the loss became {values[bad][0]} in epoch {run.epoch}, batch {bad}"
+    else:
+        what = f"the parameters became NaN or inf in the last step of epoch {run.epoch}"
+    error = NonFiniteLossError(
+        f"{what}; the error carries the last finite parameters (.params) and the history so "
+        "far; try a smaller learning rate",
+        epoch=run.epoch, batch=bad, params=run.carry.params, opt_state=run.carry.opt_state,
+        history=None, state=run.carry.state)
+    for policy in policies:
+        if policy is not None:
+            policy.on_non_finite(run, error)
+    raise error
+
+
+def _freeze_diverged(step: StepKind, run: Run, epoch_losses: list[float],
+                     stepped: list[tuple], start: Carry) -> None:
+    """Members whose epoch loss is NaN or inf go back to the epoch's start, diverged (a member
+    without weight all epoch has no loss, NaN, and did not diverge)."""
+    active = run.active
+    diverged = [active[k] and any(s[k] for s in stepped) and not math.isfinite(value)
+                for k, value in enumerate(epoch_losses)]
+    if not any(diverged):
+        return
+    run.carry = Carry(*step.select([not d for d in diverged], tuple(run.carry), tuple(start)))
+    for k, d in enumerate(diverged):
+        if d:
+            run.diverged_epoch[k] = run.epoch

@@ -1,0 +1,32 @@
+"""The training engine's building blocks, for the kinds of training built on it (ensembles,
+data-parallel ranks, the scikit-learn estimators) and for a user's own.
+
+- ``Executor``: runs a kind's pure step function ``f(carry, *data) -> (carry, loss)`` eagerly
+  or compiled through the one graph cache, with ``verify``, ``threads`` and the denormal flush;
+  ``Kernels`` (``EAGER``, ``BATCHED``, ``TRACED``) is how the function computes;
+- ``StepKind``: what the loop needs of a step (``TrainStep`` is one network's);
+- ``BatchSource``, ``Batch``, ``Run``, ``Carry``, ``train_loop``: the one loop;
+- policies: ``EarlyStopping``, ``Reporter``, ``Callback``, ``Checkpointer`` (``Policy`` is
+  their base), ``restore_run`` to resume;
+- ``Strategy``: where one network's steps run (this process, or data-parallel ranks);
+- checks shared by every fit: ``check_run_options``, ``check_valid``, ``checkpoint_settings``,
+  ``check_step_options``, ``check_threads``; ``choose_compile`` for ``compile="auto"``.
+"""
+
+from fnmlp.train._auto import choose_compile, compiled_before
+from fnmlp.train._executor import BATCHED, EAGER, TRACED, Carry, Executor, Kernels
+from fnmlp.train._fit import Strategy, check_run_options, check_valid, checkpoint_settings
+from fnmlp.train._loop import (Batch, BatchSource, EarlyStopping, Policy, Run, StepKind,
+                               all_finite, train_loop)
+from fnmlp.train._policies import Callback, Checkpointer, Reporter, summary
+from fnmlp.train._run import restore_run
+from fnmlp.train._step import TrainStep, check_step_options, network_identity
+from fnmlp.train._threads import check_threads, describe_threads
+
+__all__ = [
+    "Executor", "Kernels", "EAGER", "BATCHED", "TRACED", "Carry", "StepKind", "TrainStep",
+    "Batch", "BatchSource", "Run", "train_loop", "all_finite", "Policy", "EarlyStopping",
+    "Reporter", "Callback", "Checkpointer", "restore_run", "summary", "Strategy",
+    "check_run_options", "check_valid", "checkpoint_settings", "check_step_options",
+    "check_threads", "describe_threads", "choose_compile", "compiled_before", "network_identity",
+]
