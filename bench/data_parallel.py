@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import fnmlp
+from fnmlp.train.engine import Batch, Carry
 from fnmlp._tree import flatten  # DistributedStep's parts: no public form (see ranked)
 from workloads import WORKLOADS  # bench/'s: a script's own folder is on sys.path
 
@@ -40,11 +41,11 @@ def single(name: str, steps: int, compile: bool, quick: bool) -> dict:
     optimizer = fnmlp.sgd(lr)
     step = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=compile)
     opt_state, state = optimizer.init(params), model.state_or_default(None, None)
-    out = step.run(params, opt_state, state, x, y)
+    out, _ = step.run(Carry(params, opt_state, state), Batch.of(x, y))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        out = step.run(out[0], out[1], state, x, y)
+        out, _ = step.run(out, Batch.of(x, y))
         times.append(time.perf_counter() - start)
     return {"step_us": 1e6 * statistics.median(times)}
 
@@ -86,12 +87,12 @@ def ranked(name: str, steps: int, compile: bool, quick: bool) -> dict:
         for collective in ("between", "in_graph"):
             whole = fnmlp.distributed.DistributedStep(model, fnmlp.mse, optimizer, compile=True,
                                                       collective=collective)
-            out = whole.run(params, opt_state, state, x, y)
+            out, _ = whole.run(Carry(params, opt_state, state), Batch.of(x, y))
             times = []
             for _ in range(steps):
                 torch.distributed.barrier()
                 start = time.perf_counter()
-                out = whole.run(out[0], out[1], state, x, y)
+                out, _ = whole.run(out, Batch.of(x, y))
                 times.append(time.perf_counter() - start)
             result[f"whole_step_{collective}_us"] = 1e6 * statistics.median(times)
     result["bucket_bytes"] = bucket.numel() * bucket.element_size()

@@ -18,6 +18,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 import fnmlp
+from fnmlp.train.engine import Batch, Carry
 from fnmlp import workloads as seed
 
 SIZES = (1, 8, 32, 128)
@@ -42,8 +43,9 @@ class EnsembleContender:
         self.setup_seconds = time.perf_counter() - start
 
     def run(self):
-        self.params, self.opt_state, losses, _ = self.step.run(
-            self.params, self.opt_state, self.state, self.x, self.y)
+        carry, _ = self.step.run(Carry(self.params, self.opt_state, self.state),
+                                 Batch.of(self.x, self.y))
+        self.params, self.opt_state = carry.params, carry.opt_state
 
 
 class SequentialContender:
@@ -58,14 +60,14 @@ class SequentialContender:
         self.state = self.model.state_or_default(None, None)
         self.x, self.y = x, y
         start = time.perf_counter()
-        self.step.run(self.members[0], self.opt_states[0], self.state, x, y)
+        self.step.run(Carry(self.members[0], self.opt_states[0], self.state), Batch.of(x, y))
         self.setup_seconds = time.perf_counter() - start
 
     def run(self):
         for i in range(len(self.members)):
-            p, s, value, _ = self.step.run(self.members[i], self.opt_states[i], self.state,
-                                           self.x, self.y)
-            self.members[i], self.opt_states[i] = p, s
+            carry, _ = self.step.run(Carry(self.members[i], self.opt_states[i], self.state),
+                                     Batch.of(self.x, self.y))
+            self.members[i], self.opt_states[i] = carry.params, carry.opt_state
 
 
 class TorchFuncContender:
@@ -141,7 +143,7 @@ class GemmFloorContender:
         state = ensemble.check_model_state(None, x)
 
         def function(p, o, s, xb, yb):
-            return step.run(p, o, s, xb, yb)
+            return step.run(Carry(p, o, s), Batch.of(xb, yb))
 
         graph = make_fx(function)(params, opt_state, state, x, y)
         g = torch.Generator().manual_seed(0)

@@ -17,6 +17,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import fnmlp
+from fnmlp.train.engine import Batch, Carry
 from fnmlp import workloads
 
 
@@ -54,9 +55,11 @@ def main() -> None:
         worst, losses = 0.0, []
         for first in range(0, x.shape[0], batch):
             xb, yb = x[first:first + batch], y[first:first + batch]
-            p_parallel, s_parallel, loss, _ = parallel.run(p_parallel, s_parallel, state, xb, yb)
+            carry, loss = parallel.run(Carry(p_parallel, s_parallel, state), Batch.of(xb, yb))
+            p_parallel, s_parallel = carry.params, carry.opt_state
             if rank == 0:  # the one-process run of the same global batch
-                p_alone, s_alone, loss_alone, _ = alone.run(p_alone, s_alone, state, xb, yb)
+                carry, loss_alone = alone.run(Carry(p_alone, s_alone, state), Batch.of(xb, yb))
+                p_alone, s_alone = carry.params, carry.opt_state
                 worst = max(worst, relative_difference(p_parallel, p_alone))
                 losses.append((loss.item(), loss_alone.item()))
         if rank == 0:

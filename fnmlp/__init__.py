@@ -11,6 +11,7 @@ Layers of the design, one subpackage each: ``fnmlp.nn`` (primitives, losses, the
 """
 
 from fnmlp import distributed, ensemble, interop, metrics, nn, optim, train, workloads
+from fnmlp._errors import FnmlpError
 from fnmlp._tree import pytree_dataclass
 from fnmlp.ensemble import Ensemble
 from fnmlp.interop import (Checkpoint, CheckpointError, TorchTwin, from_torch, load, register,
@@ -41,7 +42,7 @@ __all__ = [
     "sgd", "adam", "adamw", "rmsprop", "adagrad", "clip_by_global_norm", "schedules",
     # training
     "train_step", "TrainStep", "fit", "FitResult", "History", "CompileVerificationError",
-    "NonFiniteLossError", "Ensemble",
+    "NonFiniteLossError", "FnmlpError", "Ensemble",
     # interop, checkpoints and the rest
     "to_torch", "from_torch", "TorchTwin", "set_dropout_key", "save", "load", "Checkpoint",
     "CheckpointError", "register", "metrics", "workloads",

@@ -131,3 +131,14 @@ def test_nothing_changes_when_an_error_is_raised(setup):
     with pytest.raises(ValueError):
         _fit(model, params, x, y[:10])
     assert all(torch.equal(a, b) for a, b in zip(before, (params[0].weight, x, y)))
+
+
+def test_every_fnmlp_error_has_one_base_and_keeps_its_builtin_one():
+    from fnmlp.interop._spec import SpecError
+
+    for error, builtin in [(fnmlp.CheckpointError, RuntimeError),
+                           (fnmlp.NonFiniteLossError, RuntimeError),
+                           (fnmlp.distributed.DistributedError, RuntimeError),
+                           (fnmlp.CompileVerificationError, RuntimeError),
+                           (SpecError, ValueError)]:
+        assert issubclass(error, fnmlp.FnmlpError) and issubclass(error, builtin)

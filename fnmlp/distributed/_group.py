@@ -12,11 +12,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fnmlp._tree import through_flat_buckets
+from fnmlp._errors import FnmlpError
 
 DEFAULT_TIMEOUT = 60.0  # seconds a collective may wait for the other ranks
 
 
-class DistributedError(RuntimeError):
+class DistributedError(FnmlpError, RuntimeError):
     """Another rank failed, died or stopped responding (or the group could not be joined)."""
 
 

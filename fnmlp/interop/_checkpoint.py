@@ -27,6 +27,7 @@ from torch import Tensor
 
 from fnmlp import _registry
 from fnmlp.interop import _spec
+from fnmlp._errors import FnmlpError
 
 FORMAT = "fnmlp-checkpoint"
 VERSION = 1
@@ -48,15 +49,16 @@ class ModelKind(Protocol):
         """The initial state."""
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(FnmlpError, RuntimeError):
     """A file that is not a readable fnmlp checkpoint (truncated, corrupted, foreign, newer)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Checkpoint:
     """What ``fnmlp.load`` returns: ``model`` (an ``MLP``, an ``Ensemble``), ``params``,
-    ``state`` (a tuple of ``()`` for a stateless ``MLP``), ``opt_state`` and ``optimizer`` (None if not saved), ``metadata`` and the
-    ``extra`` trees (a fit's generator state and best parameters)."""
+    ``state`` (a tuple of ``()`` for a stateless ``MLP``), ``opt_state`` and ``optimizer``
+    (None if not saved), ``metadata`` and the ``extra`` trees (a fit's generator state and best
+    parameters)."""
 
     model: ModelKind
     params: Any

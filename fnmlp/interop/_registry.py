@@ -8,7 +8,6 @@ set here, and a user's class is registered, twin included, by one call of ``regi
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 

@@ -15,13 +15,14 @@ from torch import Tensor
 
 from fnmlp import _registry, _tree
 from fnmlp.nn._model import MLP
+from fnmlp._errors import FnmlpError
 
 # MLP keeps the layout it had before the registry ({"kind", "in_features", "layers"}), so that
 # files stay readable both ways
 _registry.add(MLP, "model")
 
 
-class SpecError(ValueError):
+class SpecError(FnmlpError, ValueError):
     """Plain data that does not describe an fnmlp spec or tree."""
 
 

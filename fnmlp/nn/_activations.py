@@ -254,17 +254,15 @@ def _build_table(generation: int) -> tuple[dict[str, Activation], dict[str, str]
     by_name: dict[str, Activation] = {}
     aliases: dict[str, str] = {}
     for entry in _registry.entries("primitive"):
-        for name, activation in named_instances(entry.cls).items():
-            by_name[name] = activation
-        for alias in entry.cls.__dict__.get("aliases", ()):
-            aliases[alias] = entry.cls.name
+        by_name.update(named_instances(entry.cls))
+        aliases.update(dict.fromkeys(_own_aliases(entry.cls), entry.cls.__dict__.get("name")))
     return by_name, aliases
 
 
 def named_instances(cls: type) -> dict[str, Activation]:
     """The instances ``cls`` offers by name: its own ``name`` (default options) and its
     ``variants``; none for a class that is no activation or inherits its ``name``."""
-    if not (isinstance(cls, type) and issubclass(cls, Activation)) or "name" not in cls.__dict__:
+    if not _names_itself(cls):
         return {}
     found = {cls.name: cls()}
     for name, options in cls.__dict__.get("variants", {}).items():
@@ -272,11 +270,19 @@ def named_instances(cls: type) -> dict[str, Activation]:
     return found
 
 
+def _names_itself(cls: type) -> bool:
+    """Whether ``cls`` is an activation with a ``name`` of its own (not inherited)."""
+    return isinstance(cls, type) and issubclass(cls, Activation) and "name" in cls.__dict__
+
+
+def _own_aliases(cls: type) -> tuple[str, ...]:
+    return cls.__dict__.get("aliases", ()) if _names_itself(cls) else ()
+
+
 def new_names(cls: type) -> list[str]:
     """The names (and aliases) ``cls`` would select by; raises ``ValueError`` for one that
     another activation holds already."""
-    names = [*named_instances(cls), *(cls.__dict__.get("aliases", ())
-                                       if "name" in cls.__dict__ else ())]
+    names = [*named_instances(cls), *_own_aliases(cls)]
     by_name, aliases = _table()
     for name in names:
         holder = type(by_name[name]).__name__ if name in by_name else \

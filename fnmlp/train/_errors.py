@@ -1,11 +1,13 @@
 """The training layer's errors."""
 
+from fnmlp._errors import FnmlpError
 
-class CompileVerificationError(RuntimeError):
+
+class CompileVerificationError(FnmlpError, RuntimeError):
     """The compiled step disagreed with the eager step (a compiler bug); use compile=False."""
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(FnmlpError, RuntimeError):
     """The loss became NaN or inf. Carries the last finite parameters, optimizer state and model
     state, and the history so far."""
 

@@ -121,9 +121,9 @@ def fit(
     checkpointing the last finite parameters, when checkpointing).
     """
     if not isinstance(model, MLP):
-        raise TypeError(f"fit trains an fnmlp.MLP (fnmlp.fit also takes an fnmlp.Ensemble), "
-                        f"got {type(model).__name__}; for a torch.nn module use "
-                        "fnmlp.from_torch(module) first")
+        raise TypeError(f"fnmlp.train.fit trains one fnmlp.MLP, got {type(model).__name__}; "
+                        "an ensemble trains with fnmlp.fit or Ensemble.fit, and a torch.nn "
+                        "module converts with fnmlp.from_torch(module)")
     check_loss(loss)
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")

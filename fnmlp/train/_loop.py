@@ -45,6 +45,13 @@ class Batch(NamedTuple):
     pad_to: int | None
     stepped: tuple
 
+    @classmethod
+    def of(cls, x: Tensor, y: Tensor, weight: Tensor | None = None,
+           key: Tensor | None = None) -> Batch:
+        """A batch of checked data for ``StepKind.run`` (its rows: ``x``'s next-to-last
+        dimension)."""
+        return cls(x, y, weight, key, x.shape[-2], None, (True,))
+
 
 class StepKind:
     """What the loop needs of a kind of step; the defaults are those of one process."""

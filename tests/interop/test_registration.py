@@ -5,6 +5,8 @@ saves and loads."""
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -288,6 +290,10 @@ def test_an_ensemble_saves_and_loads_bit_identically(tmp_path):
     assert loaded.model == ensemble and loaded.optimizer == optimizer
     assert _same(loaded.params, params) and _same(loaded.state, state)
     assert _same(loaded.opt_state, opt_state) and loaded.metadata == {"members": 3}
+    fresh = subprocess.run(  # a fresh process knows the kind by `import fnmlp` alone
+        [sys.executable, "-c", "import sys, fnmlp; print(fnmlp.load(sys.argv[1]).model.size)",
+         str(tmp_path / "ensemble.fnmlp")], capture_output=True, text=True, cwd=ROOT)
+    assert fresh.stdout.strip() == "3", fresh.stderr[-2000:]
 
     with pytest.raises(ValueError, match="params must be stacked for 3 members"):
         fnmlp.save(tmp_path / "b", ensemble, model.init(dtype=F64))

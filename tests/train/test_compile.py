@@ -55,7 +55,7 @@ def test_every_seed_step_compiled_matches_eager_and_twin(compiler, device):
             worst["twin"] = max(worst["twin"], _worst(
                 ours, [p.detach() for p in twin.parameters()] + [twin_loss]))
     assert worst["eager"] <= 1e-13 and worst["twin"] <= 1e-13, worst
-    assert len(compiled.compiled.graphs) == 1  # the short last batch was padded into the same graph
+    assert len(compiled.executor.graphs.by_specialization) == 1  # the short last batch was padded into the same graph
 
 
 @pytest.mark.slow
@@ -77,7 +77,9 @@ def test_compiled_fit_through_dynamo_has_no_recompiles_and_matches_eager_fit(dev
             step(compiled.params, state, xb, yb)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 1  # 0: compiled before
     # fit ran on the dynamo graph this step holds (one for every batch and call)
-    assert step.compiled.compiler_for(x.device) == "dynamo" and len(step.compiled.graphs) == 1
+    from fnmlp.train import _compile
+    assert _compile.resolve_compiler(step.executor.compiler, x.device) == "dynamo"
+    assert len(step.executor.graphs.by_specialization) == 1
     eager = fnmlp.fit(model, params, x, y, epochs=32, batch_size=333, optimizer=optimizer,
                       valid=(xv, yv))
     for a, b in [(compiled.history.train_loss, eager.history.train_loss),
@@ -91,15 +93,15 @@ def test_compiled_steps_are_shared_and_the_learning_rate_is_an_input():
     model = seed_model()
     a = fnmlp.train_step(model, fnmlp.mse, fnmlp.sgd(0.01))
     b = fnmlp.train_step(seed_model(), fnmlp.mse, fnmlp.sgd(0.5), verify=True)
-    assert a.compiled is b.compiled  # the graphs are shared ...
-    assert b._verify_next and not a._verify_next  # ... and verifying one step changes no other
+    assert a.executor.graphs is b.executor.graphs  # the graphs are shared ...
+    assert b.executor._verify_next and not a.executor._verify_next  # ... verifying one changes no other
     x, y, _, _ = seed_data()
     params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
     small = a(params, fnmlp.sgd(0.01).init(params), x[:333], y[:333])[0]
     large = a(params, fnmlp.sgd(0.5).init(params), x[:333], y[:333])[0]
     keyed = a(params, fnmlp.sgd(0.5).init(params), x[:333], y[:333],
               key=fnmlp.dropout_key(0, 1))[0]  # a key for a model without dropout draws nothing
-    assert len(a.compiled.graphs) == 1
+    assert len(a.executor.graphs.by_specialization) == 1
     assert all(torch.equal(k, l) for k, l in zip(leaves(keyed), leaves(large)))
     ratio = (large[0].weight - params[0].weight) / (small[0].weight - params[0].weight)
     torch.testing.assert_close(ratio, torch.full_like(ratio, 50.0))
@@ -116,8 +118,7 @@ def test_verify_catches_a_miscompiled_step(monkeypatch):
     params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
     optimizer = fnmlp.sgd(LR)
     step = fnmlp.train_step(model, fnmlp.mse, optimizer, verify=True)
-    step.compiled = _compile.CompiledStep(model, fnmlp.mse, optimizer, cuda_graphs=None,
-                                          compiler="auto")  # not the shared one
+    step.executor.graphs = _compile.Graphs()  # not the shared cache
 
     def miscompile(function, args, **options):
         def wrong(*inputs):  # p + g instead of p - lr * g
@@ -168,7 +169,7 @@ def test_every_activation_compiles_into_one_graph_with_a_padded_tail():
         new_c, _, loss_c = compiled(params, state, xb, yb)
         params, state, loss_e = eager(params, state, xb, yb)
         assert _worst(leaves(new_c) + [loss_c], leaves(params) + [loss_e]) <= 1e-13
-    assert len(compiled.compiled.graphs) == 1
+    assert len(compiled.executor.graphs.by_specialization) == 1
 
 
 @pytest.mark.slow
@@ -191,7 +192,7 @@ def test_remaining_losses_and_schedules_compile_without_recompiles(loss, optimiz
         new_c, _, loss_c = compiled(params, state, xb, yb)
         params, state, loss_e = eager(params, state, xb, yb)
         assert _worst(leaves(new_c) + [loss_c], leaves(params) + [loss_e]) <= 1e-13
-    assert len(compiled.compiled.graphs) == 1
+    assert len(compiled.executor.graphs.by_specialization) == 1
 
 
 def test_direct_calls_pad_only_to_a_nearby_compiled_size():
@@ -243,12 +244,15 @@ def test_the_compiled_graph_sums_softmax_rows_plainly():
     the traced step holds one plain row sum per softmax, no lane slicing or concatenation."""
     from fnmlp._tree import flatten
     from fnmlp.train import _compile
+    from fnmlp.train._executor import TRACED, flat_function
+    from fnmlp.train._step import network_step
 
     model = fnmlp.MLP(3, [fnmlp.Dense(37, "softmax"), fnmlp.Dense(2)])
     params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
     optimizer = fnmlp.sgd(0.1)
     leaves_, spec = flatten((params, optimizer.init(params), model.init_state()))
-    function = _compile.step_function(model, fnmlp.mse, optimizer, spec, keyed=False)
+    function = flat_function(network_step(model, fnmlp.mse, optimizer, 0.0, TRACED), spec,
+                             len(leaves_), [True, True, True, False])
     x, y = torch.zeros(8, 3, dtype=torch.float64), torch.zeros(8, 2, dtype=torch.float64)
     graph, _ = _compile.trace(function, [*leaves_, x, y, torch.ones(8, dtype=torch.float64)])
     targets = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
@@ -273,8 +277,7 @@ def test_the_private_compiler_api_falls_back_to_torch_compile(monkeypatch):
     y = torch.randn(6, 2, generator=g, dtype=torch.float64)
     optimizer = fnmlp.adam(0.01)
     step = fnmlp.train_step(model, fnmlp.mse, optimizer, compiler="inductor")
-    step.compiled = _compile.CompiledStep(model, fnmlp.mse, optimizer, cuda_graphs=None,
-                                          compiler="inductor")
+    step.executor.graphs = _compile.Graphs()  # not the shared cache
     with pytest.warns(RuntimeWarning, match="torch.compile"):
         new_c, state_c, loss_c = step(params, optimizer.init(params), x, y)
     new_e, state_e, loss_e = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False)(
@@ -285,12 +288,9 @@ def test_the_private_compiler_api_falls_back_to_torch_compile(monkeypatch):
 def test_the_step_cache_is_bounded():
     from fnmlp.train import _compile
 
-    first = fnmlp.MLP(1, [fnmlp.Dense(1)])
-    kept = _compile.shared_compiled_step(first, fnmlp.mse, fnmlp.sgd(0.1), cuda_graphs=None,
-                                         compiler="auto")
+    kept = _compile.shared_graphs(("a test", 1))
     for width in range(2, 2 + _compile._CACHE_SIZE):
-        _compile.shared_compiled_step(fnmlp.MLP(width, [fnmlp.Dense(1)]), fnmlp.mse,
-                                      fnmlp.sgd(0.1), cuda_graphs=None, compiler="auto")
+        _compile.shared_graphs(("a test", width))
     assert len(_compile._SHARED) == _compile._CACHE_SIZE
     assert kept not in _compile._SHARED.values()  # the least recently used went first
 

@@ -49,13 +49,17 @@ def seen_by_steps(monkeypatch, **options) -> list[int]:
     """torch's thread count inside each eager step of a 3-step loop, and the loop's own."""
     from fnmlp.train import _step
 
-    seen, eager = [], _step.eager_step
+    seen, make = [], _step.network_step
 
     def recording(*args, **kwargs):
-        seen.append(torch.get_num_threads())
-        return eager(*args, **kwargs)
+        step = make(*args, **kwargs)
 
-    monkeypatch.setattr(_step, "eager_step", recording)
+        def counted(*inputs):
+            seen.append(torch.get_num_threads())
+            return step(*inputs)
+        return counted
+
+    monkeypatch.setattr(_step, "network_step", recording)
     model = fnmlp.MLP(6, [fnmlp.Dense(32, "tanh"), fnmlp.Linear(3)])
     g = torch.Generator().manual_seed(0)
     params = model.init(g, dtype=torch.float64)
@@ -98,9 +102,11 @@ def test_the_step_restores_the_thread_count_when_it_raises(two_threads, monkeypa
     from fnmlp.train import _step
 
     def failing(*args, **kwargs):
-        raise RuntimeError("boom")
+        def step(*inputs):
+            raise RuntimeError("boom")
+        return step
 
-    monkeypatch.setattr(_step, "eager_step", failing)
+    monkeypatch.setattr(_step, "network_step", failing)
     model = fnmlp.MLP(2, [fnmlp.Linear(1)])
     params = model.init(torch.Generator().manual_seed(0))
     optimizer = fnmlp.sgd(0.1)
@@ -189,9 +195,10 @@ def test_the_flush_mode_is_scoped_and_a_callers_mode_kept():
 
 
 def test_a_compiled_step_on_one_thread_flushes_denormals_the_eager_step_never(monkeypatch):
-    from fnmlp._tree import flatten, unflatten
+    from fnmlp.train import _compile
     from fnmlp.train._denormals import flushing
-    from fnmlp.train._step import eager_step
+    from fnmlp.train.engine import EAGER
+    from fnmlp.train._step import network_step
 
     if not torch.set_flush_denormal(False):
         pytest.skip("this CPU cannot flush denormals")
@@ -201,21 +208,28 @@ def test_a_compiled_step_on_one_thread_flushes_denormals_the_eager_step_never(mo
     x, y = torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
     seen = []
 
-    def graph(leaves, spec, x, y, weight, key, pad_to=None, *, own_outputs=False):
-        """Stands in for the compiled graphs: records the mode, steps eagerly."""
-        seen.append(flushing())
-        trees = unflatten(list(leaves), spec)
-        p, o, value, s = eager_step(model, fnmlp.mse, optimizer, *trees, x, y, weight, key)
-        return [*flatten((p, o, s))[0], value]
+    def compile_graph(function, args, **options):
+        """Stands in for the compiler: the graph records the mode and runs eagerly."""
+        def graph(*inputs):
+            seen.append(flushing())
+            return function(*inputs)
+        return graph
 
+    monkeypatch.setattr(_compile, "compile_graph", compile_graph)
     for options, expected in [({"threads": 1}, True), ({"threads": 1, "flush_denormals": False},
                                                        False)]:
-        step = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False, **options)
-        step.compiled = graph
+        step = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=True, **options)
+        step.executor.graphs = _compile.Graphs()  # not the shared cache
         step(params, optimizer.init(params), x, y)
         assert seen.pop() is expected and not flushing()
     eager = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=False, threads=1)
-    monkeypatch.setattr("fnmlp.train._step.eager_step", lambda *a: (seen.append(flushing()),
-                                                                    eager_step(*a))[1])
+    real = network_step(model, fnmlp.mse, optimizer, 0.0, EAGER)
+
+    def recording(carry, *data):
+        seen.append(flushing())
+        return real(carry, *data)
+
+    eager.executor._eager.clear()
+    eager.executor.make = lambda kernels, layout: recording
     eager(params, optimizer.init(params), x, y)
     assert seen == [False]
