@@ -85,3 +85,18 @@ def torch_state_as_fnmlp(optimizer, twin, steps: int):
         if steps > 0:
             replaced[field.name] = tree(field.name)
     return params, dataclasses.replace(state, **replaced)
+
+
+def small_model() -> fnmlp.MLP:
+    """A 6-8-3 tanh network: the small model of the boundary checks."""
+    return fnmlp.MLP(6, [fnmlp.Dense(8, "tanh"), fnmlp.Dense(3)])
+
+
+def small_regression(dtype=torch.float64):
+    """``(model, params, x, y)``: ``small_model`` with 20 random rows."""
+    model = small_model()
+    params = model.init(torch.Generator().manual_seed(0), dtype=dtype)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(20, 6, generator=g, dtype=dtype)
+    y = torch.randn(20, 3, generator=g, dtype=dtype)
+    return model, params, x, y

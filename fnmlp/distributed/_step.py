@@ -158,8 +158,8 @@ class DistributedStep(StepKind):
                 pair = torch.zeros(2, dtype=x.dtype, device=x.device)
             else:
                 weight = torch.ones(xs.shape[0], dtype=x.dtype, device=x.device)
-                prediction = forward(self.model, params, xs, self.model.state_or_default(None, None),
-                                     EVAL)[0]
+                state = self.model.state_or_default(None, None)
+                prediction = forward(self.model, params, xs, state, EVAL)[0]
                 value, _ = self.loss.forward(prediction, ys, weight)
                 total = weight.sum() if self.mean else torch.ones((), dtype=x.dtype,
                                                                   device=x.device)

@@ -13,7 +13,7 @@ from fnmlp import _validate
 from fnmlp.ensemble._ensemble import Ensemble, per_member_targets
 from fnmlp.nn import Loss, mse
 from fnmlp.train.engine import (BatchSource, Callback, Carry, Checkpointer, EarlyStopping,
-                                Reporter, Run, check_run_options, check_threads,
+                                Reporter, Run, check_run_options, check_threads, check_valid,
                                 checkpoint_settings, choose_compile, restore_run, train_loop)
 
 
@@ -91,11 +91,7 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
         raise ValueError("fit takes data shared by the members, x (n, in) and y (n, ...); "
                          "for per-member samples use bagging=True or per-member "
                          "sample_weight (K, n)")
-    if valid is not None:
-        if not (isinstance(valid, (tuple, list)) and len(valid) == 2):
-            raise TypeError("valid must be a pair (x_valid, y_valid)")
-        valid = model.check_data(ensemble.member(params, 0), *valid, loss=loss, like=like,
-                                 names=("x_valid", "y_valid"))
+    valid = check_valid(model, ensemble.member(params, 0), valid, loss, like)
     model_state = (ensemble.init_state(dtype=like.dtype, device=like.device)
                    if state is None and model.has_state
                    else ensemble.check_model_state(state, like))
@@ -146,7 +142,7 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     policies = [EarlyStopping(step, patience, min_delta),
                 Reporter(verbose, progress, range(run.epoch, epochs))]
     if on_epoch_end is not None:
-        policies.append(Callback(on_epoch_end, size))
+        policies.append(Callback(on_epoch_end))
     saver = None if checkpoint is None else Checkpointer(checkpoint, step, generator, settings,
                                                           checkpoint_every)
     train_loop(step, source, run, epochs=epochs, valid=valid, policies=policies,

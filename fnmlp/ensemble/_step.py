@@ -18,8 +18,8 @@ from fnmlp._tree import tree_map
 from fnmlp.ensemble._ensemble import Ensemble
 from fnmlp.nn import CrossEntropy, Loss, check_l2, value_and_grad
 from fnmlp.optim import ClipByGlobalNorm
-from fnmlp.train.engine import BATCHED, Batch, Carry, Executor, Kernels, StepKind, \
-    check_step_options
+from fnmlp.train.engine import (BATCHED, Batch, Carry, Executor, Kernels, StepKind,
+                                check_step_options)
 
 
 def member_step(ensemble: Ensemble, loss: Loss, optimizer, l2: float, kernels: Kernels):
@@ -101,7 +101,8 @@ class EnsembleStep(StepKind):
         self.executor = Executor(identity, self._function, self._row_axes, compile=compile,
                                  compiler=compiler, verify=verify, cuda_graphs=False,
                                  threads=threads, model=ensemble.model, members=ensemble.size,
-                                 eager_kernels=BATCHED, flush_denormals=flush_denormals)
+                                 eager_kernels=BATCHED, flush_denormals=flush_denormals,
+                                 stateless=not ensemble.model.has_state)
         self.compile = self.executor.compiled
         self._decay: dict[tuple, Tensor] = {}
         self._ones: dict[tuple, Tensor] = {}

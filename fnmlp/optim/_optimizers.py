@@ -297,7 +297,8 @@ class SGD(Optimizer):
                                      + g * (1 - self.dampening))
                 g = g + buffer * self.momentum if self.nesterov else buffer
             # addcmul is one fused multiply-add like torch.optim's add(alpha=-lr), and avoids
-            # the add-with-alpha form that inductor has miscompiled (PITFALLS: alpha dropped).
+            # the add-with-alpha form that inductor has miscompiled (alpha dropped:
+            # pytorch/pytorch#167313).
             return torch.addcmul(p, g, neg_lr), buffer
 
         new_params, buffers = _leafwise(one, params, grads, state.momentum_buffer)

@@ -221,9 +221,7 @@ class BaseMLP(BaseEstimator):
             train_loop(step, source, run, epochs=1 if incremental else self.max_iter,
                        policies=[rules])
         except NonFiniteLossError as error:
-            raise ValueError("Solver produced non-finite parameter weights. The input data may "
-                             "contain large values and need to be preprocessed "
-                             f"({error}; or learning_rate_init is too large).") from error
+            raise _non_finite(str(error)) from error
         finally:
             self._steps = run.steps_done
         self.params_, self._opt_state, self.state_ = run.carry
@@ -325,6 +323,13 @@ def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
                                device=like.device)
 
 
+def _non_finite(detail: str) -> ValueError:
+    """scikit-learn's error for a diverged fit, with fnmlp's ``detail``."""
+    return ValueError("Solver produced non-finite parameter weights. The input data may contain "
+                      f"large values and need to be preprocessed ({detail}; or "
+                      "learning_rate_init is too large).")
+
+
 def _weighted_sum(values: list[float], weights: list[int]) -> float:
     """sum(v·w), correctly rounded; inf or NaN where the terms are (``fsum`` raises there)."""
     try:
@@ -372,10 +377,7 @@ class _SolverRules(Policy):
         values = [row[0] for row in logs["batch_losses"]]
         est.loss_ = _weighted_sum(values, logs["batch_rows"]) / self.rows
         if not math.isfinite(est.loss_):
-            raise ValueError("Solver produced non-finite parameter weights. The input data may "
-                             f"contain large values and need to be preprocessed (the loss "
-                             f"became {est.loss_} in iteration {est.n_iter_}; or "
-                             "learning_rate_init is too large).")
+            raise _non_finite(f"the loss became {est.loss_} in iteration {est.n_iter_}")
         est.t_ += self.rows
         est.loss_curve_.append(est.loss_)
         if est.verbose:

@@ -15,7 +15,8 @@ function ``f(carry, *data) -> (carry, loss)`` over trees, made by the kind for a
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -69,17 +70,20 @@ class Executor:
         eager_kernels: the kernels of the eager function (``EAGER``, or ``BATCHED`` under
             ``vmap``).
         flush_denormals: flush denormals in a compiled CPU step on one thread.
+        stateless: the model keeps no state (no tensors in it): the caller's state object
+            is passed back as it is, so that the carry returned is known by identity.
     """
 
     def __init__(self, identity: tuple, make: Callable[[Kernels, tuple], StepFunction],
                  row_axes: Callable[[tuple], tuple], *, compile: bool, compiler: str = "auto",
                  verify: bool = False, cuda_graphs: bool | None = False, threads="auto",
                  model=None, members: int = 1, eager_kernels: Kernels = EAGER,
-                 flush_denormals: bool = True):
+                 flush_denormals: bool = True, stateless: bool = False):
         self.identity, self.make, self.row_axes = identity, make, row_axes
         self.compiled = bool(compile)
         self.compiler, self.cuda_graphs = compiler, cuda_graphs
         self.eager_kernels, self.flush_denormals = eager_kernels, bool(flush_denormals)
+        self.stateless = stateless
         self.threads = StepThreads(threads, model, members=members)
         self.graphs = _compile.shared_graphs(identity) if self.compiled else None
         self._verify_next = bool(verify) and self.compiled
@@ -122,7 +126,7 @@ class Executor:
         layout = tuple(None if t is None else (t.dim(), t.dtype) for t in data)
         with torch.no_grad():
             new, loss = self.eager_function(layout)(carry, *data)
-        new = Carry(*new)
+        new = Carry(new[0], new[1], carry.state if self.stateless else new[2])
         self._last_carry, self.last_like = new, data[0]
         return new, loss
 
@@ -164,7 +168,8 @@ class Executor:
         if self._verify_next:
             self._verify(carry, original, outputs)
         leaves = outputs[:-1]
-        new = Carry(*build(leaves))
+        params, opt_state, state = build(leaves)
+        new = Carry(params, opt_state, carry.state if self.stateless else state)
         self._last_carry, self.last_like = new, data[0]
         self._last_leaves, self._last_spec, self._last_build = leaves, spec, build
         return new, outputs[-1]
@@ -176,8 +181,8 @@ class Executor:
         target = self.graphs.padding.size_for(max(rows, pad_to or 0), x.dtype, x.device)
         if data[2] is None:  # the row weights: the third item of every kind
             data = [*data[:2], self._weights(rows, target, x.dtype, x.device), *data[3:]]
-        layout = tuple(None if t is None else (t.dim(), t.dtype) for t in data)
         if target > rows:
+            layout = tuple(None if t is None else (t.dim(), t.dtype) for t in data)
             data = [t if axis is None or t is None else _compile.pad_rows(t, target, axis)
                     for t, axis in zip(data, self.row_axes(layout))]
         if not all(t is None or t.is_contiguous() for t in data):

@@ -194,22 +194,26 @@ def fit(
     policies = [EarlyStopping(step, patience, min_delta),
                 Reporter(verbose, progress, range(run.epoch, epochs), step.lead)]
     if on_epoch_end is not None:
-        policies.append(Callback(on_epoch_end, 1))
+        policies.append(Callback(on_epoch_end))
     saver = None if checkpoint is None else Checkpointer(checkpoint, step, generator, settings,
                                                           checkpoint_every)
     try:
         train_loop(step, source, run, epochs=epochs, valid=valid, policies=policies,
                    checkpoint=saver, on_non_finite="raise")
     except NonFiniteLossError as error:
-        error.history = History([v[0] for v in run.train_loss],
-                                [v[0] for v in run.valid_loss])
+        error.history = _history(run)
         raise
     strategy.finish()
     params, state = (run.best if restore_best and run.best is not None
                      else (run.carry.params, run.carry.state))
-    return FitResult(params=params, opt_state=run.carry.opt_state,
-                     history=History([v[0] for v in run.train_loss],
-                                     [v[0] for v in run.valid_loss]), state=state)
+    return FitResult(params=params, opt_state=run.carry.opt_state, history=_history(run),
+                     state=state)
+
+
+def _history(run: Run) -> History:
+    """One network's history: the run's one-member lists as floats."""
+    return History([losses[0] for losses in run.train_loss],
+                   [losses[0] for losses in run.valid_loss])
 
 
 class Strategy:
@@ -239,7 +243,7 @@ class Strategy:
         """Called after the last epoch."""
 
 
-def check_valid(model, params, valid, loss, like: Tensor, member=None):
+def check_valid(model, params, valid, loss, like: Tensor):
     """``valid`` as checked tensors ``(x_valid, y_valid)``, or None."""
     if valid is None:
         return None

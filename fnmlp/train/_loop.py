@@ -21,8 +21,10 @@ diverged members back to the epoch's start and trains them no more.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
-from typing import Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -113,33 +115,18 @@ class BatchSource:
     def batches_per_epoch(self) -> int:
         return -(-self.rows // self.batch_size)
 
-    def epoch(self, step: StepKind, run: Run) -> list[Batch]:
-        """The epoch's batches (their dropout keys from ``run.steps_done`` on)."""
-        n, size = self.rows, self.batch_size
+    def epoch(self, step: StepKind, run: Run) -> Epoch:
+        """The epoch's batches (their dropout keys from ``run.steps_done`` on): one permutation
+        and one gather of the rows, then slices made as they are iterated."""
         x, y, weight = self.x, self.y, self.weight
-        if self.shuffle:  # one permutation and one gather per epoch; the batches are slices
-            order = torch.randperm(n, generator=self.generator, device=self.generator.device)
-            order = order.to(y.device)
+        if self.shuffle:
+            order = torch.randperm(self.rows, generator=self.generator,
+                                   device=self.generator.device).to(y.device)
             x = (x.index_select(0, order) if isinstance(x, Tensor)
                  else x[order.cpu().numpy()])
             y = y.index_select(0, order)
             weight = None if weight is None else weight.index_select(weight.dim() - 1, order)
-        stepped = self._stepped(weight)
-        batches, steps = [], run.steps_done
-        for index, start in enumerate(range(0, n, size)):
-            if not any(stepped[index]):
-                continue  # no weight in this batch for any member: nothing to learn, no step
-            rows = slice(start, start + size)
-            xb = x[rows] if self.densify is None else self.densify(x[rows])
-            wb = None if weight is None else weight[..., rows]
-            if wb is not None and self.check_rows is not None and self.shuffle:
-                self.check_rows(wb, f" (epoch {run.epoch}, batch {index})")
-            key = None if run.dropout_seed is None else step.dropout_key(run.dropout_seed,
-                                                                          steps, y.device)
-            batches.append(Batch(xb, y[rows], wb, key, xb.shape[0], self.pad_to,
-                                 stepped[index]))
-            steps += 1
-        return batches
+        return Epoch(self, step, run, x, y, weight)
 
     def _stepped(self, weight: Tensor | None) -> list[tuple]:
         """Per batch, per member: whether it has weight (one sync for the epoch)."""
@@ -151,6 +138,36 @@ class BatchSource:
         has = (sums > 0).reshape(-1, count).T  # (batches, weight sets)
         rows = has.tolist()
         return [tuple(r) * (members if len(r) == 1 else 1) for r in rows]
+
+
+class Epoch:
+    """One epoch's batches, made as they are iterated (a sparse batch densified only then);
+    iterating again gives the same batches (a fit replays an epoch to a failing step)."""
+
+    def __init__(self, source: BatchSource, step: StepKind, run: Run, x, y: Tensor,
+                 weight: Tensor | None):
+        self.source, self.step, self.x, self.y, self.weight = source, step, x, y, weight
+        self.epoch, self.dropout_seed, self.first_step = (run.epoch, run.dropout_seed,
+                                                          run.steps_done)
+        size = source.batch_size
+        self.plan = [(index, start, stepped) for index, (start, stepped) in
+                     enumerate(zip(range(0, source.rows, size), source._stepped(weight)))
+                     if any(stepped)]  # a batch without weight for any member: no step
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+    def __iter__(self):
+        source, x, weight = self.source, self.x, self.weight
+        for number, (index, start, stepped) in enumerate(self.plan):
+            rows = slice(start, start + source.batch_size)
+            xb = x[rows] if source.densify is None else source.densify(x[rows])
+            wb = None if weight is None else weight[..., rows]
+            if wb is not None and source.check_rows is not None and source.shuffle:
+                source.check_rows(wb, f" (epoch {self.epoch}, batch {index})")
+            key = None if self.dropout_seed is None else self.step.dropout_key(
+                self.dropout_seed, self.first_step + number, self.y.device)
+            yield Batch(xb, self.y[rows], wb, key, xb.shape[0], source.pad_to, stepped)
 
 
 @dataclasses.dataclass
@@ -258,25 +275,26 @@ def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
                     break
                 run.epoch = epoch
                 start, start_steps = run.carry, run.steps_done
-                active = _active_mask(run, step, source)
+                active = _active_mask(run, source)
                 batches = source.epoch(step, run)
-                losses = []
+                losses, stepped, rows = [], [], []
                 for batch in batches:
                     run.carry, loss = step.run(run.carry, batch, active)
                     run.steps_done += 1
                     losses.append(loss)
+                    stepped.append(batch.stepped)
+                    rows.append(batch.rows)
                 values = (torch.stack(losses).reshape(len(losses), members).tolist()
                           if losses else [])
-                epoch_losses = _epoch_means(values, [b.stepped for b in batches], members)
+                epoch_losses = _epoch_means(values, stepped, members)
                 if on_non_finite == "raise":
                     _raise_if_non_finite(step, run, batches, values, start, start_steps,
                                          [*policies, checkpoint])
                 else:
-                    _freeze_diverged(step, run, epoch_losses,
-                                     [b.stepped for b in batches], start)
+                    _freeze_diverged(step, run, epoch_losses, stepped, start)
                 run.train_loss.append(epoch_losses)
                 logs = {"epoch": epoch, "train_losses": epoch_losses, "batch_losses": values,
-                        "batch_rows": [b.rows for b in batches]}
+                        "batch_rows": rows}
                 if valid is not None:
                     logs["valid_losses"] = step.valid_losses(run.carry, *valid)
                     run.valid_loss.append(logs["valid_losses"])
@@ -297,12 +315,9 @@ def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
     return run
 
 
-def _active_mask(run: Run, step: StepKind, source: BatchSource) -> Tensor | None:
+def _active_mask(run: Run, source: BatchSource) -> Tensor | None:
     """(K,) booleans of the members that step, for an ensemble (None: all, or one network)."""
-    if run.members == 1:
-        return None
-    device = source.y.device
-    return torch.tensor(run.active, device=device)
+    return None if run.members == 1 else torch.tensor(run.active, device=source.y.device)
 
 
 def _epoch_means(values: list[list[float]], stepped: list[tuple], members: int) -> list[float]:
@@ -314,7 +329,7 @@ def _epoch_means(values: list[list[float]], stepped: list[tuple], members: int) 
     return means
 
 
-def _raise_if_non_finite(step: StepKind, run: Run, batches: list[Batch], values: list,
+def _raise_if_non_finite(step: StepKind, run: Run, batches: Epoch, values: list,
                          start: Carry, start_steps: int, policies) -> None:
     """For one network: if a loss became NaN or inf (or the last update overflowed), put
     ``run`` back to the last finite step by replaying the epoch to it, and raise."""
@@ -323,7 +338,7 @@ def _raise_if_non_finite(step: StepKind, run: Run, batches: list[Batch], values:
         return
     upto = bad if bad is not None else len(batches) - 1  # steps before the failing one
     carries = [start]
-    for batch in batches[:upto]:
+    for batch in itertools.islice(batches, upto):
         carries.append(step.run(carries[-1], batch)[0])
     if bad is not None and not all_finite(carries[-1].params) and upto > 0:
         carries.pop()  # the update before the failing loss overflowed: one more step back

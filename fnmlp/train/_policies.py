@@ -59,12 +59,12 @@ class Callback(Policy):
     """``on_epoch_end(epoch, logs) -> stop?`` with ``logs`` holding ``train_loss`` (and
     ``valid_loss``): a float for one network, a list of floats for an ensemble."""
 
-    def __init__(self, function, members: int):
-        self.function, self.members = function, members
+    def __init__(self, function):
+        self.function = function
 
     def on_epoch_end(self, run: Run, logs: dict) -> bool:
         def shown(values):
-            return values[0] if self.members == 1 else list(values)
+            return values[0] if run.members == 1 else list(values)
 
         user_logs = {"train_loss": shown(logs["train_losses"])}
         if "valid_losses" in logs:

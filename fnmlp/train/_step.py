@@ -12,8 +12,7 @@ import torch
 from torch import Tensor
 
 from fnmlp import _validate
-from fnmlp.nn import (EVAL, MLP, Loss, check_l2, check_loss, dropout_key, forward,
-                      value_and_grad)
+from fnmlp.nn import EVAL, MLP, Loss, check_l2, check_loss, dropout_key, forward, value_and_grad
 from fnmlp.optim import ClipByGlobalNorm, Optimizer
 from fnmlp.train._executor import EAGER, Carry, Executor, Kernels
 from fnmlp.train._loop import Batch, StepKind
@@ -74,7 +73,7 @@ class TrainStep(StepKind):
                                                             kernels),
             _row_axes, compile=compile, compiler=compiler, verify=verify,
             cuda_graphs=cuda_graphs, threads=threads, model=model, eager_kernels=EAGER,
-            flush_denormals=flush_denormals)
+            flush_denormals=flush_denormals, stateless=not model.has_state)
         self.compiled = self.executor.compiled
 
     def __call__(self, params, opt_state, x, y, *, state=None, sample_weight=None,
@@ -112,11 +111,8 @@ class TrainStep(StepKind):
 
     def run(self, carry: Carry, batch: Batch, active=None) -> tuple[Carry, Tensor]:
         """``(carry, loss)``: ``__call__`` without its checks (the loop's step)."""
-        new, value = self.executor(carry, [batch.x, batch.y, batch.weight, batch.key],
-                                   batch.rows, batch.pad_to)
-        if not self.model.has_state:  # no tensors: keep the caller's object (leaf reuse)
-            new = Carry(new.params, new.opt_state, carry.state)
-        return new, value
+        return self.executor(carry, [batch.x, batch.y, batch.weight, batch.key], batch.rows,
+                             batch.pad_to)
 
     def dropout_key(self, seed: int, step: int, device: torch.device) -> Tensor:
         return dropout_key(seed, step, device=device)

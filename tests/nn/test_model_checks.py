@@ -6,22 +6,9 @@ import pytest
 import torch
 
 import fnmlp
-from helpers import relative
+from helpers import relative, small_regression
 
 F64 = torch.float64
-
-
-def _model():
-    return fnmlp.MLP(6, [fnmlp.Dense(8, "tanh"), fnmlp.Dense(3)])
-
-
-def _setup(dtype=F64):
-    model = _model()
-    params = model.init(torch.Generator().manual_seed(0), dtype=dtype)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(20, 6, generator=g, dtype=dtype)
-    y = torch.randn(20, 3, generator=g, dtype=dtype)
-    return model, params, x, y
 
 
 def test_float_class_labels_are_named():
@@ -33,7 +20,7 @@ def test_float_class_labels_are_named():
 
 
 def test_numpy_views_with_negative_strides_are_converted():
-    model, params, x, y = _setup()
+    model, params, x, y = small_regression()
     flipped_x, flipped_y = x.numpy()[::-1], y.numpy()[::-1]
     loss, _ = model.value_and_grad(params, flipped_x, flipped_y,
                                    sample_weight=np.ones(20)[::-1])
@@ -42,7 +29,7 @@ def test_numpy_views_with_negative_strides_are_converted():
 
 
 def test_sparse_tensors_get_a_clear_error():
-    model, params, x, y = _setup()
+    model, params, x, y = small_regression()
     with pytest.raises(TypeError, match=r"x is a torch.sparse_coo tensor.*x.to_dense\(\)"):
         model.value_and_grad(params, x.to_sparse(), y)
 

@@ -6,26 +6,13 @@ import torch
 from torch import nn
 
 import fnmlp
-from helpers import leaves, relative
+from helpers import leaves, relative, small_regression
 
 F64 = torch.float64
 
 
-def _model():
-    return fnmlp.MLP(6, [fnmlp.Dense(8, "tanh"), fnmlp.Dense(3)])
-
-
-def _setup(dtype=F64):
-    model = _model()
-    params = model.init(torch.Generator().manual_seed(0), dtype=dtype)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(20, 6, generator=g, dtype=dtype)
-    y = torch.randn(20, 3, generator=g, dtype=dtype)
-    return model, params, x, y
-
-
 def test_update_rejects_gradients_that_do_not_match_the_parameters():
-    model, params, x, y = _setup()
+    model, params, x, y = small_regression()
     optimizer = fnmlp.sgd(0.1)
     state = optimizer.init(params)
     _, grads = model.value_and_grad(params, x, y)
@@ -50,14 +37,14 @@ def test_update_rejects_gradients_that_do_not_match_the_parameters():
      ValueError, "learning_rate is torch.float32 on cpu but the parameters are torch.float64"),
 ])
 def test_update_rejects_a_state_that_is_not_this_optimizers(make_state, error, message):
-    model, params, x, y = _setup()
+    model, params, x, y = small_regression()
     _, grads = model.value_and_grad(params, x, y)
     with pytest.raises(error, match=message):
         fnmlp.sgd(0.1).update(params, grads, make_state(params))
 
 
 def test_a_state_for_other_shapes_is_named():
-    model, params, x, y = _setup()
+    model, params, x, y = small_regression()
     other = fnmlp.MLP(6, [fnmlp.Dense(5, "tanh"), fnmlp.Dense(3)]).init(dtype=F64)
     optimizer = fnmlp.adam(0.1)
     _, grads = model.value_and_grad(params, x, y)
@@ -72,7 +59,7 @@ def test_a_state_for_other_shapes_is_named():
 
 
 def test_updates_never_record_autograd_history():
-    model, params, x, y = _setup()
+    model, params, x, y = small_regression()
     params = tuple(fnmlp.LinearParams(nn.Parameter(p.weight.clone()), nn.Parameter(p.bias.clone()))
                    if p else () for p in params)
     for optimizer in (fnmlp.sgd(0.01, momentum=0.9), fnmlp.adam(1e-3)):
@@ -93,7 +80,7 @@ def test_updates_never_record_autograd_history():
     fnmlp.sgd(),  # torch.optim.SGD's default lr, 1e-3
 ], ids=repr)
 def test_optimizer_options_match_torch(optimizer):
-    model, params, x, y = _setup()
+    model, params, x, y = small_regression()
     twin = fnmlp.TorchTwin(model, params, optimizer=optimizer)
     state = optimizer.init(params)
     for step in range(10):

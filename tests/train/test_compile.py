@@ -55,7 +55,8 @@ def test_every_seed_step_compiled_matches_eager_and_twin(compiler, device):
             worst["twin"] = max(worst["twin"], _worst(
                 ours, [p.detach() for p in twin.parameters()] + [twin_loss]))
     assert worst["eager"] <= 1e-13 and worst["twin"] <= 1e-13, worst
-    assert len(compiled.executor.graphs.by_specialization) == 1  # the short last batch was padded into the same graph
+    # the short last batch was padded into the same graph
+    assert len(compiled.executor.graphs.by_specialization) == 1
 
 
 @pytest.mark.slow
@@ -94,7 +95,8 @@ def test_compiled_steps_are_shared_and_the_learning_rate_is_an_input():
     a = fnmlp.train_step(model, fnmlp.mse, fnmlp.sgd(0.01))
     b = fnmlp.train_step(seed_model(), fnmlp.mse, fnmlp.sgd(0.5), verify=True)
     assert a.executor.graphs is b.executor.graphs  # the graphs are shared ...
-    assert b.executor._verify_next and not a.executor._verify_next  # ... verifying one changes no other
+    # ... and verifying one step changes no other
+    assert b.executor._verify_next and not a.executor._verify_next
     x, y, _, _ = seed_data()
     params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
     small = a(params, fnmlp.sgd(0.01).init(params), x[:333], y[:333])[0]

@@ -7,10 +7,10 @@ import pathlib
 
 import pytest
 import torch
+from helpers import leaves, relative
 
 import fnmlp
 from fnmlp.train import _compile
-from helpers import leaves, relative
 
 F64 = torch.float64
 
@@ -176,3 +176,27 @@ def test_a_non_finite_loss_is_found_at_the_epoch_end_and_replayed_to_the_last_fi
     finite = all(bool(t.isfinite().all()) for t in _leaves(p))
     if finite:
         assert _equal(error.params, p)
+
+
+def test_trees_passed_back_are_not_flattened_again(monkeypatch):
+    """A compiled step given back the trees it returned (a stateless model too) skips the
+    flatten and the checks: the per-step fast path (the compiler stubbed out: the graph is
+    the traced function run eagerly)."""
+    from fnmlp.train import _compile, _executor
+
+    monkeypatch.setattr(_compile, "compile_graph", lambda function, args, **options: function)
+    calls = []
+    flatten = _executor.flatten
+    monkeypatch.setattr(_executor, "flatten", lambda tree: calls.append(1) or flatten(tree))
+    x, y = _data(rows=16)
+    model = fnmlp.MLP(6, [fnmlp.Dense(8, "tanh"), fnmlp.Dense(3)])
+    params = model.init(torch.Generator().manual_seed(0), dtype=F64)
+    optimizer = fnmlp.sgd(0.01)
+    step = fnmlp.train_step(model, fnmlp.mse, optimizer, compile=True)
+    step.executor.graphs = _compile.Graphs()
+    p, s, _ = step(params, optimizer.init(params), x, y)
+    first = len(calls)
+    for _ in range(3):
+        p, s, _ = step(p, s, x, y)
+    traced_per_step = 1  # the flat function flattens its outputs once per call
+    assert len(calls) - first == 3 * traced_per_step

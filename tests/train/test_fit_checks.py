@@ -8,26 +8,13 @@ import pytest
 import torch
 
 import fnmlp
-from helpers import leaves, relative
+from helpers import leaves, relative, small_regression
 
 F64 = torch.float64
 
 
-def _model():
-    return fnmlp.MLP(6, [fnmlp.Dense(8, "tanh"), fnmlp.Dense(3)])
-
-
-def _setup(dtype=F64):
-    model = _model()
-    params = model.init(torch.Generator().manual_seed(0), dtype=dtype)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(20, 6, generator=g, dtype=dtype)
-    y = torch.randn(20, 3, generator=g, dtype=dtype)
-    return model, params, x, y
-
-
 def test_fit_rejects_non_finite_initial_parameters():
-    model, params, x, y = _setup()
+    model, params, x, y = small_regression()
     bad = (fnmlp.LinearParams(params[0].weight.clone().fill_(math.nan), params[0].bias),
            ) + params[1:]
     with pytest.raises(ValueError, match="params contain NaN or inf before training"):
@@ -79,7 +66,7 @@ def test_loss_and_optimizer_options_inside_the_compiled_step(loss, optimizer):
 
 
 def test_fit_skips_batches_whose_rows_all_weigh_zero():
-    model, params, x, y = _setup()
+    model, params, x, y = small_regression()
     weight = torch.ones(20, dtype=F64)
     weight[5:10] = 0
     result = fnmlp.fit(model, params, x, y, epochs=2, batch_size=5, optimizer=fnmlp.sgd(0.1),
