@@ -54,7 +54,7 @@ def prime(device: str, compiler: str) -> None:
     model = fnmlp.MLP(2, [fnmlp.Dense(2, "relu"), fnmlp.Dense(1)])
     params = model.init(torch.Generator().manual_seed(0), device=device)
     optimizer = fnmlp.sgd(0.1)
-    step = fnmlp.train_step(model, fnmlp.l1, optimizer, compiler=compiler)
+    step = fnmlp.train_step(model, fnmlp.nn.l1, optimizer, compiler=compiler)
     step(params, optimizer.init(params), torch.ones(4, 2, device=device),
          torch.ones(4, 1, device=device))
 

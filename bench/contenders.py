@@ -153,7 +153,7 @@ def jax_sgd_step(model, params, lr):
         return [(w - lr * gw, b - lr * gb) for (w, b), (gw, gb) in zip(ps, grads)], value
 
     jax_params = [(jnp.asarray(p.weight.cpu().numpy()), jnp.asarray(p.bias.cpu().numpy()))
-                  for p in params if isinstance(p, fnmlp.LinearParams)]
+                  for p in params if isinstance(p, fnmlp.nn.LinearParams)]
     return train, jax_params
 
 
@@ -199,7 +199,7 @@ class GemmFloor:
             return torch.randn(*shape, dtype=dtype, device=device, generator=g)
 
         self.products = []
-        linears = [p for p in params if isinstance(p, fnmlp.LinearParams)]
+        linears = [p for p in params if isinstance(p, fnmlp.nn.LinearParams)]
         for index, p in enumerate(linears):
             n_out, n_in = p.weight.shape
             a, dz = rand(batch_size, n_in), rand(batch_size, n_out)

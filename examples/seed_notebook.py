@@ -133,8 +133,8 @@ def main() -> None:
     with torch.no_grad():
         print(f"\nMAPE of predictions after training: "
               f"{mape(model.apply(result.params, x_valid), twin.module(x_valid)):.6g}")
-        ours = [p for p in result.params if isinstance(p, fnmlp.LinearParams)]
-        theirs = [p for p in twin.params() if isinstance(p, fnmlp.LinearParams)]
+        ours = [p for p in result.params if isinstance(p, fnmlp.nn.LinearParams)]
+        theirs = [p for p in twin.params() if isinstance(p, fnmlp.nn.LinearParams)]
         print(f"{'layer':>5} | {'MAPE weight':>12} | {'MAPE bias':>12}")
         for i, (layer, linear) in enumerate(zip(ours, theirs)):
             print(f"{i:>5} | {mape(layer.weight, linear.weight):>12.3g} | "

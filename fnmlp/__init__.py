@@ -11,41 +11,41 @@ Layers of the design, one subpackage each: ``fnmlp.nn`` (primitives, losses, the
 """
 
 from fnmlp import distributed, ensemble, interop, metrics, nn, optim, train, workloads
+from fnmlp._entry import fit, train_step
 from fnmlp._errors import FnmlpError
 from fnmlp._tree import pytree_dataclass
 from fnmlp.ensemble import Ensemble
-from fnmlp.interop import (Checkpoint, CheckpointError, TorchTwin, from_torch, load, register,
-                           save, set_dropout_key, to_torch)
+from fnmlp.interop import CheckpointError, TorchTwin, from_torch, load, register, save, to_torch
 from fnmlp.nn import (ELU, GELU, L1, MLP, MSE, BatchNorm, BinaryCrossEntropyWithLogits,
                       CrossEntropy, Dense, Dropout, Huber, Identity, LayerNorm, LeakyReLU, Linear,
-                      LinearParams, LogSoftmax, NormParams, BatchNormState, PoissonNLL, Primitive,
-                      ReLU, Sigmoid, SiLU, SmoothL1, Softmax, Softplus, Tanh,
-                      binary_cross_entropy_with_logits, cross_entropy, dropout_key, huber, l1,
-                      mse, poisson_nll, smooth_l1)
+                      LogSoftmax, PoissonNLL, Primitive, ReLU, Sigmoid, SiLU, SmoothL1, Softmax,
+                      Softplus, Tanh, cross_entropy, dropout_key, mse)
 from fnmlp.optim import adagrad, adam, adamw, clip_by_global_norm, rmsprop, schedules, sgd
-from fnmlp.train import (CompileVerificationError, FitResult, History, NonFiniteLossError,
-                         TrainStep)
-from fnmlp._entry import fit, train_step
+from fnmlp.train import CompileVerificationError, NonFiniteLossError
 
+# One name per concept. Kept as aliases: ``mse`` and ``cross_entropy``, the default instances
+# of ``MSE()`` and ``CrossEntropy()`` that most code passes as ``loss=``. The rest lives in the
+# subpackages: parameter types (``fnmlp.nn.LinearParams``), the other loss instances
+# (``fnmlp.nn.l1``), result types (``fnmlp.train.FitResult``), ``fnmlp.interop.Checkpoint``.
 __all__ = [
     # the network and its primitives
-    "MLP", "Dense", "Primitive", "Linear", "LinearParams", "LayerNorm", "BatchNorm",
-    "NormParams", "BatchNormState", "Dropout", "dropout_key", "pytree_dataclass",
+    "MLP", "Dense", "Primitive", "Linear", "LayerNorm", "BatchNorm", "Dropout", "dropout_key",
+    "pytree_dataclass", "register",
     # activations (also selected by name)
     "Identity", "ReLU", "LeakyReLU", "ELU", "GELU", "SiLU", "Softplus", "Sigmoid", "Tanh",
     "Softmax", "LogSoftmax",
-    # losses: classes for options, instances for the defaults
-    "MSE", "mse", "L1", "l1", "Huber", "huber", "SmoothL1", "smooth_l1", "PoissonNLL",
-    "poisson_nll", "CrossEntropy", "cross_entropy",
-    "BinaryCrossEntropyWithLogits", "binary_cross_entropy_with_logits",
+    # losses (classes; ``mse`` and ``cross_entropy``: the default instances)
+    "MSE", "L1", "Huber", "SmoothL1", "PoissonNLL", "CrossEntropy",
+    "BinaryCrossEntropyWithLogits", "mse", "cross_entropy",
     # optimizers and schedules
     "sgd", "adam", "adamw", "rmsprop", "adagrad", "clip_by_global_norm", "schedules",
     # training
-    "train_step", "TrainStep", "fit", "FitResult", "History", "CompileVerificationError",
-    "NonFiniteLossError", "FnmlpError", "Ensemble",
-    # interop, checkpoints and the rest
-    "to_torch", "from_torch", "TorchTwin", "set_dropout_key", "save", "load", "Checkpoint",
-    "CheckpointError", "register", "metrics", "workloads",
-    "nn", "optim", "train", "interop", "ensemble", "distributed",
+    "fit", "train_step", "Ensemble",
+    # errors
+    "FnmlpError", "NonFiniteLossError", "CompileVerificationError", "CheckpointError",
+    # interop and checkpoints
+    "to_torch", "from_torch", "TorchTwin", "save", "load",
+    # subpackages
+    "nn", "optim", "train", "interop", "ensemble", "distributed", "metrics", "workloads",
 ]
 __version__ = "0.2.0"

@@ -31,7 +31,7 @@ def leaves(tree) -> list[torch.Tensor]:
 
 def linear_params(params) -> list:
     """The ``LinearParams`` entries of ``params``, in order."""
-    return [p for p in params if isinstance(p, fnmlp.LinearParams)]
+    return [p for p in params if isinstance(p, fnmlp.nn.LinearParams)]
 
 
 def twin_step(module: nn.Module, x, y, lr: float):

@@ -27,7 +27,7 @@ def test_params_are_frozen_pytrees(setup):
     flat, _ = tree_flatten(params)
     assert len(flat) == 10 and all(isinstance(t, torch.Tensor) for t in flat)
     doubled = tree_map(lambda t: t * 2, params)
-    assert isinstance(doubled[0], fnmlp.LinearParams) and doubled[1] == ()
+    assert isinstance(doubled[0], fnmlp.nn.LinearParams) and doubled[1] == ()
     assert torch.equal(doubled[0].weight, params[0].weight * 2)
 
 
@@ -269,7 +269,7 @@ def test_optimizer_states_with_absent_buffers_are_pytrees(setup):
 
 def test_binary_classifier_probabilities_and_classes():
     model = fnmlp.MLP(2, [fnmlp.Dense(1)])
-    params = (fnmlp.LinearParams(torch.tensor([[1.0, 0.0]]), torch.zeros(1)),)
+    params = (fnmlp.nn.LinearParams(torch.tensor([[1.0, 0.0]]), torch.zeros(1)),)
     x = torch.tensor([[-2.0, 5.0], [0.5, 0.0], [3.0, 1.0]])
     proba = model.predict_proba(params, x)
     p = torch.sigmoid(x[:, :1])

@@ -107,13 +107,13 @@ def test_bad_spec_and_params(setup):
     wrong = fnmlp.MLP(6, [fnmlp.Dense(4), fnmlp.Dense(3)]).init(dtype=torch.float64)
     with pytest.raises(TypeError, match="tuple of 9"):
         model.apply(wrong, x)
-    mixed = (fnmlp.LinearParams(params[0].weight.float(), params[0].bias.float()),) + params[1:]
+    mixed = (fnmlp.nn.LinearParams(params[0].weight.float(), params[0].bias.float()),) + params[1:]
     with pytest.raises(ValueError, match=r"params\[2\].weight is torch.float64 .* all must"):
         model.apply(mixed, x.float())
     shifted = (params[1],) + (params[0],) + params[2:]
     with pytest.raises(TypeError, match=r"params\[0\] does not fit Linear"):
         model.apply(shifted, x)
-    narrow = (fnmlp.LinearParams(params[0].weight[:, :5], params[0].bias),) + params[1:]
+    narrow = (fnmlp.nn.LinearParams(params[0].weight[:, :5], params[0].bias),) + params[1:]
     with pytest.raises(ValueError, match=r"params\[0\].weight has shape \(32, 5\) but the model "
                                          r"needs \(32, 6\)"):
         model.apply(narrow, x)

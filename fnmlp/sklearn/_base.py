@@ -285,14 +285,14 @@ class BaseMLP(BaseEstimator):
         """scikit-learn's view of the weights: one (fan_in, fan_out) array per ``Linear``."""
         check_is_fitted(self)
         return [p.weight.detach().cpu().numpy().T.copy() for p in self.params_
-                if isinstance(p, fnmlp.LinearParams)]
+                if isinstance(p, fnmlp.nn.LinearParams)]
 
     @property
     def intercepts_(self) -> list[np.ndarray]:
         """scikit-learn's view of the biases: one (fan_out,) array per ``Linear``."""
         check_is_fitted(self)
         return [p.bias.detach().cpu().numpy().copy() for p in self.params_
-                if isinstance(p, fnmlp.LinearParams)]
+                if isinstance(p, fnmlp.nn.LinearParams)]
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "params_")

@@ -78,7 +78,7 @@ def test_rows_of_weight_zero_take_no_part_in_batch_statistics():
     dy = torch.randn(9, 4, generator=g, dtype=F64)
     keep = torch.tensor([1, 0, 1, 1, 0, 1, 1, 0, 1], dtype=torch.bool)
     dy[~keep] = 0  # a weighted loss gives rows of weight 0 no gradient
-    params = fnmlp.NormParams(torch.rand(4, generator=g, dtype=F64) + 0.5,
+    params = fnmlp.nn.NormParams(torch.rand(4, generator=g, dtype=F64) + 0.5,
                               torch.randn(4, generator=g, dtype=F64))
     state = norm.init_state(4, F64, "cpu")
     context = Context(train=True, row_weight=keep.to(F64) * 3)

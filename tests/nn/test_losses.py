@@ -159,7 +159,7 @@ def test_cross_entropy_through_value_and_grad_and_fit():
     (fnmlp.cross_entropy, torch.tensor([0, -1, 2, 0]), "label -1 in y is out of range"),
     (fnmlp.cross_entropy, torch.full((4, 3), 0.5, dtype=F64), "must sum to 1 per row; row 0"),
     (fnmlp.cross_entropy, torch.tensor([[0, 1, 2, 0]]), "must be 1-D"),
-    (fnmlp.binary_cross_entropy_with_logits, torch.full((4, 3), 2.0, dtype=F64), r"\[0, 1\]"),
+    (fnmlp.nn.binary_cross_entropy_with_logits, torch.full((4, 3), 2.0, dtype=F64), r"\[0, 1\]"),
 ])
 def test_bad_targets(loss, target, message):
     model, params = _classifier()

@@ -99,7 +99,7 @@ def test_dense_backward_matches_autograd(shape, need_input_grad):
     dz = torch.randn(m, 5, generator=g, dtype=torch.float64)
     z = torch.nn.functional.linear(x, w, b)
     expected = torch.autograd.grad(z, (x, w, b), dz)
-    params = fnmlp.LinearParams(w.detach(), b.detach())
+    params = fnmlp.nn.LinearParams(w.detach(), b.detach())
     linear = fnmlp.Linear(5)
     out, residual = _forward(linear, params, x.detach())
     assert torch.equal(out, z.detach())
@@ -115,7 +115,7 @@ def test_dense_gradcheck():
     class Manual(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x, w, b):
-            ctx.params = fnmlp.LinearParams(w, b)
+            ctx.params = fnmlp.nn.LinearParams(w, b)
             out, ctx.residual = _forward(fnmlp.Linear(2), ctx.params, x)
             return out
 
@@ -207,7 +207,7 @@ def test_layer_norm_backward_matches_autograd(shape):
     dout = torch.randn(shape, generator=g, dtype=torch.float64)
     expected_out = torch.nn.functional.layer_norm(z, (shape[1],), w, b, 1e-5)
     expected = torch.autograd.grad(expected_out, (z, w, b), dout)
-    params = fnmlp.NormParams(w.detach(), b.detach())
+    params = fnmlp.nn.NormParams(w.detach(), b.detach())
     out, residual = _forward(fnmlp.LayerNorm(1e-5), params, z.detach())
     assert torch.equal(out, expected_out.detach())
     dz, grads = _backward(fnmlp.LayerNorm(1e-5), params, residual, dout)
@@ -221,7 +221,7 @@ def test_norm_gradcheck(primitive):
     class Manual(torch.autograd.Function):
         @staticmethod
         def forward(ctx, z, w, b):
-            ctx.params = fnmlp.NormParams(w, b)
+            ctx.params = fnmlp.nn.NormParams(w, b)
             state = primitive.init_state(4, z.dtype, z.device)
             out, ctx.residual, _ = primitive.forward(ctx.params, z, state, TRAIN)
             return out
@@ -292,6 +292,6 @@ def test_low_precision_layers_keep_their_dtype_and_a_cpu_key_works(device):
     assert all(g.dtype == torch.bfloat16 and g.device == x.device
                for g in torch.utils._pytree.tree_leaves(grads))
     twin = fnmlp.to_torch(model, params, shared_dropout=True)
-    fnmlp.set_dropout_key(twin, key)
+    fnmlp.interop.set_dropout_key(twin, key)
     ours = model.apply(params, x, train=True, key=key)
     assert torch.equal(twin(x), ours)

@@ -120,13 +120,13 @@ def _strided(params, grads):
     first = params[0]
     weight = first.weight.t().contiguous().t()
     assert not weight.is_contiguous() and torch.equal(weight, first.weight)
-    return (fnmlp.LinearParams(weight, first.bias), *params[1:]), grads
+    return (fnmlp.nn.LinearParams(weight, first.bias), *params[1:]), grads
 
 
 def _strided_grad(params, grads):
     first = grads[0]
     weight = first.weight.t().contiguous().t()
-    return params, (fnmlp.LinearParams(weight, first.bias), *grads[1:])
+    return params, (fnmlp.nn.LinearParams(weight, first.bias), *grads[1:])
 
 
 def _half(params, grads):
@@ -135,13 +135,13 @@ def _half(params, grads):
 
 def _mixed_dtypes(params, grads):
     first, grad = params[0], grads[0]
-    return ((fnmlp.LinearParams(first.weight.float(), first.bias), *params[1:]),
-            (fnmlp.LinearParams(grad.weight.float(), grad.bias), *grads[1:]))
+    return ((fnmlp.nn.LinearParams(first.weight.float(), first.bias), *params[1:]),
+            (fnmlp.nn.LinearParams(grad.weight.float(), grad.bias), *grads[1:]))
 
 
 def _parameter(params, grads):  # a subclass: not a plain tensor
     first = params[0]
-    return ((fnmlp.LinearParams(torch.nn.Parameter(first.weight.clone()), first.bias),
+    return ((fnmlp.nn.LinearParams(torch.nn.Parameter(first.weight.clone()), first.bias),
              *params[1:]), grads)
 
 

@@ -129,8 +129,8 @@ def test_schedules_are_pure_functions_of_the_step():
 
 
 def test_the_step_count_is_exact_past_float32_precision():
-    params = (fnmlp.LinearParams(torch.ones(2, 2), torch.zeros(2)),)
-    grads = (fnmlp.LinearParams(torch.ones(2, 2), torch.ones(2)),)
+    params = (fnmlp.nn.LinearParams(torch.ones(2, 2), torch.zeros(2)),)
+    grads = (fnmlp.nn.LinearParams(torch.ones(2, 2), torch.ones(2)),)
     optimizer = fnmlp.adam(0.01)
     state = dataclasses.replace(optimizer.init(params), step=torch.tensor(2**24))
     for _ in range(3):
@@ -141,7 +141,7 @@ def test_the_step_count_is_exact_past_float32_precision():
 
 def test_cosine_floor_is_absolute_when_the_rate_is_changed():
     optimizer = fnmlp.sgd(S.cosine(0.1, total_steps=10, eta_min=0.01))
-    params = (fnmlp.LinearParams(torch.ones(1, 1, dtype=F64), torch.zeros(1, dtype=F64)),)
+    params = (fnmlp.nn.LinearParams(torch.ones(1, 1, dtype=F64), torch.zeros(1, dtype=F64)),)
     state = optimizer.with_learning_rate(optimizer.init(params), 0.5)
     assert optimizer.learning_rate(state).item() == 0.5
     end = dataclasses.replace(state, step=torch.tensor(10))
@@ -155,9 +155,9 @@ def test_a_transposed_weight_is_updated_as_a_contiguous_one(optimizer):
     g = torch.Generator().manual_seed(0)
     weight, grad = torch.randn(5, 4, generator=g, dtype=F64), torch.randn(4, 5, generator=g,
                                                                            dtype=F64)
-    strided = fnmlp.LinearParams(weight.t(), torch.zeros(4, dtype=F64))
-    plain = fnmlp.LinearParams(weight.t().contiguous(), torch.zeros(4, dtype=F64))
-    grads = fnmlp.LinearParams(grad, torch.ones(4, dtype=F64))
+    strided = fnmlp.nn.LinearParams(weight.t(), torch.zeros(4, dtype=F64))
+    plain = fnmlp.nn.LinearParams(weight.t().contiguous(), torch.zeros(4, dtype=F64))
+    grads = fnmlp.nn.LinearParams(grad, torch.ones(4, dtype=F64))
     results = []
     for params in (strided, plain):
         state = optimizer.init(params)

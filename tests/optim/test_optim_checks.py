@@ -16,14 +16,14 @@ def test_update_rejects_gradients_that_do_not_match_the_parameters():
     optimizer = fnmlp.sgd(0.1)
     state = optimizer.init(params)
     _, grads = model.value_and_grad(params, x, y)
-    narrow = (fnmlp.LinearParams(grads[0].weight[:, :1], grads[0].bias),) + grads[1:]
+    narrow = (fnmlp.nn.LinearParams(grads[0].weight[:, :1], grads[0].bias),) + grads[1:]
     with pytest.raises(ValueError, match=r"grads\[0\].weight is \(8, 1\).* params\[0\].weight "
                                          r"is \(8, 6\)"):
         optimizer.update(params, narrow, state)
     with pytest.raises(ValueError, match="grads must be structured like params"):
         optimizer.update(params, grads[:2], state)
     with pytest.raises(ValueError, match=r"grads\[2\].bias is \(3,\) torch.float32"):
-        optimizer.update(params, grads[:2] + (fnmlp.LinearParams(grads[2].weight,
+        optimizer.update(params, grads[:2] + (fnmlp.nn.LinearParams(grads[2].weight,
                                                                  grads[2].bias.float()),), state)
 
 
@@ -33,7 +33,7 @@ def test_update_rejects_gradients_that_do_not_match_the_parameters():
     (lambda p: fnmlp.sgd(0.1, momentum=0.9).init(p), ValueError,
      "momentum_buffer is set but .* keeps none"),
     (lambda p: fnmlp.sgd(0.1).init(tuple(
-        fnmlp.LinearParams(t.weight.float(), t.bias.float()) if t else () for t in p)),
+        fnmlp.nn.LinearParams(t.weight.float(), t.bias.float()) if t else () for t in p)),
      ValueError, "learning_rate is torch.float32 on cpu but the parameters are torch.float64"),
 ])
 def test_update_rejects_a_state_that_is_not_this_optimizers(make_state, error, message):
@@ -60,7 +60,7 @@ def test_a_state_for_other_shapes_is_named():
 
 def test_updates_never_record_autograd_history():
     model, params, x, y = small_regression()
-    params = tuple(fnmlp.LinearParams(nn.Parameter(p.weight.clone()), nn.Parameter(p.bias.clone()))
+    params = tuple(fnmlp.nn.LinearParams(nn.Parameter(p.weight.clone()), nn.Parameter(p.bias.clone()))
                    if p else () for p in params)
     for optimizer in (fnmlp.sgd(0.01, momentum=0.9), fnmlp.adam(1e-3)):
         state, current = optimizer.init(params), params

@@ -122,7 +122,7 @@ def _check_linear(op, sample):
     expected = torch.nn.functional.linear(x, weight, bias)
     dy = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, (x, weight, bias), dy)
-    params = fnmlp.LinearParams(weight.detach(), bias.detach())
+    params = fnmlp.nn.LinearParams(weight.detach(), bias.detach())
     y, dx, grads, _ = _primitive_vjp(fnmlp.Linear(weight.shape[0]), params, (),
                                      _as_rows(x.detach(), -1), _as_rows(dy, -1))
     return (_close(y.reshape(expected.shape), expected)
@@ -147,7 +147,7 @@ def _check_layer_norm(op, sample):
     expected = torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
     dy = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, (x, weight, bias), dy)
-    params = fnmlp.NormParams(weight.detach(), bias.detach())
+    params = fnmlp.nn.NormParams(weight.detach(), bias.detach())
     y, dx, grads, _ = _primitive_vjp(fnmlp.LayerNorm(eps), params, (),
                                      _as_rows(x.detach(), -1), _as_rows(dy, -1))
     return (_close(y.reshape(x.shape), expected) and _close(dx.reshape(x.shape),
@@ -183,8 +183,8 @@ def _check_batch_norm(op, sample):
     dy = torch.randn_like(expected)
     expected_grads = torch.autograd.grad(expected, leaves, dy)
     primitive = fnmlp.BatchNorm(momentum, eps, affine, track)
-    params = fnmlp.NormParams(leaves[1].detach(), leaves[2].detach()) if affine else ()
-    state = (fnmlp.BatchNormState(running_mean.detach().clone(), running_var.detach().clone(),
+    params = fnmlp.nn.NormParams(leaves[1].detach(), leaves[2].detach()) if affine else ()
+    state = (fnmlp.nn.BatchNormState(running_mean.detach().clone(), running_var.detach().clone(),
                                   torch.tensor(0)) if track else ())
     y, dx, grads, new_state = _primitive_vjp(primitive, params, state, _as_rows(x.detach(), 1),
                                              _as_rows(dy, 1), train=training)

@@ -49,7 +49,7 @@ def _data(rows=40, features=5, seed=0):
 
 def _sklearn_backprop(sk, model, params, x, y, weight):
     """scikit-learn's loss and gradients at fnmlp's parameters (its private _backprop)."""
-    linears = [p for p in params if isinstance(p, fnmlp.LinearParams)]
+    linears = [p for p in params if isinstance(p, fnmlp.nn.LinearParams)]
     sk.coefs_ = [p.weight.numpy().T.copy() for p in linears]
     sk.intercepts_ = [p.bias.numpy().copy() for p in linears]
     sk.n_layers_ = len(linears) + 1
@@ -73,7 +73,7 @@ def _assert_same_objective(est, sk, y_sklearn, target, outputs, loss, weight):
     expected, coef_grads, intercept_grads = _sklearn_backprop(sk, model, params, x, y_sklearn,
                                                               weight)
     assert value.item() == pytest.approx(expected, rel=1e-12)
-    ours = [g for g in grads if isinstance(g, fnmlp.LinearParams)]
+    ours = [g for g in grads if isinstance(g, fnmlp.nn.LinearParams)]
     for g, cg, ig in zip(ours, coef_grads, intercept_grads):
         np.testing.assert_allclose(g.weight.numpy().T, cg, rtol=1e-11, atol=1e-14)
         np.testing.assert_allclose(g.bias.numpy(), ig, rtol=1e-11, atol=1e-14)

@@ -176,7 +176,7 @@ def test_every_activation_compiles_into_one_graph_with_a_padded_tail():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("loss, optimizer", [
-    (fnmlp.binary_cross_entropy_with_logits,
+    (fnmlp.nn.binary_cross_entropy_with_logits,
      fnmlp.adagrad(fnmlp.schedules.step_decay(0.1, step_size=2, gamma=0.5))),
     (fnmlp.L1("sum"), fnmlp.rmsprop(fnmlp.schedules.linear_warmup(0.01, warmup_steps=3))),
 ])

@@ -15,7 +15,7 @@ F64 = torch.float64
 
 def test_fit_rejects_non_finite_initial_parameters():
     model, params, x, y = small_regression()
-    bad = (fnmlp.LinearParams(params[0].weight.clone().fill_(math.nan), params[0].bias),
+    bad = (fnmlp.nn.LinearParams(params[0].weight.clone().fill_(math.nan), params[0].bias),
            ) + params[1:]
     with pytest.raises(ValueError, match="params contain NaN or inf before training"):
         fnmlp.fit(model, bad, x, y, epochs=1, batch_size=5, optimizer=fnmlp.sgd(0.1))
