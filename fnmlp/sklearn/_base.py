@@ -21,9 +21,10 @@ import fnmlp
 from fnmlp._tree import tree_leaves, tree_map
 from fnmlp.nn import MLP, Dense
 from fnmlp.train import NonFiniteLossError
-from fnmlp.train.engine import (BatchSource, Carry, Policy, Run, TrainStep, choose_compile,
-                                compiled_before, describe_threads, network_identity,
-                                train_loop)
+from fnmlp.train.engine import (BatchSource, Callback, Carry, Checkpointer, Policy, Reporter,
+                                Run, TrainStep, check_run_options, checkpoint_settings,
+                                choose_compile, compiled_before, describe_threads,
+                                network_identity, restore_run, train_loop)
 
 SOLVERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
@@ -80,6 +81,8 @@ class BaseMLP(BaseEstimator):
             raise ValueError(f"dtype must be None (follow X), 'float32' or 'float64', got "
                              f"{self.dtype!r}")
         torch.device(self.device)  # raises on a bad device name
+        check_run_options(self.checkpoint, 1, self.resume, None, 0.0, False, self.on_epoch_end,
+                          self.progress, None, None)
 
     def _torch_dtype(self, x_dtype) -> torch.dtype:
         if self.dtype is None:
@@ -123,6 +126,9 @@ class BaseMLP(BaseEstimator):
         self._check_hyperparameters()
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
+        if incremental and (self.checkpoint is not None or self.resume):
+            raise ValueError("checkpoint= and resume= are for fit; partial_fit takes one "
+                             "iteration and keeps no checkpoint")
         first_pass = not hasattr(self, "params_") or (not self.warm_start and not incremental)
         X, targets = self._validate_input(X, y, incremental, reset=first_pass)
         if sample_weight is not None:
@@ -212,14 +218,32 @@ class BaseMLP(BaseEstimator):
             generator=torch.Generator().manual_seed(_seed(random_state)),
             pad_to=batch_size if compiled and n > batch_size else None,
             densify=(lambda part: _tensor(part.toarray(), like)) if sparse else None)
-        self.n_iter_ = 0
-        run = Run(Carry(self.params_, self._opt_state, self.state_),
-                  steps_done=self._steps,
-                  dropout_seed=self._dropout_seed if self.model_.has_dropout else None)
+        epochs = 1 if incremental else self.max_iter
+        settings, run = {}, None
+        if self.checkpoint is not None:
+            settings = checkpoint_settings(
+                self.model_, optimizer, loss, batch_size=batch_size, shuffle=bool(self.shuffle),
+                rows=n, weighted=weight is not None, l2=l2,
+                early_stopping=bool(self.early_stopping))
+            if self.resume:
+                run = restore_run(self.checkpoint, self.model_, optimizer, like,
+                                  source.generator, settings, epochs)
         rules = _SolverRules(self, optimizer, valid, n, incremental)
+        if run is None:
+            self.n_iter_ = 0
+            self._best = (self.params_, self.state_)
+            run = Run(Carry(self.params_, self._opt_state, self.state_),
+                      steps_done=self._steps,
+                      dropout_seed=self._dropout_seed if self.model_.has_dropout else None)
+        else:
+            rules.restore(run)
+        policies = [rules, Reporter(False, bool(self.progress), range(run.epoch, epochs))]
+        if self.on_epoch_end is not None:
+            policies.append(Callback(self.on_epoch_end))
+        saver = None if self.checkpoint is None else Checkpointer(
+            self.checkpoint, step, source.generator, settings)
         try:
-            train_loop(step, source, run, epochs=1 if incremental else self.max_iter,
-                       policies=[rules])
+            train_loop(step, source, run, epochs=epochs, policies=policies, checkpoint=saver)
         except NonFiniteLossError as error:
             raise _non_finite(str(error)) from error
         finally:
@@ -323,6 +347,21 @@ def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
                                device=like.device)
 
 
+def _to_json(value):
+    """A solver attribute as JSON data (non-finite floats as strings)."""
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _from_json(value):
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return float(value) if isinstance(value, str) else value
+
+
 def _non_finite(detail: str) -> ValueError:
     """scikit-learn's error for a diverged fit, with fnmlp's ``detail``."""
     return ValueError("Solver produced non-finite parameter weights. The input data may contain "
@@ -370,7 +409,32 @@ class _SolverRules(Policy):
         self.lr = float(estimator.learning_rate_init)
         self.stopped = False
 
+    _SAVED = ("n_iter_", "t_", "loss_", "loss_curve_", "best_loss_", "_no_improvement_count",
+              "validation_scores_", "best_validation_score_")
+
     def on_epoch_end(self, run: Run, logs: dict) -> bool:
+        stop = self._epoch_end(run, logs)
+        est = self.estimator
+        logs["train_losses"] = [est.loss_]  # scikit-learn's loss_ for the callbacks
+        if est.early_stopping:
+            logs["valid_score"] = est.validation_scores_[-1]
+            run.best = est._best
+        # the solver's own state, so that a checkpoint resumes it exactly
+        run.extras["sklearn"] = {"lr": self.lr, "stopped": self.stopped,
+                                 **{name: _to_json(getattr(est, name)) for name in self._SAVED}}
+        return stop
+
+    def restore(self, run: Run) -> None:
+        """The estimator's solver state from a resumed ``run``."""
+        est, saved = self.estimator, run.extras["sklearn"]
+        for name in self._SAVED:
+            setattr(est, name, _from_json(saved[name]))
+        self.lr, self.stopped = saved["lr"], saved["stopped"]
+        est._best = run.best if run.best is not None else (run.carry.params, run.carry.state)
+        if self.stopped:  # the stopping rule ended the fit: nothing is left to train
+            run.stopped_epoch = [run.epoch]
+
+    def _epoch_end(self, run: Run, logs: dict) -> bool:
         est = self.estimator
         est.params_, est._opt_state, est.state_ = run.carry
         est.n_iter_ += 1

@@ -31,6 +31,14 @@ _SHARED_DOC = """
         compile: True, False or "auto" (compile the step when the estimate says it pays for
             itself; ``verbose`` says which and why).
         loss: {loss_doc}
+        checkpoint, resume: ``fit`` checkpoints itself to this file after every iteration
+            (``fnmlp.fit``'s format, the solver's counters, curves and rates included); with
+            ``resume=True`` and the file present, ``fit`` continues from it and ends
+            bit-identical to an uninterrupted fit (``partial_fit`` takes neither).
+        progress: a progress bar over the iterations (tqdm).
+        on_epoch_end: ``f(iteration, logs) -> stop?`` after every iteration, ``logs`` holding
+            ``train_loss`` (``loss_``) and, with ``early_stopping``, ``valid_score``; a true
+            result stops the fit.
 
     Fitted attributes as scikit-learn's (``n_iter_``, ``loss_``, ``loss_curve_``,
     ``best_loss_``, ``validation_scores_``, ``best_validation_score_``, ``t_``,
@@ -61,7 +69,8 @@ class MLPRegressor(RegressorMixin, BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 layers=None, dtype=None, device="cpu", compile="auto"):
+                 layers=None, dtype=None, device="cpu", compile="auto", checkpoint=None,
+                 resume=False, progress=False, on_epoch_end=None):
         _keep(self, locals())
 
     def fit(self, X, y, sample_weight=None):
@@ -120,7 +129,8 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
                  random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
                  nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
                  beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000,
-                 layers=None, dtype=None, device="cpu", compile="auto", loss="log_loss"):
+                 layers=None, dtype=None, device="cpu", compile="auto", loss="log_loss",
+                 checkpoint=None, resume=False, progress=False, on_epoch_end=None):
         _keep(self, locals())
 
     def fit(self, X, y, sample_weight=None):

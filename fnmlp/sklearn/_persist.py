@@ -4,6 +4,7 @@ estimator's hyperparameters and fitted attributes as plain JSON metadata)."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import torch
@@ -28,6 +29,8 @@ def save(estimator, path) -> None:
         hyper["loss"] = {"spec": _spec.encode_spec(hyper["loss"])}
     hyper["dtype"] = None if hyper["dtype"] is None else str(hyper["dtype"]).replace("torch.", "")
     hyper["device"] = str(hyper["device"])
+    hyper["on_epoch_end"] = None  # a function is not data
+    hyper["checkpoint"] = None if hyper["checkpoint"] is None else os.fspath(hyper["checkpoint"])
     if not (hyper["random_state"] is None or isinstance(hyper["random_state"], int)):
         hyper["random_state"] = None  # a RandomState object is not data
     if isinstance(hyper["hidden_layer_sizes"], (tuple, list, np.ndarray)):

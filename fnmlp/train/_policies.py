@@ -57,7 +57,8 @@ class Reporter(Policy):
 
 class Callback(Policy):
     """``on_epoch_end(epoch, logs) -> stop?`` with ``logs`` holding ``train_loss`` (and
-    ``valid_loss``): a float for one network, a list of floats for an ensemble."""
+    ``valid_loss``): a float for one network, a list of floats for an ensemble; and what the
+    policies before it added (the estimators' ``valid_score``)."""
 
     def __init__(self, function):
         self.function = function
@@ -69,7 +70,12 @@ class Callback(Policy):
         user_logs = {"train_loss": shown(logs["train_losses"])}
         if "valid_losses" in logs:
             user_logs["valid_loss"] = shown(logs["valid_losses"])
+        user_logs.update({name: value for name, value in logs.items()
+                          if name not in _LOOP_LOGS})  # what policies added (valid_score)
         return bool(self.function(logs["epoch"], user_logs))
+
+
+_LOOP_LOGS = {"epoch", "train_losses", "valid_losses", "batch_losses", "batch_rows"}
 
 
 class Checkpointer(Policy):
