@@ -38,13 +38,13 @@ class Twin(NamedTuple):
 
 
 class Entry(NamedTuple):
-    """One registered class: its stable ``name``, its ``kind`` (one of ``KINDS``) and, for a
-    primitive, its ``twin`` (None if it has none)."""
+    """One registered class: its stable ``name``, its ``kind`` (one of ``KINDS``) and its torch
+    ``twin`` (None if it has none; see ``set_twin``)."""
 
     name: str
     cls: type
     kind: str
-    twin: Twin | None = None
+    twin: Any = None
 
 
 _BY_NAME: dict[str, Entry] = {}
@@ -70,7 +70,7 @@ def add(cls: type, kind: str, *, name: str | None = None, twin: Twin | None = No
         raise ValueError(f"the name {name!r} is taken by {qualified(holder.cls)}: register "
                          f"{qualified(cls)} under another one (name=...)")
     if twin is not None:
-        _check_twin(cls, twin)
+        _check_twin(kind, cls, twin)
     _store(Entry(name, cls, kind, twin))
     return cls
 
@@ -82,14 +82,16 @@ def add_own(cls: type, kind: str) -> None:
         add(cls, kind)
 
 
-def set_twin(cls: type, twin: Twin) -> None:
-    """Give the registered primitive ``cls`` its twin (once)."""
+def set_twin(cls: type, twin) -> None:
+    """Give the registered ``cls`` its torch twin (once): a ``Twin`` for a primitive; for a
+    loss, optimizer or schedule the interop layer's rule, a named tuple whose ``modules`` are
+    the torch classes it converts to and from."""
     entry = _BY_CLASS.get(cls)
-    if entry is None or entry.kind != "primitive":
-        raise ValueError(f"{qualified(cls)} is no registered primitive")
+    if entry is None:
+        raise ValueError(f"{qualified(cls)} is not registered")
     if entry.twin is not None:
-        raise ValueError(f"{qualified(cls)} has a torch.nn twin already")
-    _check_twin(cls, twin)
+        raise ValueError(f"{qualified(cls)} has a torch twin already")
+    _check_twin(entry.kind, cls, twin)
     _store(entry._replace(twin=twin))
 
 
@@ -130,11 +132,12 @@ def qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _check_twin(cls: type, twin: Twin) -> None:
-    if not isinstance(twin, Twin) or not twin.modules:
-        raise TypeError(f"a twin is a Twin with at least one module class, got {twin!r}")
-    for other in _BY_NAME.values():
-        if other.twin is not None and other.cls is not cls:
+def _check_twin(kind: str, cls: type, twin) -> None:
+    if kind == "primitive" and not isinstance(twin, Twin) or not getattr(twin, "modules", ()):
+        raise TypeError(f"a twin names at least one torch class (a primitive's is a Twin), "
+                        f"got {twin!r}")
+    for other in _BY_NAME.values():  # a torch class converts back to one class of a kind
+        if other.twin is not None and other.cls is not cls and other.kind == kind:
             for module in set(twin.modules) & set(other.twin.modules):
                 raise ValueError(f"{qualified(module)} is the twin of {qualified(other.cls)} "
                                  f"already; {qualified(cls)} needs a module class of its own")

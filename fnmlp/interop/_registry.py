@@ -289,17 +289,32 @@ _TORCH_IGNORE_INDEX = -100  # nn.CrossEntropyLoss's default: fnmlp's ignore_inde
 # "none" differs: torch's is per element, fnmlp's per row
 _PER_ELEMENT = (MSE, L1, Huber, SmoothL1, PoissonNLL, BinaryCrossEntropyWithLogits)
 
-_LOSSES: dict[type, tuple[type, Callable, Callable]] = {
-    MSE: (nn.MSELoss, lambda loss, factory: {}, lambda module: {}),
-    L1: (nn.L1Loss, lambda loss, factory: {}, lambda module: {}),
-    Huber: (nn.HuberLoss, lambda loss, factory: {"delta": loss.delta},
-            lambda module: {"delta": module.delta}),
-    SmoothL1: (nn.SmoothL1Loss, lambda loss, factory: {"beta": loss.beta},
-               lambda module: {"beta": module.beta}),
-    PoissonNLL: (nn.PoissonNLLLoss, lambda loss, factory: {"log_input": True, "full": False},
-                 _poisson_options),
-    CrossEntropy: (
-        nn.CrossEntropyLoss,
+class LossTwin(NamedTuple):
+    """A loss's ``torch.nn`` twin: the module class (``modules[0]``), the options it takes for
+    a loss (``to_args(loss, factory)``, ``factory`` the dtype and device of tensor options) and
+    the loss options a module gives (``from_args(module)``)."""
+
+    modules: tuple[type, ...]
+    to_args: Callable[[Loss, dict], dict]
+    from_args: Callable[[nn.Module], dict]
+
+
+def _no_options(*args) -> dict:
+    return {}
+
+
+for _loss, _twin_rule in [
+    (MSE, LossTwin((nn.MSELoss,), _no_options, _no_options)),
+    (L1, LossTwin((nn.L1Loss,), _no_options, _no_options)),
+    (Huber, LossTwin((nn.HuberLoss,), lambda loss, factory: {"delta": loss.delta},
+                     lambda module: {"delta": module.delta})),
+    (SmoothL1, LossTwin((nn.SmoothL1Loss,), lambda loss, factory: {"beta": loss.beta},
+                        lambda module: {"beta": module.beta})),
+    (PoissonNLL, LossTwin((nn.PoissonNLLLoss,),
+                          lambda loss, factory: {"log_input": True, "full": False},
+                          _poisson_options)),
+    (CrossEntropy, LossTwin(
+        (nn.CrossEntropyLoss,),
         lambda loss, factory: {
             "label_smoothing": loss.label_smoothing,
             "weight": _tensor_option(loss.weight, factory),
@@ -309,21 +324,36 @@ _LOSSES: dict[type, tuple[type, Callable, Callable]] = {
             "label_smoothing": module.label_smoothing,
             "weight": _tuple_option(module, "weight"),
             "ignore_index": (None if module.ignore_index == _TORCH_IGNORE_INDEX
-                             else module.ignore_index)}),
-    BinaryCrossEntropyWithLogits: (
-        nn.BCEWithLogitsLoss,
+                             else module.ignore_index)})),
+    (BinaryCrossEntropyWithLogits, LossTwin(
+        (nn.BCEWithLogitsLoss,),
         lambda loss, factory: {"weight": _tensor_option(loss.weight, factory),
                                "pos_weight": _tensor_option(loss.pos_weight, factory)},
         lambda module: {"weight": _tuple_option(module, "weight"),
-                        "pos_weight": _tuple_option(module, "pos_weight")}),
-}
+                        "pos_weight": _tuple_option(module, "pos_weight")})),
+]:
+    _registry.set_twin(_loss, _twin_rule)
+del _loss, _twin_rule
+
+
+def _twins(kind: str) -> dict[type, Any]:
+    """Every registered class of ``kind`` that has a torch twin -> its twin."""
+    return _twins_at(kind, _registry.generation())
+
+
+@functools.lru_cache(maxsize=8)
+def _twins_at(kind: str, generation: int) -> dict[type, Any]:
+    return {entry.cls: entry.twin for entry in _registry.entries(kind) if entry.twin is not None}
 
 
 def loss_to_torch(loss: Loss, reduction: str | None = None, *, dtype=None,
                   device=None) -> nn.Module:
     """The ``torch.nn`` loss computing ``loss`` (with another ``reduction`` if given); class
     or column weights become tensors of ``dtype`` on ``device``."""
-    module, to_args, _ = _LOSSES[type(loss)]
+    twin = _twins("loss").get(type(loss))
+    if twin is None:
+        raise TypeError(f"{type(loss).__name__} has no torch.nn counterpart registered")
+    module, to_args = twin.modules[0], twin.to_args
     if reduction is None and loss.reduction == "none" and type(loss) in _PER_ELEMENT:
         raise ValueError(f"{loss!r}: fnmlp's 'none' gives per-row losses, torch's per-element "
                          "ones; pass reduction='none' explicitly for torch's")
@@ -333,14 +363,15 @@ def loss_to_torch(loss: Loss, reduction: str | None = None, *, dtype=None,
 
 def loss_from_torch(module: nn.Module) -> Loss:
     """The fnmlp loss computing the ``torch.nn`` loss ``module``."""
-    for loss_type, (module_type, _, from_args) in _LOSSES.items():
-        if type(module) is module_type:
+    twins = _twins("loss")
+    for loss_type, twin in twins.items():
+        if type(module) in twin.modules:
             if module.reduction == "none" and loss_type in _PER_ELEMENT:
-                raise ValueError(f"nn.{module_type.__name__}(reduction='none') gives "
+                raise ValueError(f"nn.{type(module).__name__}(reduction='none') gives "
                                  "per-element losses; fnmlp's 'none' is per row")
-            return loss_type(module.reduction, **from_args(module))
+            return loss_type(module.reduction, **twin.from_args(module))
     raise TypeError(f"nn.{type(module).__name__} has no fnmlp counterpart; supported: "
-                    + ", ".join(f"nn.{m.__name__}" for m, _, _ in _LOSSES.values()))
+                    + ", ".join(f"nn.{twin.modules[0].__name__}" for twin in twins.values()))
 
 
 # --- optimizers and schedules ⇄ torch.optim ---------------------------------------------------
@@ -356,70 +387,74 @@ class TorchOptimizer(NamedTuple):
     clip_norms: tuple[float, ...]
 
 
-class _OptimizerRule(NamedTuple):
-    torch_class: type
-    fields: tuple[str, ...]  # options with the same name and meaning on both sides
-    build: Callable[[float, dict, dict], Optimizer]  # (lr, options, the param group)
+class OptimizerTwin(NamedTuple):
+    """An optimizer's ``torch.optim`` twin: the classes it converts to and from
+    (``modules``), the options of the same name and meaning on both sides (``fields``), the
+    class an optimizer becomes (``torch_class(optimizer)``) and the optimizer a torch one
+    becomes (``build(torch_class, lr, options, param_group)``)."""
+
+    modules: tuple[type, ...]
+    fields: tuple[str, ...]
+    torch_class: Callable[[Optimizer], type]
+    build: Callable[[type, float, dict, dict], Optimizer]
 
 
-_OPTIMIZERS: dict[type, _OptimizerRule] = {
-    torch.optim.SGD: _OptimizerRule(torch.optim.SGD, ("momentum", "dampening", "weight_decay",
-                                                      "nesterov", "maximize"),
-                                    lambda lr, options, group: SGD(lr, **options)),
-    torch.optim.Adam: _OptimizerRule(
-        torch.optim.Adam, ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
-        lambda lr, options, group: Adam(lr, **options,
-                                        decoupled=bool(group.get("decoupled_weight_decay")))),
-    torch.optim.AdamW: _OptimizerRule(
-        torch.optim.AdamW, ("betas", "eps", "weight_decay", "amsgrad", "maximize"),
-        lambda lr, options, group: Adam(lr, **options, decoupled=True)),
-    torch.optim.RMSprop: _OptimizerRule(torch.optim.RMSprop, ("alpha", "eps", "weight_decay",
-                                                              "momentum", "centered",
-                                                              "maximize"),
-                                        lambda lr, options, group: RMSprop(lr, **options)),
-    torch.optim.Adagrad: _OptimizerRule(torch.optim.Adagrad, ("lr_decay", "weight_decay",
-                                                              "initial_accumulator_value",
-                                                              "eps", "maximize"),
-                                        lambda lr, options, group: Adagrad(lr, **options)),
-}
+def _plain_optimizer(cls: type, torch_class: type, fields: tuple[str, ...]) -> OptimizerTwin:
+    return OptimizerTwin((torch_class,), fields, lambda optimizer: torch_class,
+                         lambda torch_class, lr, options, group: cls(lr, **options))
 
 
-def _torch_class(optimizer: Optimizer) -> type:
-    if isinstance(optimizer, Adam):
-        return torch.optim.AdamW if optimizer.decoupled else torch.optim.Adam
-    for torch_class, fnmlp_class in ((torch.optim.SGD, SGD), (torch.optim.RMSprop, RMSprop),
-                                     (torch.optim.Adagrad, Adagrad)):
-        if isinstance(optimizer, fnmlp_class):
-            return torch_class
-    raise TypeError(f"{type(optimizer).__name__} has no torch.optim counterpart registered")
+_ADAM_FIELDS = ("betas", "eps", "weight_decay", "amsgrad", "maximize")
+_registry.set_twin(SGD, _plain_optimizer(SGD, torch.optim.SGD, (
+    "momentum", "dampening", "weight_decay", "nesterov", "maximize")))
+_registry.set_twin(Adam, OptimizerTwin(
+    (torch.optim.Adam, torch.optim.AdamW), _ADAM_FIELDS,
+    lambda optimizer: torch.optim.AdamW if optimizer.decoupled else torch.optim.Adam,
+    lambda torch_class, lr, options, group: Adam(
+        lr, **options, decoupled=torch_class is torch.optim.AdamW
+        or bool(group.get("decoupled_weight_decay")))))
+_registry.set_twin(RMSprop, _plain_optimizer(RMSprop, torch.optim.RMSprop, (
+    "alpha", "eps", "weight_decay", "momentum", "centered", "maximize")))
+_registry.set_twin(Adagrad, _plain_optimizer(Adagrad, torch.optim.Adagrad, (
+    "lr_decay", "weight_decay", "initial_accumulator_value", "eps", "maximize")))
 
 
-class _ScheduleRule(NamedTuple):
-    scheduler: type
+def _optimizer_twin(optimizer: Optimizer) -> OptimizerTwin:
+    twin = _twins("optimizer").get(type(optimizer))
+    if twin is None:
+        raise TypeError(f"{type(optimizer).__name__} has no torch.optim counterpart "
+                        "registered")
+    return twin
+
+
+class ScheduleTwin(NamedTuple):
+    """A schedule's ``torch.optim.lr_scheduler`` twin: the scheduler class (``modules[0]``),
+    its options for a schedule (``to_args(schedule)``) and the schedule a scheduler becomes
+    (``from_scheduler(scheduler, base_lr)``)."""
+
+    modules: tuple[type, ...]
     to_args: Callable[[sched.Schedule], dict]
     from_scheduler: Callable[[Any, float], sched.Schedule]
 
 
-_SCHEDULES: dict[type, _ScheduleRule] = {
-    sched.Constant: _ScheduleRule(
-        torch.optim.lr_scheduler.ConstantLR, lambda s: {"factor": 1.0, "total_iters": 0},
-        lambda s, base: _constant_from_torch(s, base)),
-    sched.StepDecay: _ScheduleRule(
-        torch.optim.lr_scheduler.StepLR, lambda s: {"step_size": s.step_size, "gamma": s.gamma},
-        lambda s, base: sched.StepDecay(base, s.step_size, s.gamma)),
-    sched.Exponential: _ScheduleRule(
-        torch.optim.lr_scheduler.ExponentialLR, lambda s: {"gamma": s.gamma},
-        lambda s, base: sched.Exponential(base, s.gamma)),
-    sched.Cosine: _ScheduleRule(
-        torch.optim.lr_scheduler.CosineAnnealingLR,
-        lambda s: {"T_max": s.total_steps, "eta_min": s.eta_min},
-        lambda s, base: sched.Cosine(base, s.T_max, s.eta_min)),
-    sched.LinearWarmup: _ScheduleRule(
-        torch.optim.lr_scheduler.LinearLR,
-        lambda s: {"start_factor": s.start_factor, "end_factor": 1.0,
-                   "total_iters": s.warmup_steps},
-        lambda s, base: _linear_warmup_from_torch(s, base)),
-}
+_registry.set_twin(sched.Constant, ScheduleTwin(
+    (torch.optim.lr_scheduler.ConstantLR,), lambda s: {"factor": 1.0, "total_iters": 0},
+    lambda s, base: _constant_from_torch(s, base)))
+_registry.set_twin(sched.StepDecay, ScheduleTwin(
+    (torch.optim.lr_scheduler.StepLR,), lambda s: {"step_size": s.step_size, "gamma": s.gamma},
+    lambda s, base: sched.StepDecay(base, s.step_size, s.gamma)))
+_registry.set_twin(sched.Exponential, ScheduleTwin(
+    (torch.optim.lr_scheduler.ExponentialLR,), lambda s: {"gamma": s.gamma},
+    lambda s, base: sched.Exponential(base, s.gamma)))
+_registry.set_twin(sched.Cosine, ScheduleTwin(
+    (torch.optim.lr_scheduler.CosineAnnealingLR,),
+    lambda s: {"T_max": s.total_steps, "eta_min": s.eta_min},
+    lambda s, base: sched.Cosine(base, s.T_max, s.eta_min)))
+_registry.set_twin(sched.LinearWarmup, ScheduleTwin(
+    (torch.optim.lr_scheduler.LinearLR,),
+    lambda s: {"start_factor": s.start_factor, "end_factor": 1.0,
+               "total_iters": s.warmup_steps},
+    lambda s, base: _linear_warmup_from_torch(s, base)))
 
 
 def _constant_from_torch(scheduler, base: float) -> sched.Constant:
@@ -446,13 +481,16 @@ def optimizer_to_torch(optimizer, parameters) -> TorchOptimizer:
         optimizer = optimizer.inner
     lr = optimizer.base_lr
     lr = float(lr) if isinstance(lr, torch.Tensor) else lr
-    torch_class = _torch_class(optimizer)
-    options = {name: getattr(optimizer, name) for name in _OPTIMIZERS[torch_class].fields}
-    torch_optimizer = torch_class(parameters, lr=lr, **options)
+    twin = _optimizer_twin(optimizer)
+    options = {name: getattr(optimizer, name) for name in twin.fields}
+    torch_optimizer = twin.torch_class(optimizer)(parameters, lr=lr, **options)
     scheduler = None
     if optimizer.schedule is not None:
-        rule = _SCHEDULES[type(optimizer.schedule)]
-        scheduler = rule.scheduler(torch_optimizer, **rule.to_args(optimizer.schedule))
+        rule = _twins("schedule").get(type(optimizer.schedule))
+        if rule is None:
+            raise TypeError(f"{type(optimizer.schedule).__name__} has no torch scheduler "
+                            "registered")
+        scheduler = rule.modules[0](torch_optimizer, **rule.to_args(optimizer.schedule))
     return TorchOptimizer(torch_optimizer, scheduler, tuple(clip_norms))
 
 
@@ -460,10 +498,11 @@ def optimizer_from_torch(optimizer: torch.optim.Optimizer, scheduler=None,
                          clip_norms: tuple[float, ...] = ()):
     """The fnmlp optimizer doing what ``optimizer`` (with ``scheduler`` stepped after every
     step and the global-norm ``clip_norms`` applied in order first) does."""
-    rule = _OPTIMIZERS.get(type(optimizer))
+    twins = _twins("optimizer").values()
+    rule = next((twin for twin in twins if type(optimizer) in twin.modules), None)
     if rule is None:
         raise TypeError(f"{type(optimizer).__name__} has no fnmlp counterpart; supported: "
-                        + ", ".join(cls.__name__ for cls in _OPTIMIZERS))
+                        + ", ".join(cls.__name__ for twin in twins for cls in twin.modules))
     if len(optimizer.param_groups) != 1:
         raise ValueError("only optimizers with one parameter group convert to fnmlp, got "
                          f"{len(optimizer.param_groups)}")
@@ -477,13 +516,13 @@ def optimizer_from_torch(optimizer: torch.optim.Optimizer, scheduler=None,
     if "betas" in options:
         options["betas"] = tuple(float(beta) for beta in options["betas"])
     if scheduler is not None:
-        schedule_rule = next((r for r in _SCHEDULES.values() if type(scheduler) is r.scheduler),
-                             None)
+        schedules = _twins("schedule").values()
+        schedule_rule = next((r for r in schedules if type(scheduler) in r.modules), None)
         if schedule_rule is None:
             raise TypeError(f"{type(scheduler).__name__} has no fnmlp schedule; supported: "
-                            + ", ".join(r.scheduler.__name__ for r in _SCHEDULES.values()))
+                            + ", ".join(r.modules[0].__name__ for r in schedules))
         lr = schedule_rule.from_scheduler(scheduler, lr)
-    result = rule.build(lr, options, group)
+    result = rule.build(type(optimizer), lr, options, group)
     for max_norm in reversed(tuple(clip_norms)):
         result = ClipByGlobalNorm(result, float(max_norm))
     return result
@@ -491,4 +530,5 @@ def optimizer_from_torch(optimizer: torch.optim.Optimizer, scheduler=None,
 
 __all__ = ["register", "SharedMaskDropout", "rule_for_primitive", "rule_for_module",
            "module_for", "supported_modules", "loss_to_torch", "loss_from_torch",
-           "TorchOptimizer", "optimizer_to_torch", "optimizer_from_torch"]
+           "TorchOptimizer", "optimizer_to_torch", "optimizer_from_torch", "LossTwin",
+           "OptimizerTwin", "ScheduleTwin"]

@@ -315,3 +315,23 @@ def test_the_readme_section_on_adding_a_layer_runs_as_written(registry, tmp_path
     for block in blocks:
         exec(compile(block, "README.md: Adding a layer", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "scale.fnmlp").exists()
+
+
+def test_loss_optimizer_and_schedule_twins_are_read_from_the_registry():
+    """No hand-kept table beside the registry: every loss, optimizer and schedule that converts
+    to torch has its twin in its registry entry, and converting reads it from there."""
+    from fnmlp import _registry
+    from fnmlp.interop import _registry as interop
+
+    twinned = {kind: {e.cls.__name__ for e in _registry.entries(kind) if e.twin is not None}
+               for kind in ("loss", "optimizer", "schedule")}
+    assert twinned["loss"] == {"MSE", "L1", "Huber", "SmoothL1", "PoissonNLL", "CrossEntropy",
+                               "BinaryCrossEntropyWithLogits"}
+    assert twinned["optimizer"] == {"SGD", "Adam", "RMSprop", "Adagrad"}
+    assert twinned["schedule"] == {"Constant", "StepDecay", "Exponential", "Cosine",
+                                   "LinearWarmup"}
+    assert not {"_LOSSES", "_OPTIMIZERS", "_SCHEDULES"} & set(vars(interop))
+    assert type(fnmlp.interop.loss_to_torch(fnmlp.Huber(delta=0.5))) is torch.nn.HuberLoss
+    assert fnmlp.interop.loss_from_torch(torch.nn.HuberLoss(delta=0.5)) == fnmlp.Huber(delta=0.5)
+    with pytest.raises(ValueError, match="twin already"):
+        _registry.set_twin(fnmlp.MSE, interop.LossTwin((torch.nn.MSELoss,), dict, dict))
