@@ -29,11 +29,9 @@ from fnmlp.distributed._group import (all_reduce_sum, collective_call, rank, wai
                                       world_size)
 from fnmlp.nn import (EVAL, MLP, CrossEntropy, Loss, check_l2, forward, l2_penalty,
                       value_and_grad)
-from fnmlp.train._compile import compile_graph, pad_rows, shared_graphs, verify
-from fnmlp.train._denormals import flushed_denormals
-from fnmlp.train._threads import StepThreads
-from fnmlp.train.engine import (EAGER, TRACED, Batch, Carry, Kernels, StepKind, Strategy,
-                                check_step_options)
+from fnmlp.train.engine import (EAGER, TRACED, Batch, Carry, Kernels, StepKind, StepThreads,
+                                Strategy, check_step_options, compile_graph, flushed_denormals,
+                                pad_rows, shared_graphs, verify)
 
 COMPILE_TIMEOUT = 1800.0  # seconds the ranks wait for each other to compile (a cold cache)
 

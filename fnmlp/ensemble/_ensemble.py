@@ -25,9 +25,8 @@ from torch.func import vmap
 
 from fnmlp import _registry, _validate
 from fnmlp._tree import flatten, tree_map
-from fnmlp.nn._dropout import make_key
-from fnmlp.nn._losses import CrossEntropy, Loss, mse
-from fnmlp.nn._model import EVAL, MLP, Context, check_loss, check_l2, forward, value_and_grad
+from fnmlp.nn import (EVAL, MLP, Context, CrossEntropy, Loss, check_l2, check_loss, dropout_key,
+                      forward, mse, value_and_grad)
 
 
 class Prediction(NamedTuple):
@@ -143,7 +142,7 @@ class Ensemble:
     def dropout_keys(self, seed: int, step: int, device=None) -> Tensor:
         """(K, 2) dropout keys for one step: member i's is ``fnmlp.dropout_key(seed,
         step·K + i)``, so a member trained alone with those keys draws the same masks."""
-        return torch.stack([make_key(seed, step * self.size + i, device=device)
+        return torch.stack([dropout_key(seed, step * self.size + i, device=device)
                             for i in range(self.size)])
 
     # --- data ---------------------------------------------------------------------------------

@@ -16,15 +16,12 @@ from torch import nn
 
 from fnmlp import _registry
 from fnmlp._registry import Twin
-from fnmlp.nn import _activations as act
-from fnmlp.nn._dropout import Dropout, keep_mask
-from fnmlp.nn._linear import Linear, LinearParams
-from fnmlp.nn._losses import (L1, MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Huber, Loss,
-                              PoissonNLL, SmoothL1)
-from fnmlp.nn._norm import BatchNorm, BatchNormState, LayerNorm, NormParams
-from fnmlp.nn._primitive import Primitive
+from fnmlp.nn import (L1, MSE, BatchNorm, BatchNormState, BinaryCrossEntropyWithLogits,
+                      CrossEntropy, Dropout, Huber, LayerNorm, Linear, LinearParams, LogSoftmax,
+                      Loss, NormParams, PoissonNLL, Primitive, SmoothL1, Softmax, keep_mask,
+                      new_names)
+from fnmlp.optim import SGD, Adagrad, Adam, ClipByGlobalNorm, Optimizer, RMSprop
 from fnmlp.optim import schedules as sched
-from fnmlp.optim._optimizers import SGD, Adagrad, Adam, ClipByGlobalNorm, Optimizer, RMSprop
 
 # --- registering a class of one's own ----------------------------------------------------------
 
@@ -68,7 +65,7 @@ def register(cls: type | None = None, /, *, name: str | None = None,
                 raise TypeError(f"{cls.__name__}: torch_module, to_torch, from_torch and "
                                 "in_width describe a primitive's nn.Module twin")
             twin = _twin(cls, *twin_args)
-        act.new_names(cls)  # an activation's names must be free
+        new_names(cls)  # an activation's names must be free
         return _registry.add(cls, kind, name=name, twin=twin)
 
     return decorate if cls is None else decorate(cls)
@@ -257,8 +254,8 @@ _registry.set_twin(BatchNorm, Twin((nn.BatchNorm1d,), _batch_norm_to_torch,
 _registry.set_twin(Dropout, Twin((nn.Dropout, SharedMaskDropout),
                                  lambda primitive, params, state, n_in: nn.Dropout(primitive.p),
                                  lambda module: (Dropout(module.p), (), ())))
-_registry.set_twin(act.Softmax, _row_wise(act.Softmax, nn.Softmax))
-_registry.set_twin(act.LogSoftmax, _row_wise(act.LogSoftmax, nn.LogSoftmax))
+_registry.set_twin(Softmax, _row_wise(Softmax, nn.Softmax))
+_registry.set_twin(LogSoftmax, _row_wise(LogSoftmax, nn.LogSoftmax))
 
 # --- losses ⇄ nn losses -----------------------------------------------------------------------
 

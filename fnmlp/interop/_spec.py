@@ -14,7 +14,7 @@ import numbers
 from torch import Tensor
 
 from fnmlp import _registry, _tree
-from fnmlp.nn._model import MLP
+from fnmlp.nn import MLP
 from fnmlp._errors import FnmlpError
 
 # MLP keeps the layout it had before the registry ({"kind", "in_features", "layers"}), so that

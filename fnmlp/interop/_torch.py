@@ -9,8 +9,7 @@ from torch import nn
 from fnmlp._tree import tree_leaves
 from fnmlp.interop._registry import (SharedMaskDropout, loss_to_torch, module_for,
                                      optimizer_to_torch, rule_for_module, supported_modules)
-from fnmlp.nn._losses import CrossEntropy, mse
-from fnmlp.nn._model import MLP, Params, State
+from fnmlp.nn import MLP, CrossEntropy, Params, State, mse
 
 
 def set_dropout_key(module: nn.Module, key) -> None:

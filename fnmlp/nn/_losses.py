@@ -78,7 +78,7 @@ class Loss:
         return self.forward(pred, target, weight)[0]
 
 
-def _elementwise(loss: Loss, per_element: Tensor, weight: Tensor | None):
+def reduce_per_element(loss: Loss, per_element: Tensor, weight: Tensor | None):
     """Reduce per-element losses (m, n); return (value, gradient scale: a number or (m, 1))."""
     columns = per_element.shape[1]
     if loss.reduction == "none":  # per-row losses: the mean over a row, times its weight
@@ -131,7 +131,7 @@ class MSE(Loss):
 
     def forward(self, pred, target, weight=None):
         diff = pred - target
-        value, scale = _elementwise(self, diff.pow(2), weight)
+        value, scale = reduce_per_element(self, diff.pow(2), weight)
         return value, (diff, scale)
 
     def backward(self, residual, dvalue=None):
@@ -147,7 +147,7 @@ class L1(Loss):
 
     def forward(self, pred, target, weight=None):
         diff = pred - target
-        value, scale = _elementwise(self, diff.abs(), weight)
+        value, scale = reduce_per_element(self, diff.abs(), weight)
         return value, (diff, scale)
 
     def backward(self, residual, dvalue=None):
@@ -173,7 +173,7 @@ class Huber(Loss):
         size = diff.abs()
         per = torch.where(size < self.delta, 0.5 * diff * diff,
                           self.delta * (size - 0.5 * self.delta))
-        value, scale = _elementwise(self, per, weight)
+        value, scale = reduce_per_element(self, per, weight)
         return value, (diff, scale)
 
     def backward(self, residual, dvalue=None):
@@ -203,7 +203,7 @@ class SmoothL1(Loss):
         else:
             per = torch.where(size < self.beta, 0.5 * diff * diff / self.beta,
                               size - 0.5 * self.beta)
-        value, scale = _elementwise(self, per, weight)
+        value, scale = reduce_per_element(self, per, weight)
         return value, (diff, scale)
 
     def backward(self, residual, dvalue=None):
@@ -407,7 +407,7 @@ class PoissonNLL(Loss):
 
     def forward(self, pred, target, weight=None):
         rate = pred.exp()
-        value, scale = _elementwise(self, rate - target * pred, weight)
+        value, scale = reduce_per_element(self, rate - target * pred, weight)
         return value, (rate - target, scale)
 
     def backward(self, residual, dvalue=None):
@@ -453,7 +453,7 @@ class BinaryCrossEntropyWithLogits(Loss):
             logits, target, reduction="none", pos_weight=pos_weight)
         if self.weight is not None:
             per = per * self._tensor(self.weight, logits)
-        value, scale = _elementwise(self, per, weight)
+        value, scale = reduce_per_element(self, per, weight)
         return value, (logits, target, scale)
 
     def backward(self, residual, dvalue=None):

@@ -14,8 +14,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from fnmlp.nn._losses import (MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Loss, PoissonNLL,
-                              _elementwise)
+from fnmlp.nn import (MSE, BinaryCrossEntropyWithLogits, CrossEntropy, Loss, PoissonNLL,
+                      reduce_per_element)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,7 @@ class SklearnLoss(Loss):
         value, residual = self.inner.forward(pred, target, weight)
         if self.deviance:
             constant = torch.special.xlogy(target, target) - target
-            value = value + _elementwise(self.inner, constant, weight)[0]
+            value = value + reduce_per_element(self.inner, constant, weight)[0]
         return (value * self.value_factor if self.value_factor != 1 else value), residual
 
     def backward(self, residual, dvalue: Tensor | None = None) -> Tensor:

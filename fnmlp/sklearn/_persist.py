@@ -11,8 +11,8 @@ import torch
 from sklearn.preprocessing import LabelBinarizer
 from sklearn.utils.validation import check_is_fitted
 
-from fnmlp.interop import _checkpoint, _spec
-from fnmlp.nn._losses import Loss
+from fnmlp import interop
+from fnmlp.nn import Loss
 
 _FITTED = ("n_iter_", "t_", "loss_", "loss_curve_", "best_loss_", "validation_scores_",
            "best_validation_score_", "n_features_in_", "n_outputs_", "n_layers_",
@@ -24,9 +24,9 @@ def save(estimator, path) -> None:
     check_is_fitted(estimator)
     hyper = dict(estimator.get_params(deep=False))
     if hyper["layers"] is not None:  # the hidden primitives of the fitted network
-        hyper["layers"] = [_spec.encode_spec(p) for p in estimator.model_.layers[:-1]]
+        hyper["layers"] = [interop.encode_spec(p) for p in estimator.model_.layers[:-1]]
     if isinstance(hyper["loss"], Loss):
-        hyper["loss"] = {"spec": _spec.encode_spec(hyper["loss"])}
+        hyper["loss"] = {"spec": interop.encode_spec(hyper["loss"])}
     hyper["dtype"] = None if hyper["dtype"] is None else str(hyper["dtype"]).replace("torch.", "")
     hyper["device"] = str(hyper["device"])
     hyper["on_epoch_end"] = None  # a function is not data
@@ -43,7 +43,7 @@ def save(estimator, path) -> None:
         fitted["classes"] = {"values": binarizer.classes_.tolist(),
                              "dtype": binarizer.classes_.dtype.str,
                              "y_type": binarizer.y_type_}
-    _checkpoint.save(path, estimator.model_, estimator.params_, state=estimator.state_,
+    interop.save(path, estimator.model_, estimator.params_, state=estimator.state_,
                      opt_state=estimator._opt_state, optimizer=estimator._optimizer(),
                      metadata={"sklearn": {"estimator": type(estimator).__name__,
                                            "params": hyper, "fitted": fitted}})
@@ -53,17 +53,17 @@ def load(path, *, map_location=None):
     """The estimator ``save`` wrote to ``path``, ready to predict or continue training."""
     from fnmlp.sklearn._estimators import MLPClassifier, MLPRegressor
 
-    checkpoint = _checkpoint.load(path, map_location=map_location)
+    checkpoint = interop.load(path, map_location=map_location)
     meta = checkpoint.metadata.get("sklearn")
     classes = {"MLPRegressor": MLPRegressor, "MLPClassifier": MLPClassifier}
     if not isinstance(meta, dict) or meta.get("estimator") not in classes:
-        raise _checkpoint.CheckpointError(f"{path}: an fnmlp checkpoint, but not of a "
+        raise interop.CheckpointError(f"{path}: an fnmlp checkpoint, but not of a "
                                           "scikit-learn estimator (use fnmlp.load)")
     hyper = dict(meta["params"])
     if hyper["layers"] is not None:
-        hyper["layers"] = [_spec.decode_spec(p) for p in hyper["layers"]]
+        hyper["layers"] = [interop.decode_spec(p) for p in hyper["layers"]]
     if isinstance(hyper["loss"], dict):
-        hyper["loss"] = _spec.decode_spec(hyper["loss"]["spec"])
+        hyper["loss"] = interop.decode_spec(hyper["loss"]["spec"])
     if isinstance(hyper["hidden_layer_sizes"], list):
         hyper["hidden_layer_sizes"] = tuple(hyper["hidden_layer_sizes"])
     if map_location is not None:

@@ -11,7 +11,7 @@ takes the cautious ends.
 
 from __future__ import annotations
 
-from fnmlp.nn._linear import Linear
+from fnmlp.nn import Linear
 
 SAVED_PER_LINEAR_S = 150e-6  # per step and Linear layer, the low end of the measurements
 COMPILE_S = 10.0  # one graph, a fresh process (the high end)

@@ -21,7 +21,7 @@ import numbers
 
 import torch
 
-from fnmlp.nn._linear import Linear
+from fnmlp.nn import Linear
 
 SERIAL_WORK = 16_000_000  # multiply-adds per step below which one thread is faster
 

@@ -10,10 +10,15 @@ data-parallel ranks, the scikit-learn estimators) and for a user's own.
   their base), ``restore_run`` to resume;
 - ``Strategy``: where one network's steps run (this process, or data-parallel ranks);
 - checks shared by every fit: ``check_run_options``, ``check_valid``, ``checkpoint_settings``,
-  ``check_step_options``, ``check_threads``; ``choose_compile`` for ``compile="auto"``.
+  ``check_step_options``, ``check_threads``; ``choose_compile`` for ``compile="auto"``;
+- for a kind that runs its graphs itself (data-parallel's all-reduce between two graphs):
+  ``compile_graph``, ``shared_graphs``, ``pad_rows``, ``verify``, ``StepThreads``,
+  ``flushed_denormals``.
 """
 
 from fnmlp.train._auto import choose_compile, compiled_before
+from fnmlp.train._compile import compile_graph, pad_rows, shared_graphs, verify
+from fnmlp.train._denormals import flushed_denormals
 from fnmlp.train._executor import BATCHED, EAGER, TRACED, Carry, Executor, Kernels
 from fnmlp.train._fit import Strategy, check_run_options, check_valid, checkpoint_settings
 from fnmlp.train._loop import (Batch, BatchSource, EarlyStopping, Policy, Run, StepKind,
@@ -21,7 +26,7 @@ from fnmlp.train._loop import (Batch, BatchSource, EarlyStopping, Policy, Run, S
 from fnmlp.train._policies import Callback, Checkpointer, Reporter, summary
 from fnmlp.train._run import restore_run
 from fnmlp.train._step import TrainStep, check_step_options, network_identity
-from fnmlp.train._threads import check_threads, describe_threads
+from fnmlp.train._threads import StepThreads, check_threads, describe_threads
 
 __all__ = [
     "Executor", "Kernels", "EAGER", "BATCHED", "TRACED", "Carry", "StepKind", "TrainStep",
@@ -29,4 +34,5 @@ __all__ = [
     "Reporter", "Callback", "Checkpointer", "restore_run", "summary", "Strategy",
     "check_run_options", "check_valid", "checkpoint_settings", "check_step_options",
     "check_threads", "describe_threads", "choose_compile", "compiled_before", "network_identity",
+    "compile_graph", "shared_graphs", "pad_rows", "verify", "StepThreads", "flushed_denormals",
 ]

@@ -137,9 +137,10 @@ LAYERS = ["nn", "optim", "interop", "train", "ensemble", "distributed", "sklearn
 
 
 def test_layers_point_down():
-    """No subpackage imports a higher one (read from the source: ``import fnmlp`` loads them
-    all). ``ensemble`` and ``distributed`` stand side by side; routing by model kind happens in
-    ``fnmlp._entry``, at the top."""
+    """No subpackage imports a higher one, nor another one's private modules or names (read
+    from the source: ``import fnmlp`` loads them all). ``ensemble`` and ``distributed`` stand
+    side by side; routing by model kind happens in ``fnmlp._entry``, at the top; the root's
+    own ``_tree``, ``_validate``, ``_registry`` and ``_errors`` are the bottom layer."""
     root = pathlib.Path(fnmlp.__file__).parent
     rank = {name: i for i, name in enumerate(LAYERS)}
     rank["distributed"] = rank["ensemble"]
@@ -148,10 +149,15 @@ def test_layers_point_down():
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.ImportFrom) and node.module and \
                         node.module.startswith("fnmlp."):
-                    target = node.module.split(".")[1]
+                    parts = node.module.split(".")
+                    target = parts[1]
                     if target in rank and target != package:
-                        assert rank[target] <= rank[package] and not (
-                            rank[target] == rank[package]), f"{path.name} imports {target}"
+                        assert rank[target] < rank[package], f"{path.name} imports {target}"
+                        # another package's private modules and names stay private
+                        private = [n.name for n in node.names if n.name.startswith("_")]
+                        assert len(parts) == 2 or not parts[2].startswith("_"), \
+                            f"{package}/{path.name} imports {node.module}"
+                        assert not private, f"{package}/{path.name} imports {private}"
 
 
 def test_a_non_finite_loss_is_found_at_the_epoch_end_and_replayed_to_the_last_finite_step():
