@@ -24,7 +24,6 @@ import torch
 
 import fnmlp
 from fnmlp.train.engine import Batch, Carry
-from fnmlp._tree import flatten  # DistributedStep's parts: no public form (see ranked)
 from workloads import WORKLOADS  # bench/'s: a script's own folder is on sys.path
 
 
@@ -52,8 +51,6 @@ def single(name: str, steps: int, compile: bool, quick: bool) -> dict:
 
 def ranked(name: str, steps: int, compile: bool, quick: bool) -> dict:
     """This rank of a torchrun job: median gradient, all-reduce and update times."""
-    from fnmlp.distributed import all_reduce_sum
-
     fnmlp.distributed.init(timeout=120)
     model, params, x, y, lr = _batch(name, quick)
     optimizer = fnmlp.sgd(lr)
@@ -62,10 +59,9 @@ def ranked(name: str, steps: int, compile: bool, quick: bool) -> dict:
     mine, size = step.shard(x.shape[0])
     xs, ys = x[mine], y[mine]
     ws = torch.ones(xs.shape[0], dtype=x.dtype)
-    leaves, opt_leaves = flatten(params)[0], flatten(opt_state)[0]
-    # its gradient and update apart, to time each: DistributedStep's own, no public form
-    gradient, update = step._functions(flatten(params)[1], flatten(opt_state)[1], xs, ys, ws,
-                                       leaves, opt_leaves)
+    leaves = torch.utils._pytree.tree_leaves(params)
+    opt_leaves = torch.utils._pytree.tree_leaves(opt_state)
+    gradient, update = step.parts(params, opt_state, xs, ys, ws)  # timed apart
     parts = {"gradient": [], "all_reduce": [], "update": []}
     bucket = gradient(*leaves, xs, ys, ws)
     for _ in range(steps):
@@ -73,7 +69,8 @@ def ranked(name: str, steps: int, compile: bool, quick: bool) -> dict:
         t0 = time.perf_counter()
         bucket = gradient(*leaves, xs, ys, ws)
         t1 = time.perf_counter()
-        summed = all_reduce_sum(bucket, "benchmark")
+        summed = bucket.clone()
+        torch.distributed.all_reduce(summed)
         t2 = time.perf_counter()
         outputs = update(*leaves, *opt_leaves, summed)
         t3 = time.perf_counter()

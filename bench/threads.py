@@ -4,7 +4,7 @@ The seed network (6-w-w-w-w-3, its activations, MSE, SGD, batch 333) at hidden w
 32 to 512: the median step time of fnmlp's eager and compiled steps with ``threads=1`` against
 ``threads=N`` (torch's current count), side by side in one run, and the step's size in
 multiply-adds. ``fnmlp.train_step(threads="auto")`` runs a step on one thread below
-``fnmlp.train._threads.SERIAL_WORK`` multiply-adds; this table is where that number comes from
+``fnmlp.train.engine.SERIAL_WORK`` multiply-adds; this table is where that number comes from
 (run it with ``--load 1`` too: a busy core changes the answer).
 """
 
@@ -17,7 +17,7 @@ import torch
 
 import fnmlp
 from fnmlp import workloads as seed
-from fnmlp.train._threads import choose_threads, step_work  # no public form
+from fnmlp.train.engine import choose_threads, step_work
 
 WIDTHS = (32, 64, 128, 256, 512)
 

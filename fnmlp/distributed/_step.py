@@ -81,6 +81,8 @@ class DistributedStep(StepKind):
         self._verify_next = bool(verify) and self.compile
         self._graphs = shared_graphs(("data-parallel", model, loss, optimizer.structure,
                                       self.l2, self.ranks, self.rank)).by_specialization
+        self._eager: dict[tuple, tuple] = {}  # the eager functions, this step's own
+        self._ready: set = set()  # specializations every rank has (see _all_ready)
 
     def forget(self) -> None:
         """Nothing is kept between steps (the interface of ``TrainStep``)."""
@@ -165,20 +167,30 @@ class DistributedStep(StepKind):
             pair = all_reduce_sum(pair, "the validation loss all-reduce")
         return (pair[0] / pair[1]).item() if self.mean else pair[0].item()
 
+    def parts(self, params, opt_state, xs: Tensor, ys: Tensor, ws: Tensor):
+        """The step's two halves over flat leaves, to time them apart: ``gradient(*param_leaves,
+        xs, ys, ws) -> bucket`` (this rank's shard) and ``update(*param_leaves, *opt_leaves,
+        summed_bucket) -> (*param_leaves, *opt_leaves, loss)``; compiled with ``compile``."""
+        param_leaves, param_spec = flatten(params)
+        opt_leaves, opt_spec = flatten(opt_state)
+        return self._functions(param_spec, opt_spec, xs, ys, ws, param_leaves, opt_leaves)
+
     def _functions(self, param_spec, opt_spec, xs, ys, ws, param_leaves, opt_leaves):
         """The gradient and update functions, made once per shapes (compiled with
         ``compile``)."""
         specialization = (param_spec, opt_spec, *[(t.shape, t.dtype) for t in
                                                   (*param_leaves, *opt_leaves, xs, ys, ws)])
-        graphs = self._graphs.get(specialization)
+        cache = self._graphs if self.compile else self._eager
+        graphs = cache.get(specialization)
         if graphs is not None:
+            self._all_ready(specialization)
             return graphs
         kernels = TRACED if self.compile else EAGER
         gradient = self._gradient_function(param_spec, kernels)
         update = self._update_function(param_spec, opt_spec, [p.shape for p in param_leaves],
                                        kernels)
         if not self.compile:
-            graphs = self._graphs[specialization] = (gradient, update)
+            graphs = self._eager[specialization] = (gradient, update)
         else:
             with torch.no_grad():
                 bucket = gradient(*param_leaves, xs, ys, ws)
@@ -189,8 +201,16 @@ class DistributedStep(StepKind):
                                   compiler="auto", cuda_graphs=False))
                 graphs[0](*param_leaves, xs, ys, ws)  # compiles now where compiling is lazy
                 graphs[1](*param_leaves, *opt_leaves, bucket)
-            wait_for_all("waiting for every rank to compile its step", COMPILE_TIMEOUT)
+            self._all_ready(specialization)
         return graphs
+
+    def _all_ready(self, specialization) -> None:
+        """Wait for every rank the first time this step runs compiled graphs of
+        ``specialization``: whether a rank found them in the shared cache or compiled them
+        (which may take one rank minutes longer), every rank waits here alike."""
+        if self.compile and specialization not in self._ready:
+            self._ready.add(specialization)
+            wait_for_all("waiting for every rank to compile its step", COMPILE_TIMEOUT)
 
     def _fused_graph(self, param_spec, opt_spec, param_leaves: list[Tensor],
                      opt_leaves: list[Tensor], data: list[Tensor]):
@@ -198,7 +218,9 @@ class DistributedStep(StepKind):
         args = [*param_leaves, *opt_leaves, *data]
         specialization = ("in_graph", param_spec, opt_spec, *[(t.shape, t.dtype) for t in args])
         graph = self._graphs.get(specialization)
-        if graph is None:
+        if graph is not None:
+            self._all_ready(specialization)
+        else:
             import torch.distributed as dist
             import torch.distributed._functional_collectives as collectives
 
@@ -217,7 +239,7 @@ class DistributedStep(StepKind):
             with torch.no_grad():
                 graph = self._graphs[specialization] = compile_graph(
                     fnmlp_distributed_step, args, compiler="auto", cuda_graphs=False)
-            wait_for_all("waiting for every rank to compile its step", COMPILE_TIMEOUT)
+            self._all_ready(specialization)
         return graph
 
     def _gradient_function(self, param_spec, kernels: Kernels):

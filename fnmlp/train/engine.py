@@ -13,7 +13,8 @@ data-parallel ranks, the scikit-learn estimators) and for a user's own.
   ``check_step_options``, ``check_threads``; ``choose_compile`` for ``compile="auto"``;
 - for a kind that runs its graphs itself (data-parallel's all-reduce between two graphs):
   ``compile_graph``, ``shared_graphs``, ``pad_rows``, ``verify``, ``StepThreads``,
-  ``flushed_denormals``.
+  ``flushed_denormals``; the thread rule itself (``choose_threads``, ``step_work``,
+  ``SERIAL_WORK``).
 """
 
 from fnmlp.train._auto import choose_compile, compiled_before
@@ -26,7 +27,8 @@ from fnmlp.train._loop import (Batch, BatchSource, EarlyStopping, Policy, Run, S
 from fnmlp.train._policies import Callback, Checkpointer, Reporter, summary
 from fnmlp.train._run import restore_run
 from fnmlp.train._step import TrainStep, check_step_options, network_identity
-from fnmlp.train._threads import StepThreads, check_threads, describe_threads
+from fnmlp.train._threads import (SERIAL_WORK, StepThreads, check_threads, choose_threads,
+                                  describe_threads, step_work)
 
 __all__ = [
     "Executor", "Kernels", "EAGER", "BATCHED", "TRACED", "Carry", "StepKind", "TrainStep",
@@ -35,4 +37,5 @@ __all__ = [
     "check_run_options", "check_valid", "checkpoint_settings", "check_step_options",
     "check_threads", "describe_threads", "choose_compile", "compiled_before", "network_identity",
     "compile_graph", "shared_graphs", "pad_rows", "verify", "StepThreads", "flushed_denormals",
+    "choose_threads", "step_work", "SERIAL_WORK",
 ]

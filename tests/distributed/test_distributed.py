@@ -171,3 +171,31 @@ def test_compiled_two_ranks_equal_one_process(tmp_path, collective):
     for (params1, loss1), (params2, loss2) in zip(single["history"], double["history"]):
         for a, b in zip(params2, params1):
             assert relative(a, b) <= TOLERANCE
+
+
+def test_every_rank_waits_alike_whether_its_graphs_were_cached_or_compiled(monkeypatch):
+    """A rank that finds a step's graphs in the shared cache waits for the others as one that
+    compiles them does (else a rank whose shard shape was compiled before skips the barrier
+    the others wait in); eager functions stay out of the shared cache."""
+    from fnmlp.distributed import _step
+    from fnmlp.train.engine import Batch, Carry
+
+    waits = []
+    monkeypatch.setattr(_step, "compile_graph", lambda function, args, **options: function)
+    monkeypatch.setattr(_step, "wait_for_all", lambda what, timeout: waits.append(what))
+    monkeypatch.setattr(_step, "all_reduce_sum", lambda bucket, what: bucket.clone())  # 1 rank
+    model = fnmlp.MLP(3, [fnmlp.Dense(4, "tanh"), fnmlp.Linear(2)])
+    params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+    optimizer = fnmlp.sgd(0.1)
+    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    carry = Carry(params, optimizer.init(params), ())
+    eager = _step.DistributedStep(model, fnmlp.mse, optimizer, compile=False,
+                                  collective="between")
+    eager.run(carry, Batch.of(x, y))
+    assert waits == [] and not eager._graphs  # nothing compiled, nothing shared
+    for _ in range(2):  # the second step finds the first one's graphs, and waits all the same
+        step = _step.DistributedStep(model, fnmlp.mse, optimizer, compile=True,
+                                     collective="between")
+        step.run(carry, Batch.of(x, y))
+        step.run(carry, Batch.of(x, y))
+    assert len(waits) == 2

@@ -10,6 +10,8 @@ from sklearn.preprocessing import StandardScaler
 import fnmlp
 from fnmlp.sklearn import MLPClassifier, MLPRegressor
 
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
 
 def _diabetes():
     x, y = load_diabetes(return_X_y=True)
