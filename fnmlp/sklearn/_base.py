@@ -419,9 +419,9 @@ class _SolverRules(Policy):
         if est.early_stopping:
             logs["valid_score"] = est.validation_scores_[-1]
             run.best = est._best
-        # the solver's own state, so that a checkpoint resumes it exactly
-        run.extras["sklearn"] = {"lr": self.lr, "stopped": self.stopped,
-                                 **{name: _to_json(getattr(est, name)) for name in self._SAVED}}
+        if est.checkpoint is not None:  # the solver's own state: a checkpoint resumes it
+            run.extras["sklearn"] = {"lr": self.lr, "stopped": self.stopped, **{
+                name: _to_json(getattr(est, name)) for name in self._SAVED}}
         return stop
 
     def restore(self, run: Run) -> None:

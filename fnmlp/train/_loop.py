@@ -270,11 +270,12 @@ def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
     """Train ``run`` to ``epochs`` (or until a policy stops it); returns ``run``.
 
     ``valid``: (x, y) whose loss each member gets per epoch (``logs["valid_losses"]``);
-    ``checkpoint``: saves ``run`` after the policies (``epoch_done(run, final)``);
+    ``checkpoint``: saves ``run`` after the policies when ``checkpoint.due(run, final)``;
     ``on_non_finite``: "raise" (``NonFiniteLossError``) or "freeze" (an ensemble's diverged
     members go back to the epoch's start and train no more).
     """
-    members = run.members
+    members, previous = run.members, None
+    raisers = [*policies, checkpoint]
     try:
         with torch.no_grad():
             for epoch in range(run.epoch, epochs):
@@ -294,9 +295,10 @@ def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
                 values = (torch.stack(losses).reshape(len(losses), members).tolist()
                           if losses else [])
                 epoch_losses = _epoch_means(values, stepped, members)
+                record = _EpochRecord(epoch, start, start_steps, batches, len(run.train_loss),
+                                      len(run.valid_loss))
                 if on_non_finite == "raise":
-                    _raise_if_non_finite(step, run, batches, values, start, start_steps,
-                                         [*policies, checkpoint])
+                    _raise_on_non_finite_loss(step, run, record, values, previous, raisers)
                 else:
                     _freeze_diverged(step, run, epoch_losses, stepped, start)
                 run.train_loss.append(epoch_losses)
@@ -310,8 +312,13 @@ def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
                 for policy in policies:
                     stop = policy.on_epoch_end(run, logs) or stop
                 stop = step.agree(stop)
-                if checkpoint is not None:
-                    checkpoint.epoch_done(run, final=stop or run.epoch == epochs)
+                final = stop or run.epoch == epochs
+                due = checkpoint is not None and checkpoint.due(run, final)
+                if on_non_finite == "raise" and (final or due):
+                    _raise_on_overflow(step, run, record, raisers)  # saved or returned: finite
+                if due:
+                    checkpoint.save(run)
+                previous = record
                 if stop:
                     break
     finally:
@@ -336,30 +343,72 @@ def _epoch_means(values: list[list[float]], stepped: list[tuple], members: int) 
     return means
 
 
-def _raise_if_non_finite(step: StepKind, run: Run, batches: Epoch, values: list,
-                         start: Carry, start_steps: int, policies) -> None:
-    """For one network: if a loss became NaN or inf (or the last update overflowed), put
-    ``run`` back to the last finite step by replaying the epoch to it, and raise."""
-    bad = next((i for i, row in enumerate(values) if not math.isfinite(row[0])), None)
-    if bad is None and all_finite(run.carry.params):
-        return
-    upto = bad if bad is not None else len(batches) - 1  # steps before the failing one
-    carries = [start]
-    for batch in itertools.islice(batches, upto):
+class _EpochRecord(NamedTuple):
+    """What replaying an epoch takes: its start and batches, and the history's length before
+    it."""
+
+    epoch: int
+    start: Carry
+    start_steps: int
+    batches: Epoch
+    train_entries: int
+    valid_entries: int
+
+
+def _replay(step: StepKind, record: _EpochRecord, steps: int) -> list[Carry]:
+    """The carries before each of the epoch's first ``steps`` steps, and after them."""
+    carries = [record.start]
+    for batch in itertools.islice(record.batches, steps):
         carries.append(step.run(carries[-1], batch)[0])
-    if bad is not None and not all_finite(carries[-1].params) and upto > 0:
-        carries.pop()  # the update before the failing loss overflowed: one more step back
-    run.carry, run.steps_done = carries[-1], start_steps + len(carries) - 1
-    if bad is not None:
-        what = f"the loss became {values[bad][0]} in epoch {run.epoch}, batch {bad}"
-    else:
-        what = f"the parameters became NaN or inf in the last step of epoch {run.epoch}"
+    return carries
+
+
+def _raise_on_non_finite_loss(step: StepKind, run: Run, record: _EpochRecord, values: list,
+                              previous: _EpochRecord | None, raisers) -> None:
+    """For one network: if a loss of the epoch became NaN or inf, put ``run`` back to the last
+    finite step (replaying the epoch to it; steps are deterministic) and raise.
+
+    The parameters are checked only then, not after every epoch (~50 µs a check): an update
+    that overflowed shows in the next step's loss, and a step whose parameters came in
+    non-finite means the update before it overflowed — the epoch's previous step, or the last
+    one of the epoch before. (The end of a fit and every checkpoint check the parameters:
+    ``_raise_on_overflow``.)"""
+    bad = next((i for i, row in enumerate(values) if not math.isfinite(row[0])), None)
+    if bad is None:
+        return
+    carries = _replay(step, record, bad)
+    if not all_finite(carries[-1].params):
+        if bad == 0 and previous is not None:  # the last update of the epoch before
+            _raise_on_overflow(step, run, previous, raisers, checked=False)
+        if bad > 0:
+            carries.pop()  # the update before the failing loss overflowed: one more step back
+    run.carry, run.steps_done = carries[-1], record.start_steps + len(carries) - 1
+    _raise(run, f"the loss became {values[bad][0]} in epoch {run.epoch}, batch {bad}", bad,
+           raisers)
+
+
+def _raise_on_overflow(step: StepKind, run: Run, record: _EpochRecord, raisers, *,
+                       checked: bool = True) -> None:
+    """If the epoch's last update made the parameters NaN or inf (``checked=False``: known
+    already), put ``run`` back to the step before it, that epoch's history undone, and
+    raise."""
+    if checked and all_finite(run.carry.params):
+        return
+    carries = _replay(step, record, len(record.batches) - 1)
+    run.carry, run.steps_done = carries[-1], record.start_steps + len(carries) - 1
+    run.epoch = record.epoch
+    del run.train_loss[record.train_entries:], run.valid_loss[record.valid_entries:]
+    _raise(run, f"the parameters became NaN or inf in the last step of epoch {record.epoch}",
+           None, raisers)
+
+
+def _raise(run: Run, what: str, batch: int | None, raisers) -> None:
     error = NonFiniteLossError(
         f"{what}; the error carries the last finite parameters (.params) and the history so "
         "far; try a smaller learning rate",
-        epoch=run.epoch, batch=bad, params=run.carry.params, opt_state=run.carry.opt_state,
+        epoch=run.epoch, batch=batch, params=run.carry.params, opt_state=run.carry.opt_state,
         history=None, state=run.carry.state)
-    for policy in policies:
+    for policy in raisers:
         if policy is not None:
             policy.on_non_finite(run, error)
     raise error

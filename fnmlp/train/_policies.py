@@ -87,9 +87,12 @@ class Checkpointer(Policy):
         self.path, self.step, self.generator = path, step, generator
         self.settings, self.every = settings, every
 
-    def epoch_done(self, run: Run, final: bool) -> None:
-        if self.step.lead and (final or run.epoch % self.every == 0):
-            self._save(self.path, run)
+    def due(self, run: Run, final: bool) -> bool:
+        """Whether the run is saved after this epoch (``run.epoch``: the epochs done)."""
+        return self.step.lead and (final or run.epoch % self.every == 0)
+
+    def save(self, run: Run) -> None:
+        self._save(self.path, run)
 
     def on_non_finite(self, run: Run, error) -> None:
         if self.step.lead:

@@ -206,3 +206,18 @@ def test_trees_passed_back_are_not_flattened_again(monkeypatch):
         p, s, _ = step(p, s, x, y)
     traced_per_step = 1  # the flat function flattens its outputs once per call
     assert len(calls) - first == 3 * traced_per_step
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_an_overflow_in_an_epochs_last_step_is_found_without_a_check_every_epoch(epochs):
+    """The parameters are not checked after every epoch: an overflow in an epoch's last step
+    shows in the next epoch's first loss (or in the check at the fit's end), and the error is
+    the same: that epoch named, its history undone, the parameters before the update."""
+    model = fnmlp.MLP(2, [fnmlp.Linear(1)])  # float32: one update by 1e36 overflows
+    params = model.init(torch.Generator().manual_seed(0))
+    x, y = torch.ones(4, 2), torch.full((4, 1), 1e3)
+    with pytest.raises(fnmlp.NonFiniteLossError, match="last step of epoch 0") as info:
+        fnmlp.fit(model, params, x, y, epochs=epochs, batch_size=4, optimizer=fnmlp.sgd(1e36))
+    error = info.value
+    assert error.epoch == 0 and error.batch is None and error.history.train_loss == []
+    assert int(error.opt_state.step) == 0 and _equal(error.params, params)
