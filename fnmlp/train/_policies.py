@@ -88,11 +88,13 @@ class Checkpointer(Policy):
         self.settings, self.every = settings, every
 
     def due(self, run: Run, final: bool) -> bool:
-        """Whether the run is saved after this epoch (``run.epoch``: the epochs done)."""
-        return self.step.lead and (final or run.epoch % self.every == 0)
+        """Whether the run is saved after this epoch (``run.epoch``: the epochs done); alike on
+        every rank (each checks the parameters then), though only the lead one writes."""
+        return final or run.epoch % self.every == 0
 
     def save(self, run: Run) -> None:
-        self._save(self.path, run)
+        if self.step.lead:
+            self._save(self.path, run)
 
     def on_non_finite(self, run: Run, error) -> None:
         if self.step.lead:
