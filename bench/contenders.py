@@ -1,19 +1,28 @@
 """The benchmark's contenders: each trains the same network on the same data.
 
-A contender has ``step()`` (one full-batch training step), ``epoch()`` (one pass over the
-training set, the short last batch included) and ``setup_seconds`` (its first step, which
-includes any compilation).
+A contender has ``step()`` (one call: one full-batch training step, or ``steps_per_call``
+steps for the chunked contenders), ``epoch()`` (one pass over the training set, the short last
+batch included) and ``setup_seconds`` (its first call, which includes any compilation).
+
+JAX is optional: its contenders raise ``JaxUnavailable`` when it is not installed or has no
+backend for the benchmark's device; their arrays live on the JAX device matching torch's.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 
+import numpy as np
 import torch
 from torch import nn
 
 import fnmlp
+from fnmlp.train.engine import Batch, Carry
+
+# JAX beside torch on one GPU: no preallocation of 75% of its memory (read when JAX starts)
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def synchronize(device: str) -> None:
@@ -40,8 +49,46 @@ class FnmlpContender:
     def epoch(self):
         result = fnmlp.fit(self.model, self.params, self.x, self.y, epochs=1,
                            batch_size=self.batch_size, optimizer=self.optimizer,
-                           opt_state=self.state, compile=self.compile)
+                           opt_state=self.state, compile=self.compile, steps_per_call=1)
         self.params, self.state = result.params, result.opt_state
+
+
+def epoch_batches(x, y, batch_size: int) -> list[Batch]:
+    """The epoch's batches in order, the short last one included, each padded by a compiled
+    step to ``batch_size`` rows of weight 0 (as ``fnmlp.fit`` makes them)."""
+    return [Batch(x[start:start + batch_size], y[start:start + batch_size], None, None,
+                  min(batch_size, len(x) - start), batch_size, (True,))
+            for start in range(0, len(x), batch_size)]
+
+
+class FnmlpChunkContender:
+    """fnmlp's compiled step, the epoch's N batches per call (``run_chunk``: one graph of N
+    steps, one CUDA graph replay on CUDA); its step time is the call's over N. Its epoch is
+    ``fnmlp.fit(..., steps_per_call=N)``."""
+
+    def __init__(self, name, model, params, x, y, lr, batch_size):
+        self.name, self.model, self.x, self.y, self.batch_size = name, model, x, y, batch_size
+        self.optimizer = fnmlp.sgd(lr)
+        self.train_step = fnmlp.train_step(model, fnmlp.mse, self.optimizer, compile=True)
+        self.carry = Carry(params, self.optimizer.init(params),
+                           model.state_or_default(None, None))
+        self.batches = epoch_batches(x, y, batch_size)
+        self.steps_per_call = len(self.batches)
+        start = time.perf_counter()
+        self.step()
+        synchronize(str(x.device))
+        self.setup_seconds = time.perf_counter() - start
+
+    def step(self):
+        self.carry, _ = self.train_step.run_chunk(self.carry, self.batches)
+
+    def epoch(self):
+        carry = self.carry
+        result = fnmlp.fit(self.model, carry.params, self.x, self.y, epochs=1,
+                           batch_size=self.batch_size, optimizer=self.optimizer,
+                           opt_state=carry.opt_state, compile=True,
+                           steps_per_call=self.steps_per_call)
+        self.carry = Carry(result.params, result.opt_state, carry.state)
 
 
 class TorchContender:
@@ -123,9 +170,41 @@ class SklearnContender:
     step = None  # timed per epoch only
 
 
-def jax_sgd_step(model, params, lr):
+class JaxUnavailable(Exception):
+    """JAX cannot run a contender here; the message says why (a "skipped" line)."""
+
+
+def jax_device(device: str):
+    """The JAX device matching torch's ``device``: JAX's CPU for "cpu", its GPU of the same
+    index for "cuda[:i]"; ``JaxUnavailable`` if JAX is not installed or lacks that backend."""
+    try:
+        import jax
+    except ImportError as error:
+        raise JaxUnavailable("JAX (not installed)") from error
+    platform = "gpu" if device.startswith("cuda") else "cpu"
+    try:
+        devices = jax.devices(platform)
+    except RuntimeError as error:
+        raise JaxUnavailable(f"JAX (no {platform} backend)") from error
+    return devices[torch.device(device).index or 0]
+
+
+def to_jax(tensor_or_array, device):
+    """A torch tensor or NumPy array as a JAX array on the JAX ``device``."""
+    import jax
+
+    if isinstance(tensor_or_array, torch.Tensor):
+        tensor_or_array = tensor_or_array.detach().cpu().numpy()
+    return jax.device_put(tensor_or_array, device)
+
+
+def jax_sgd_step(model, params, lr, *, device=None):
     """``(train, jax_params)``: JAX's value_and_grad + SGD over a list of (W, b) for ``model``
-    (not jitted), and ``params`` as that list. Float64 turns on JAX's x64 mode."""
+    (not jitted), and ``params`` as that list (on the JAX ``device``; None: JAX's default).
+    Float64 turns on JAX's x64 mode. ``train(ps, xb, yb) -> (ps, loss)`` with the plain MSE;
+    ``train(ps, xb, yb, wb)`` with row weights ``wb`` (m,) and fnmlp's weighted MSE,
+    sum_i w_i·mean_j (a_ij - y_ij)² / sum_i w_i (rows of weight 0, a short batch's padding,
+    count for nothing)."""
     import jax
     import jax.numpy as jnp
 
@@ -142,19 +221,51 @@ def jax_sgd_step(model, params, lr):
         else:
             layers[-1] = activations[layer.name]
 
-    def loss_fn(ps, xb, yb):
+    def loss_fn(ps, xb, yb, *wb):
         a = xb
         for (w, b), act in zip(ps, layers):
             a = act(a @ w.T + b)
-        return jnp.mean((a - yb) ** 2)
+        if not wb:
+            return jnp.mean((a - yb) ** 2)
+        (wb,) = wb
+        return jnp.sum(wb[:, None] * (a - yb) ** 2) / (jnp.sum(wb) * yb.shape[-1])
 
-    def train(ps, xb, yb):
-        value, grads = jax.value_and_grad(loss_fn)(ps, xb, yb)
+    def train(ps, xb, yb, *wb):
+        value, grads = jax.value_and_grad(loss_fn)(ps, xb, yb, *wb)
         return [(w - lr * gw, b - lr * gb) for (w, b), (gw, gb) in zip(ps, grads)], value
 
-    jax_params = [(jnp.asarray(p.weight.cpu().numpy()), jnp.asarray(p.bias.cpu().numpy()))
+    place = jnp.asarray if device is None else (lambda t: to_jax(t, device))
+    jax_params = [(place(p.weight.cpu().numpy()), place(p.bias.cpu().numpy()))
                   for p in params if isinstance(p, fnmlp.nn.LinearParams)]
     return train, jax_params
+
+
+def padded_batches(x, y, batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(xs, ys, ws)``: the epoch's N batches stacked, (N, batch, ·) and weights (N, batch),
+    the short last batch padded with zero rows of weight 0 (what a JAX user scans over; the
+    same work as fnmlp's padded step)."""
+    x, y = x.detach().cpu().numpy(), y.detach().cpu().numpy()
+    rows = len(x)
+    count = -(-rows // batch_size)
+    pad = count * batch_size - rows
+
+    def stack(a):
+        padded = np.concatenate([a, np.zeros((pad, *a.shape[1:]), dtype=a.dtype)])
+        return padded.reshape(count, batch_size, *a.shape[1:])
+
+    weights = (np.arange(count * batch_size) < rows).astype(x.dtype)
+    return stack(x), stack(y), weights.reshape(count, batch_size)
+
+
+def jax_scan(train):
+    """``chunk(ps, xs, ys, ws) -> (ps, losses)``: ``train`` over the stacked batches in turn
+    with ``jax.lax.scan`` (not jitted)."""
+    import jax
+
+    def chunk(ps, xs, ys, ws):
+        return jax.lax.scan(lambda carry, batch: train(carry, *batch), ps, (xs, ys, ws))
+
+    return chunk
 
 
 class JaxContender:
@@ -162,12 +273,12 @@ class JaxContender:
 
     def __init__(self, name, model, params, x, y, lr, batch_size):
         import jax
-        import jax.numpy as jnp
 
+        device = jax_device(str(x.device))
         self.name, self.batch_size = name, batch_size
-        train, self.params = jax_sgd_step(model, params, lr)
+        train, self.params = jax_sgd_step(model, params, lr, device=device)
         self.train = jax.jit(train)
-        self.x, self.y = jnp.asarray(x.cpu().numpy()), jnp.asarray(y.cpu().numpy())
+        self.x, self.y = to_jax(x, device), to_jax(y, device)
         self.xb, self.yb = self.x[:batch_size], self.y[:batch_size]
         start = time.perf_counter()
         self.step()
@@ -182,6 +293,33 @@ class JaxContender:
             end = start + self.batch_size
             self.params, value = self.train(self.params, self.x[start:end], self.y[start:end])
             value.item()
+
+
+class JaxScanContender:
+    """JAX: ``jit(lax.scan(step))``, the JAX contender's step over the epoch's N batches
+    stacked, the short last one padded with rows of weight 0: N steps per call, its step time
+    the call's over N; its epoch is one call (the batches stacked once, beforehand)."""
+
+    def __init__(self, name, model, params, x, y, lr, batch_size):
+        import jax
+
+        device = jax_device(str(x.device))
+        self.name = name
+        train, self.params = jax_sgd_step(model, params, lr, device=device)
+        self.train = jax.jit(jax_scan(train))
+        self.data = [to_jax(a, device) for a in padded_batches(x, y, batch_size)]
+        self.steps_per_call = self.data[0].shape[0]
+        start = time.perf_counter()
+        self.step()
+        self.setup_seconds = time.perf_counter() - start
+
+    def step(self):
+        self.params, values = self.train(self.params, *self.data)
+        values.block_until_ready()
+
+    def epoch(self):
+        self.params, values = self.train(self.params, *self.data)
+        values.tolist()
 
 
 class GemmFloor:

@@ -2,8 +2,11 @@
 
 For every workload and contender: median step time (min-max over rounds, contenders measured
 round-robin so that machine noise hits all alike), epoch time, samples/s, ratio to PyTorch
-eager, ratio to the GEMM floor (the step's matrix products alone) and first-step (compile)
+eager, ratio to the GEMM floor (the step's matrix products alone) and first-call (compile)
 time; a parity line; cold and warm compile times of fnmlp's compiled step in fresh processes.
+The chunked contenders (fnmlp's ``run_chunk``, JAX's ``jit(lax.scan)``) run the epoch's N
+batches per call, the short last one padded with rows of weight 0: their step time is the
+call's over N.
 
     python bench/run.py [--workload seed|wide|all|sklearn|ensemble|sweep|threads] [--load N]
                         [--device cpu|cuda] [--dtype float32|float64]
@@ -29,8 +32,9 @@ import torch
 
 import fnmlp
 # siblings in bench/: run as a script, its own folder is on sys.path
-from contenders import (FnmlpContender, GemmFloor, JaxContender, SklearnContender,
-                        TorchContender, synchronize)
+from contenders import (FnmlpChunkContender, FnmlpContender, GemmFloor, JaxContender,
+                        JaxScanContender, JaxUnavailable, SklearnContender, TorchContender,
+                        synchronize)
 from workloads import WORKLOADS
 
 HERE = Path(__file__).resolve().parent
@@ -95,6 +99,13 @@ def time_rounds(contenders, method: str, rounds: int, repeats: int, device: str)
     return times
 
 
+def per_step(contenders, times: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Seconds per step from seconds per call: a chunked contender's over its
+    ``steps_per_call``."""
+    calls = {c.name: getattr(c, "steps_per_call", 1) for c in contenders}
+    return {name: [t / calls[name] for t in values] for name, values in times.items()}
+
+
 def parity(model, params, x, y, lr, device) -> dict[str, float]:
     """Relative differences after one step from the same parameters: fnmlp (eager and compiled)
     against its twin (``fnmlp.TorchTwin``: autograd and torch.optim)."""
@@ -155,6 +166,7 @@ def run_workload(name: str, args, threads: int) -> dict:
     contenders = [
         FnmlpContender("fnmlp eager", *common, compile=False),
         FnmlpContender("fnmlp compiled", *common, compile=True),
+        FnmlpChunkContender("fnmlp fit (chunked)", *common),
         TorchContender("PyTorch eager", *common, compile=False),
         TorchContender("PyTorch compiled", *common, compile=True),
     ]
@@ -166,13 +178,14 @@ def run_workload(name: str, args, threads: int) -> dict:
     else:
         skipped.append("scikit-learn (CPU only)")
     try:
-        contenders.append(JaxContender("JAX jit", *common))
-    except ImportError:
-        skipped.append("JAX (not installed)")
+        contenders += [JaxContender("JAX jit", *common),
+                       JaxScanContender("JAX jit(lax.scan)", *common)]
+    except JaxUnavailable as error:
+        skipped.append(str(error))
     floor = GemmFloor(model, params, batch)
     contenders.append(floor)
 
-    steps = time_rounds(contenders, "step", rounds, repeats, args.device)
+    steps = per_step(contenders, time_rounds(contenders, "step", rounds, repeats, args.device))
     epochs = time_rounds(contenders, "epoch", epoch_rounds, 1, args.device)
     batches = -(-x.shape[0] // batch)
     for c in contenders:  # scikit-learn is timed per epoch only
@@ -191,6 +204,7 @@ def run_workload(name: str, args, threads: int) -> dict:
             "step_max_s": max(times), "epoch_median_s": epoch,
             "samples_per_s": batch / median, "speedup_vs_pytorch_eager": base / median,
             "ratio_to_gemm_floor": median / gemm, "first_step_s": c.setup_seconds,
+            "steps_per_call": getattr(c, "steps_per_call", 1),
         })
     result = {
         "workload": name, "description": workload.description, "batch_size": batch,
@@ -208,17 +222,22 @@ def format_result(result: dict) -> str:
     lines = [f"\n== {result['workload']}: {result['description']} "
              f"({result['dtype']}, batch {result['batch_size']}, {result['samples']} samples; "
              f"median of {result['rounds']} rounds x {result['repeats']} steps)",
-             f"{'contender':<28} {'step µs':>10} {'min-max µs':>19} {'epoch ms':>9} "
-             f"{'samples/s':>11} {'vs PT eager':>11} {'vs GEMM':>8} {'1st step s':>10}"]
+             f"{'contender':<28} {'steps/call':>10} {'step µs':>10} {'min-max µs':>19} "
+             f"{'epoch ms':>9} {'samples/s':>11} {'vs PT eager':>11} {'vs GEMM':>8} "
+             f"{'1st call s':>10}"]
     for row in result["rows"]:
         epoch = f"{row['epoch_median_s'] * 1e3:9.2f}" if row["epoch_median_s"] else f"{'-':>9}"
         span = f"{row['step_min_s'] * us:.0f}-{row['step_max_s'] * us:.0f}"
         lines.append(
-            f"{row['contender']:<28} {row['step_median_s'] * us:>10.1f} {span:>19} {epoch} "
+            f"{row['contender']:<28} {row.get('steps_per_call', 1):>10} "
+            f"{row['step_median_s'] * us:>10.1f} {span:>19} {epoch} "
             f"{row['samples_per_s']:>11.0f} {row['speedup_vs_pytorch_eager']:>10.2f}x "
             f"{row['ratio_to_gemm_floor']:>7.2f}x {row['first_step_s']:>10.2f}")
     for skipped in result["skipped"]:
         lines.append(f"{skipped:<28} skipped")
+    if any(row.get("steps_per_call", 1) > 1 for row in result["rows"]):
+        lines.append("steps/call > 1: the epoch's batches in one call (the short last one "
+                     "padded with rows of weight 0); step µs = the call's time / steps")
     p = result["parity"]
     lines.append(f"parity after one step vs the twin (max relative difference): "
                  f"eager {p['eager']:.2e}, compiled {p['compiled']:.2e}")
@@ -310,7 +329,7 @@ def run_all(args, threads: int, machine: str) -> None:
         sizes = tuple(int(k) for k in args.sizes.split(",")) if args.sizes else None
         dtypes = (args.dtype,) if args.dtype else ("float32", "float64")
         result = ensembles.run(quick=args.quick, sizes=sizes, dtypes=dtypes,
-                               rounds=args.rounds or 7)
+                               rounds=args.rounds or 7, device=args.device)
         print(ensembles.format_result(result), flush=True)
         write_json(args.json, result, machine, threads)
         if args.plot:

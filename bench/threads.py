@@ -3,9 +3,9 @@
 The seed network (6-w-w-w-w-3, its activations, MSE, SGD, batch 333) at hidden widths w from
 32 to 512: the median step time of fnmlp's eager and compiled steps with ``threads=1`` against
 ``threads=N`` (torch's current count), side by side in one run, and the step's size in
-multiply-adds. ``fnmlp.train_step(threads="auto")`` runs a step on one thread below
-``fnmlp.train.engine.SERIAL_WORK`` multiply-adds; this table is where that number comes from
-(run it with ``--load 1`` too: a busy core changes the answer).
+multiply-adds. ``fnmlp.train_step(threads="auto")`` measures the same choice for each step
+shape on the machine it runs on (``fnmlp.train._calibration``); this table shows where the
+crossover lies here (run it with ``--load 1`` too: a busy core changes the answer).
 """
 
 from __future__ import annotations

@@ -7,10 +7,12 @@
 
 Layers of the design, one subpackage each: ``fnmlp.nn`` (primitives, losses, the network),
 ``fnmlp.optim`` (optimizers, schedules), ``fnmlp.train`` (step, compilation, fit) and
-``fnmlp.interop`` (the torch twin). The common names are re-exported here.
+``fnmlp.interop`` (the torch twin); ``fnmlp.testing`` checks a primitive or loss of one's own.
+The common names are re-exported here.
 """
 
-from fnmlp import distributed, ensemble, interop, metrics, nn, optim, train, workloads
+from fnmlp import (distributed, ensemble, interop, metrics, nn, optim, testing, train,
+                   workloads)
 from fnmlp._entry import fit, train_step
 from fnmlp._errors import FnmlpError
 from fnmlp._tree import pytree_dataclass
@@ -47,5 +49,6 @@ __all__ = [
     "to_torch", "from_torch", "TorchTwin", "save", "load",
     # subpackages
     "nn", "optim", "train", "interop", "ensemble", "distributed", "metrics", "workloads",
+    "testing",
 ]
 __version__ = "0.2.0"

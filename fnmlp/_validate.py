@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import numpy as np
 import torch
@@ -11,10 +12,14 @@ from torch import Tensor
 
 
 def as_data(value, name: str, like: Tensor) -> Tensor:
-    """A tensor on ``like``'s device and dtype.
+    """A C-contiguous tensor on ``like``'s device and dtype: the one place where input data
+    takes the layout every computation sees, so that results do not depend on how the caller's
+    data was laid out (C or Fortran order, strided views, a DataFrame).
 
-    NumPy arrays (and lists) are converted; a torch tensor must already match, since silently
-    moving or casting a user's tensor hides bugs.
+    NumPy arrays (and lists, and objects with ``__array__``, such as pandas DataFrames) are
+    converted, in one copy at most (none for a C-ordered array of that dtype on the CPU). A torch
+    tensor must already have the dtype and device, since silently moving or casting a user's
+    tensor hides bugs; a non-contiguous one is copied once, a contiguous one is used as is.
     """
     if isinstance(value, Tensor):
         _check_strided(value, name)
@@ -28,31 +33,65 @@ def as_data(value, name: str, like: Tensor) -> Tensor:
                 f"{name} is on {value.device} but the parameters are on {like.device}; "
                 f"move it with {name}.to('{like.device}')"
             )
-        return value
-    if isinstance(value, (np.ndarray, list, tuple)):
-        array = _numeric_array(value, name)
-        return torch.as_tensor(array, dtype=like.dtype, device=like.device)
+        return contiguous(value)
+    if _is_array_like(value, name):
+        return _from_array(_numeric_array(value, name, _NUMPY_DTYPES.get(like.dtype)),
+                           like.dtype, like.device)
     raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(value).__name__}")
 
 
+def _from_array(array: np.ndarray, dtype: torch.dtype | None, device: torch.device) -> Tensor:
+    """A C-contiguous ``array`` as a tensor of ``dtype`` (None: the array's) on ``device``,
+    sharing its memory where it can (a read-only array, such as a memory map or a pandas
+    column, too: fnmlp never writes to its input)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.as_tensor(array, dtype=dtype, device=device)
+
+
 def as_labels(value, name: str, like: Tensor) -> Tensor:
-    """Integer class labels as a tensor on ``like``'s device (a tensor must be there already)."""
+    """Integer class labels as a C-contiguous tensor on ``like``'s device (a tensor must be
+    there already)."""
     if isinstance(value, Tensor):
         _check_strided(value, name)
         if value.device != like.device:
             raise ValueError(f"{name} is on {value.device} but the parameters are on "
                              f"{like.device}; move it with {name}.to('{like.device}')")
+        return contiguous(value)
+    return _from_array(_numeric_array(value, name), None, like.device)
+
+
+def contiguous(value: Tensor) -> Tensor:
+    """``value`` itself when C-contiguous, else one C-contiguous copy (never recorded by
+    autograd)."""
+    if value.is_contiguous():
         return value
-    return torch.as_tensor(_numeric_array(value, name), device=like.device)
+    with torch.no_grad():
+        return value.contiguous()
 
 
-def _numeric_array(value, name: str) -> np.ndarray:
-    """A contiguous NumPy array of numbers (views with negative strides are copied: torch
-    cannot view them)."""
-    array = np.ascontiguousarray(np.asarray(value))
+# the NumPy dtype an array is converted to for a tensor of this dtype, in the one copy that
+# also orders it (both round as torch does; float16 is left to torch, which rounds via float32)
+_NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
+
+
+def _is_array_like(value, name: str) -> bool:
+    """Whether ``value`` converts to a NumPy array; raises for a SciPy sparse matrix (dense
+    data only, as for sparse tensors: densifying could take any amount of memory)."""
+    if type(value).__module__.startswith("scipy.sparse"):
+        raise TypeError(f"{name} is a SciPy sparse matrix; fnmlp takes dense data: pass "
+                        f"{name}.toarray() (fnmlp.sklearn's estimators take sparse input)")
+    return isinstance(value, (np.ndarray, list, tuple)) or hasattr(value, "__array__")
+
+
+def _numeric_array(value, name: str, dtype=None) -> np.ndarray:
+    """A C-contiguous NumPy array of numbers, in ``dtype`` when given (views with negative
+    strides and Fortran-ordered arrays are copied: torch cannot view the first, and the second
+    would make products sum in another order)."""
+    array = np.asarray(value)
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise TypeError(f"{name} must hold numbers, got a NumPy array of {array.dtype}")
-    return array
+    return np.ascontiguousarray(array, dtype=dtype)
 
 
 def _check_strided(value: Tensor, name: str) -> None:
@@ -120,10 +159,10 @@ def as_weights(weight, rows: int, like: Tensor, name: str = "sample_weight") -> 
                              f"{like.device}; move it with {name}.to('{like.device}')")
         if weight.is_complex() or weight.dtype == torch.bool:
             raise TypeError(f"{name} must hold real numbers, got {weight.dtype}")
-        weight = weight.to(like.dtype)
-    elif isinstance(weight, (np.ndarray, list, tuple)):
-        weight = torch.as_tensor(_numeric_array(weight, name), dtype=like.dtype,
-                                 device=like.device)
+        weight = contiguous(weight.to(like.dtype))
+    elif _is_array_like(weight, name):
+        weight = _from_array(_numeric_array(weight, name, _NUMPY_DTYPES.get(like.dtype)),
+                             like.dtype, like.device)
     else:
         raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got "
                         f"{type(weight).__name__}")
@@ -137,3 +176,25 @@ def as_weights(weight, rows: int, like: Tensor, name: str = "sample_weight") -> 
     if not bool((weight > 0).any()):
         raise ValueError(f"{name} is all zero: no row would count")
     return weight
+
+
+def check_no_autocast(device: torch.device | str, where: str) -> None:
+    """Refuse to run ``where`` under ``torch.autocast`` for ``device``'s type, before any
+    work. fnmlp computes in its parameters' dtype: under autocast the products would run in
+    another dtype than the elementwise math and the optimizer around them (a dtype error or
+    silently mixed precision), so it is refused rather than half supported. An autocast for
+    another device type (CUDA autocast around a CPU fit) changes nothing here and passes."""
+    kind = torch.device(device).type
+    try:
+        enabled = torch.is_autocast_enabled(kind)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return
+    if enabled:
+        dtype = torch.get_autocast_dtype(kind)
+        raise RuntimeError(
+            f"{where} was called under torch.autocast({kind!r}, dtype={dtype}); fnmlp does not "
+            "support autocast (mixed precision): it computes in its parameters' dtype. Call it "
+            "outside the autocast block (or inside torch.autocast(..., enabled=False)); to "
+            f"train or predict in {dtype}, make the parameters that dtype "
+            f"(model.init(..., dtype={dtype}), or each tensor .to({dtype})) and pass data of "
+            "that dtype")

@@ -20,9 +20,11 @@ def test_bench_quick_runs_and_writes_json(tmp_path):
     assert [r["workload"] for r in figures["results"]] == ["seed", "wide"]
     for result in figures["results"]:
         names = [row["contender"] for row in result["rows"]]
-        for expected in ["fnmlp eager", "fnmlp compiled", "PyTorch eager", "PyTorch compiled",
-                         "GEMM floor"]:
+        for expected in ["fnmlp eager", "fnmlp compiled", "fnmlp fit (chunked)",
+                         "PyTorch eager", "PyTorch compiled", "GEMM floor"]:
             assert expected in names
+        chunked = next(r for r in result["rows"] if r["contender"] == "fnmlp fit (chunked)")
+        assert chunked["steps_per_call"] == 3  # --quick: 2 batches + 1 row
         assert any(name.startswith("scikit-learn") for name in names)
         for row in result["rows"]:
             assert row["step_median_s"] > 0 and row["ratio_to_gemm_floor"] > 0
@@ -55,7 +57,8 @@ def test_bench_ensemble_and_sweep_workloads_quick(tmp_path):
     figures = json.loads(out.read_text())
     (result,) = figures["results"]
     assert result["size"] == 2 and result["dtype"] == "float32"
-    for name in ("fnmlp ensemble", "fnmlp sequential", "torch.func vmap", "GEMM floor"):
+    for name in ("fnmlp ensemble", "fnmlp ensemble (chunked)", "fnmlp sequential",
+                 "torch.func vmap", "GEMM floor"):
         assert result["step_ms"][name] > 0
     assert "per-member" in printed
     out = tmp_path / "sweep.json"

@@ -142,3 +142,77 @@ def test_every_fnmlp_error_has_one_base_and_keeps_its_builtin_one():
                            (fnmlp.CompileVerificationError, RuntimeError),
                            (SpecError, ValueError)]:
         assert issubclass(error, fnmlp.FnmlpError) and issubclass(error, builtin)
+
+
+def test_a_torch_module_is_refused_naming_from_torch(setup):
+    _, _, x, y = setup
+    module = torch.nn.Linear(6, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"got Linear; .*fnmlp.from_torch\(module\)"):
+        _fit(module, None, x, y)
+    with pytest.raises(TypeError, match=r"fnmlp.from_torch\(module\)"):
+        fnmlp.train_step(module, fnmlp.mse, fnmlp.sgd(0.1))
+    with pytest.raises(TypeError, match=r"fnmlp.from_torch\(module\)"):
+        fnmlp.train.fit(module, None, x, y, epochs=1, batch_size=5, optimizer=fnmlp.sgd(0.1))
+
+
+def _autocast_calls(device):
+    """Every entry point that computes, as ``name -> call``, on ``device``."""
+    import fnmlp.sklearn
+
+    model = fnmlp.MLP(6, [fnmlp.Dense(8, "tanh"), fnmlp.Dense(3)])
+    params = model.init(torch.Generator().manual_seed(0), device=device)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 6, generator=g).to(device), torch.randn(20, 3, generator=g).to(device)
+    ensemble = fnmlp.Ensemble(model, size=2)
+    stacked = ensemble.init(torch.Generator().manual_seed(0), device=device)
+    step = fnmlp.train_step(model, fnmlp.mse, fnmlp.adam(0.01), compile=False)
+    ensemble_step = fnmlp.train_step(ensemble, fnmlp.mse, fnmlp.adam(0.01), compile=False)
+    estimator = fnmlp.sklearn.MLPRegressor(hidden_layer_sizes=(4,), max_iter=2, device=device)
+    fitted = fnmlp.sklearn.MLPRegressor(hidden_layer_sizes=(4,), max_iter=2, device=device) \
+        .fit(x.cpu().numpy(), y.cpu().numpy())
+    fit = dict(epochs=1, batch_size=5, compile=False)
+    return {
+        "fnmlp.fit": lambda: fnmlp.fit(model, params, x, y, optimizer=fnmlp.adam(0.01), **fit),
+        "fnmlp.fit sgd": lambda: fnmlp.fit(model, params, x, y, optimizer=fnmlp.sgd(0.1), **fit),
+        "MLP.apply": lambda: model.apply(params, x),
+        "MLP.value_and_grad": lambda: model.value_and_grad(params, x, y),
+        "MLP.evaluate": lambda: model.evaluate(params, x, y),
+        "MLP.apply (predict_proba)": lambda: model.predict_proba(params, x),
+        "fnmlp.train_step": lambda: step(params, fnmlp.adam(0.01).init(params), x, y),
+        "Ensemble.fit": lambda: fnmlp.fit(ensemble, stacked, x, y, optimizer=fnmlp.sgd(0.1),
+                                          **fit),
+        "Ensemble.apply (predict)": lambda: ensemble.predict(stacked, x),
+        "Ensemble.value_and_grad": lambda: ensemble.value_and_grad(stacked, x, y),
+        "ensemble's training step": lambda: ensemble_step(
+            stacked, ensemble.init_optimizer(fnmlp.adam(0.01), stacked), x, y),
+        "MLPRegressor.fit": lambda: estimator.fit(x.cpu().numpy(), y.cpu().numpy()),
+        "MLPRegressor.predict": lambda: fitted.predict(x.cpu().numpy()),
+    }
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_autocast_is_refused_before_any_work_and_saying_what_to_do(device):
+    """fnmlp computes in its parameters' dtype; under ``torch.autocast`` the products would run
+    in another (Adam failed on a dtype error, SGD mixed dtypes, ``apply`` returned bfloat16),
+    so every entry point refuses it, and works again outside or with autocast disabled."""
+    autocast_dtype = torch.bfloat16 if device == "cpu" else torch.float16
+    for name, call in _autocast_calls(device).items():
+        with torch.autocast(device, dtype=autocast_dtype):
+            with pytest.raises(RuntimeError, match=rf"{name.split(' ')[0]}.* under "
+                                                   rf"torch.autocast\('{device}', "
+                                                   rf"dtype={autocast_dtype}\).*"
+                                                   rf"model.init\(..., dtype={autocast_dtype}\)"):
+                call()
+            with torch.autocast(device, enabled=False):
+                call()  # the escape the message names
+        call()
+
+
+def test_an_autocast_of_another_device_type_changes_nothing():
+    model = fnmlp.MLP(6, [fnmlp.Dense(8, "tanh"), fnmlp.Dense(3)])
+    params = model.init(torch.Generator().manual_seed(0))
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(1))
+    expected = model.apply(params, x)
+    with torch.autocast("cuda", dtype=torch.float16, enabled=torch.cuda.is_available()):
+        got = model.apply(params, x)  # CUDA autocast leaves CPU products alone
+    assert got.dtype == torch.float32 and torch.equal(got, expected)

@@ -87,6 +87,9 @@ class DistributedStep(StepKind):
     def forget(self) -> None:
         """Nothing is kept between steps (the interface of ``TrainStep``)."""
 
+    def pin_threads(self, extras: dict, rows: int, device: torch.device) -> None:
+        self._threads.pin(extras, self.shard(rows)[1], device)
+
     def shard(self, rows: int, pad_to: int | None = None) -> tuple[slice, int]:
         """This rank's rows of a global batch of ``rows`` (a slice) and the shard size every
         rank pads to."""
@@ -106,19 +109,19 @@ class DistributedStep(StepKind):
         param_leaves, param_spec = flatten(params)
         opt_leaves, opt_spec = flatten(opt_state)
         collective = self.collective or ("in_graph" if xs.device.type == "cpu" else "between")
-        flush = (self.compile and self.flush_denormals and xs.device.type == "cpu"
-                 and torch.get_num_threads() == 1)
-        with self._threads(size, xs.device), torch.no_grad():
+        with self._threads(size, xs.device) as threads, torch.no_grad():
+            flush = (self.compile and self.flush_denormals and xs.device.type == "cpu"
+                     and threads == 1)  # the step's count, not the one around it
             with flushed_denormals(flush):
                 if self.compile and collective == "in_graph":
                     step = self._fused_graph(param_spec, opt_spec, param_leaves, opt_leaves,
-                                             [xs, ys, ws])
+                                             [xs, ys, ws], threads)
                     outputs = collective_call(
                         lambda: step(*param_leaves, *opt_leaves, xs, ys, ws),
                         "the step's in-graph all-reduce")
                 else:
                     gradient, update = self._functions(param_spec, opt_spec, xs, ys, ws,
-                                                       param_leaves, opt_leaves)
+                                                       param_leaves, opt_leaves, threads)
                     bucket = gradient(*param_leaves, xs, ys, ws)
                     bucket = all_reduce_sum(bucket, "the gradient all-reduce")
                     outputs = update(*param_leaves, *opt_leaves, bucket)
@@ -175,11 +178,13 @@ class DistributedStep(StepKind):
         opt_leaves, opt_spec = flatten(opt_state)
         return self._functions(param_spec, opt_spec, xs, ys, ws, param_leaves, opt_leaves)
 
-    def _functions(self, param_spec, opt_spec, xs, ys, ws, param_leaves, opt_leaves):
-        """The gradient and update functions, made once per shapes (compiled with
-        ``compile``)."""
-        specialization = (param_spec, opt_spec, *[(t.shape, t.dtype) for t in
-                                                  (*param_leaves, *opt_leaves, xs, ys, ws)])
+    def _functions(self, param_spec, opt_spec, xs, ys, ws, param_leaves, opt_leaves,
+                   threads: int | None = None):
+        """The gradient and update functions, made once per shapes and thread count (None:
+        this thread's; compiled with ``compile``)."""
+        threads = torch.get_num_threads() if threads is None else threads
+        specialization = (param_spec, opt_spec, threads, *[
+            (t.shape, t.dtype) for t in (*param_leaves, *opt_leaves, xs, ys, ws)])
         cache = self._graphs if self.compile else self._eager
         graphs = cache.get(specialization)
         if graphs is not None:
@@ -196,9 +201,9 @@ class DistributedStep(StepKind):
                 bucket = gradient(*param_leaves, xs, ys, ws)
                 graphs = self._graphs[specialization] = (
                     compile_graph(gradient, [*param_leaves, xs, ys, ws], compiler="auto",
-                                  cuda_graphs=False),
+                                  cuda_graphs=False, threads=threads),
                     compile_graph(update, [*param_leaves, *opt_leaves, bucket],
-                                  compiler="auto", cuda_graphs=False))
+                                  compiler="auto", cuda_graphs=False, threads=threads))
                 graphs[0](*param_leaves, xs, ys, ws)  # compiles now where compiling is lazy
                 graphs[1](*param_leaves, *opt_leaves, bucket)
             self._all_ready(specialization)
@@ -213,10 +218,12 @@ class DistributedStep(StepKind):
             wait_for_all("waiting for every rank to compile its step", COMPILE_TIMEOUT)
 
     def _fused_graph(self, param_spec, opt_spec, param_leaves: list[Tensor],
-                     opt_leaves: list[Tensor], data: list[Tensor]):
-        """One compiled graph: the gradient, a functional all-reduce, the update."""
+                     opt_leaves: list[Tensor], data: list[Tensor], threads: int):
+        """One compiled graph: the gradient, a functional all-reduce, the update (its CPU
+        kernels built for ``threads`` threads)."""
         args = [*param_leaves, *opt_leaves, *data]
-        specialization = ("in_graph", param_spec, opt_spec, *[(t.shape, t.dtype) for t in args])
+        specialization = ("in_graph", param_spec, opt_spec, threads,
+                          *[(t.shape, t.dtype) for t in args])
         graph = self._graphs.get(specialization)
         if graph is not None:
             self._all_ready(specialization)
@@ -238,7 +245,8 @@ class DistributedStep(StepKind):
 
             with torch.no_grad():
                 graph = self._graphs[specialization] = compile_graph(
-                    fnmlp_distributed_step, args, compiler="auto", cuda_graphs=False)
+                    fnmlp_distributed_step, args, compiler="auto", cuda_graphs=False,
+                    threads=threads)
             self._all_ready(specialization)
         return graph
 

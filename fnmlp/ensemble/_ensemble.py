@@ -18,6 +18,7 @@ import dataclasses
 import operator
 from typing import Any, NamedTuple, Sequence
 
+import numpy as np
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
@@ -25,8 +26,8 @@ from torch.func import vmap
 
 from fnmlp import _registry, _validate
 from fnmlp._tree import flatten, tree_map
-from fnmlp.nn import (EVAL, MLP, Context, CrossEntropy, Loss, check_l2, check_loss, dropout_key,
-                      forward, mse, value_and_grad)
+from fnmlp.nn import (EVAL, MLP, Context, CrossEntropy, Loss, check_l2, check_loss,
+                      check_loss_weights, dropout_key, forward, mse, value_and_grad)
 
 
 class Prediction(NamedTuple):
@@ -168,14 +169,14 @@ class Ensemble:
             return None
         if getattr(weight, "ndim", 1) == 2:
             if not isinstance(weight, Tensor):
-                weight = torch.as_tensor(weight)
+                weight = np.asarray(weight)  # as_weights orders and converts it, once
             if weight.shape[0] != self.size:
                 raise ValueError(f"per-member sample_weight must be (K={self.size}, rows), got "
                                  f"shape {tuple(weight.shape)}")
             if weight.shape[1] != rows:
                 raise ValueError(f"per-member sample_weight must have one weight per row "
                                  f"({self.size}, {rows}), got shape {tuple(weight.shape)}")
-            flat = _validate.as_weights(weight.reshape(-1), weight.numel(), like)
+            flat = _validate.as_weights(weight.reshape(-1), self.size * rows, like)
             return flat.reshape(self.size, rows)
         return _validate.as_weights(weight, rows, like)
 
@@ -186,6 +187,7 @@ class Ensemble:
         """Every member's predictions (K, m, out) for x (m, in) or per-member x (K, m, in);
         ``state``, ``train`` as ``MLP.apply``; ``key``: (K, 2) dropout keys in training."""
         like = self.check_params(params)
+        _validate.check_no_autocast(like.device, "Ensemble.apply")
         x = self.check_inputs(x, like)
         if state is None:
             if self.model.has_state and not train:
@@ -224,6 +226,7 @@ class Ensemble:
         """
         check_loss(loss)
         like = self.check_params(params)
+        _validate.check_no_autocast(like.device, "Ensemble.value_and_grad")
         x, y, weight = self.check_batch(x, y, loss, sample_weight, like)
         model_state = self.check_model_state(state, like)
         key = self.check_keys(key, x.device) if self.model.has_dropout or key is not None \
@@ -252,7 +255,7 @@ class Ensemble:
             weight_decay: one decay per member (a sweep), applied exactly where the optimizer
                 applies its own ``weight_decay`` (which must then be 0).
             l2, compiler, verify, threads: as ``fnmlp.train_step`` (``threads="auto"`` measures
-                the step by all members' work).
+                the step by all members' work; None leaves torch's count alone).
         """
         from fnmlp.ensemble._step import EnsembleStep
 
@@ -302,6 +305,7 @@ class Ensemble:
                 loss.check_target_values(target, self.model.out_features, "y")
             else:  # class labels in range (a compiled graph cannot raise)
                 loss.check_labels(target, self.model.out_features)
+        check_loss_weights(loss, sample_weight)
         weight = self.check_weights(sample_weight, rows, like)
         self.check_training_rows(rows, weight)
         return x, y, weight

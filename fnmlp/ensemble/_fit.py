@@ -11,10 +11,11 @@ from torch import Tensor
 
 from fnmlp import _validate
 from fnmlp.ensemble._ensemble import Ensemble, per_member_targets
-from fnmlp.nn import Loss, mse
+from fnmlp.nn import Loss, check_loss_weights, mse
 from fnmlp.train.engine import (BatchSource, Callback, Carry, Checkpointer, EarlyStopping,
                                 Reporter, Run, check_run_options, check_threads, check_valid,
-                                checkpoint_settings, choose_compile, restore_run, train_loop)
+                                checkpoint_settings, choose_compile, choose_steps_per_call,
+                                restore_run, settle_thread, train_loop)
 
 
 @dataclasses.dataclass
@@ -51,17 +52,19 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
                  opt_state=None, state=None, patience: int | None = None,
                  min_delta: float = 0.0, restore_best: bool = False,
                  compile: bool | str = "auto", compiler: str = "auto", verify: bool = False,
-                 threads: int | str = "auto", verbose: bool = False,
-                 progress: bool | None = None, on_epoch_end=None, checkpoint=None,
-                 checkpoint_every: int = 1, resume: bool = False) -> EnsembleFitResult:
+                 threads: int | str | None = "auto", steps_per_call: int | str = "auto",
+                 verbose: bool = False, progress: bool | None = None, on_epoch_end=None,
+                 checkpoint=None, checkpoint_every: int = 1,
+                 resume: bool = False) -> EnsembleFitResult:
     """Train all members of ``ensemble`` for ``epochs`` passes over (x, y).
 
     Arguments:
         params: stacked parameters (``Ensemble.init``); not modified.
         x, y, epochs, batch_size, optimizer, loss, l2, shuffle, generator, opt_state, state,
-            compile, compiler, verify, threads, verbose, progress, checkpoint,
-            checkpoint_every, resume: as ``fnmlp.fit`` ("auto" counts member-steps); every
-            member sees the same batches (one shuffle per epoch), unless bagging.
+            compile, compiler, verify, threads, steps_per_call, verbose, progress,
+            checkpoint, checkpoint_every, resume: as ``fnmlp.fit`` ("auto" counts
+            member-steps); every member sees the same batches (one shuffle per epoch), unless
+            bagging.
         lr: one learning rate or one per member (ignored with ``opt_state``, which holds them).
         weight_decay: one weight decay per member (see ``Ensemble.train_step``).
         sample_weight: (n,) row weights, or (K, n) one set per member.
@@ -79,13 +82,17 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     A member whose epoch loss is NaN or inf goes back to that epoch's start and trains no more
     (``history.diverged_epoch``); the others go on.
     """
+    settle_thread()  # this thread's torch thread count, before its first torch work
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")
     check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
                       on_epoch_end, progress, valid, generator)
     check_threads(threads)
     like = ensemble.check_params(params)
+    _validate.check_no_autocast(like.device, "Ensemble.fit")
+    choose_steps_per_call(steps_per_call, compiled=False, device=like.device, batches=1)
     model = ensemble.model
+    check_loss_weights(loss, True if bagging else None, "bagging (bootstrap counts as weights)")
     x, y, weight = ensemble.check_batch(x, y, loss, sample_weight, like)
     if x.dim() == 3 or per_member_targets(y, loss):
         raise ValueError("fit takes data shared by the members, x (n, in) and y (n, ...); "
@@ -96,7 +103,8 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
                    if state is None and model.has_state
                    else ensemble.check_model_state(state, like))
     n, size = x.shape[0], ensemble.size
-    compile, reason = choose_compile(compile, model, -(-n // batch_size) * epochs * size)
+    compile, reason = choose_compile(compile, model, -(-n // batch_size) * epochs * size,
+                                     loss=loss)
     if verbose:
         print(f"fnmlp: {'compiled' if compile else 'eager'} ensemble step ({reason}, "
               f"counting member-steps)")
@@ -137,6 +145,8 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     source = BatchSource(
         x, y, weight, batch_size=batch_size, shuffle=shuffle, generator=generator,
         pad_to=batch_size if compile and n > batch_size else None, members=size,
+        steps_per_call=choose_steps_per_call(steps_per_call, compiled=compile,
+                                             device=like.device, batches=-(-n // batch_size)),
         check_rows=(lambda w, where: ensemble.check_training_rows(w.shape[-1], w, where))
         if model.has_batch_statistics else None)
     policies = [EarlyStopping(step, patience, min_delta),

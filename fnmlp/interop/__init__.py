@@ -2,7 +2,7 @@
 schedules), through one two-way registry, checkpoints on disk, and ``register``, which makes a
 class of one's own savable and twinnable."""
 
-from fnmlp.interop._checkpoint import Checkpoint, CheckpointError, load, save
+from fnmlp.interop._checkpoint import Checkpoint, CheckpointError, check_writable, load, save
 from fnmlp.interop._registry import (SharedMaskDropout, TorchOptimizer, loss_from_torch,
                                      loss_to_torch, optimizer_from_torch, optimizer_to_torch,
                                      register, supported_modules)
@@ -12,4 +12,4 @@ from fnmlp.interop._torch import TorchTwin, from_torch, set_dropout_key, to_torc
 __all__ = ["save", "load", "Checkpoint", "CheckpointError", "to_torch", "from_torch",
            "TorchTwin", "SharedMaskDropout", "set_dropout_key", "loss_to_torch",
            "loss_from_torch", "optimizer_to_torch", "optimizer_from_torch", "TorchOptimizer",
-           "register", "supported_modules", "encode_spec", "decode_spec"]
+           "register", "supported_modules", "encode_spec", "decode_spec", "check_writable"]

@@ -16,10 +16,12 @@ its small protocol, ``ModelKind``, and its spec (``fnmlp.interop._spec``).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
 import tempfile
+import zipfile
 from typing import Any, Protocol
 
 import torch
@@ -85,6 +87,7 @@ def save(path, model: ModelKind, params, *, state=None, opt_state=None, optimize
             None) stored with it.
         extra: more trees of tensors by name (``fit`` keeps its generator state here).
     """
+    path = check_writable(path)
     _check_kind(model, "model")
     like = model.check_params(params)
     if state is None:
@@ -113,7 +116,7 @@ def save(path, model: ModelKind, params, *, state=None, opt_state=None, optimize
     }
     tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
     header["checksum"] = _checksum(header, tensors)
-    _write_atomically(os.fspath(path), {"header": json.dumps(header), "tensors": tensors})
+    _write_atomically(path, {"header": json.dumps(header), "tensors": tensors})
 
 
 def load(path, *, map_location=None) -> Checkpoint:
@@ -128,33 +131,15 @@ def load(path, *, map_location=None) -> Checkpoint:
     corrupted, foreign or newer-format file; nothing in the file is executed.
     """
     path = os.fspath(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: no such file") from None
-    except Exception as error:  # the safe unpickler's refusal, a broken zip, ...
-        raise CheckpointError(f"{path}: not a readable fnmlp checkpoint "
-                              f"({type(error).__name__}: {str(error)[:200]})") from None
-    try:
-        header = json.loads(payload["header"])
-        tensors = payload["tensors"]
-        if not isinstance(header, dict) or header.get("format") != FORMAT:
-            raise KeyError("format")
-    except (TypeError, KeyError, ValueError):
-        raise CheckpointError(f"{path}: not an fnmlp checkpoint") from None
-    if isinstance(header.get("version"), int) and header["version"] > VERSION:
-        raise CheckpointError(f"{path}: written in checkpoint format {header['version']} by a "
-                              f"newer fnmlp; this one reads format {VERSION} and older: upgrade "
-                              "fnmlp")
-    if not isinstance(header.get("version"), int) or not isinstance(tensors, dict):
-        raise CheckpointError(f"{path}: not an fnmlp checkpoint")
+    header, tensors = _read(path)
     expected = header.pop("checksum", None)
     try:
         actual = _checksum(header, tensors)
     except CheckpointError as error:
         raise CheckpointError(f"{path}: {error}") from None
     if expected != actual:
-        raise CheckpointError(f"{path}: checksum mismatch: the file is corrupted")
+        raise CheckpointError(f"{path}: corrupted (checksum mismatch): its contents are not what "
+                              "was written; use an intact copy")
     try:
         return _rebuild(header, tensors, map_location)
     except _spec.SpecError as error:
@@ -163,6 +148,43 @@ def load(path, *, map_location=None) -> Checkpoint:
         raise CheckpointError(f"{path}: {error}") from None
     except Exception as error:  # a well-formed file whose trees do not fit its model
         raise CheckpointError(f"{path}: {type(error).__name__}: {error}") from None
+
+
+def _read(path: str) -> tuple[dict, dict]:
+    """The header and tensors of the checkpoint at ``path``, read safely (nothing in the file
+    runs) and not yet verified. A file that does not read as a checkpoint of a format this
+    fnmlp knows raises ``CheckpointError``: "truncated" or "corrupted" when the file is
+    damaged, else what it is (foreign, newer)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a directory, not a checkpoint file") from None
+    except Exception as error:  # the safe unpickler's refusal, a broken zip, ...
+        raise _unreadable(path, "not a readable fnmlp checkpoint", error) from None
+    try:
+        header, tensors = json.loads(payload["header"]), payload["tensors"]
+        ours = (isinstance(header, dict) and header.get("format") == FORMAT
+                and isinstance(header.get("version"), int) and isinstance(tensors, dict))
+    except (TypeError, KeyError, IndexError, ValueError):
+        ours = False
+    if not ours:
+        raise _unreadable(path, "not an fnmlp checkpoint")
+    if header["version"] > VERSION:
+        raise _unreadable(path, f"written in checkpoint format {header['version']} by a newer "
+                                f"fnmlp; this one reads format {VERSION} and older: upgrade fnmlp")
+    return header, tensors
+
+
+def _unreadable(path: str, problem: str, error: BaseException | None = None) -> CheckpointError:
+    """The error for a file that did not read as a checkpoint: its damage when it is damaged
+    (``_damage``), else ``problem``; ``error``: what the reader raised, summarized after."""
+    damage = _damage(path, error)
+    if damage is not None:
+        return CheckpointError(f"{path}: {damage}")
+    return CheckpointError(f"{path}: {problem}" + ("" if error is None else
+                                                   f" ({_summary(error)})"))
 
 
 def _rebuild(header: dict, tensors: dict, map_location) -> Checkpoint:
@@ -187,6 +209,85 @@ def _rebuild(header: dict, tensors: dict, map_location) -> Checkpoint:
     return Checkpoint(model=model, params=trees["params"], state=trees["state"],
                       opt_state=trees["opt_state"], optimizer=optimizer,
                       metadata=header["metadata"], extra=extra)
+
+
+def _damage(path: str, error: BaseException | None = None) -> str | None:
+    """What is wrong with a checkpoint file that did not load, in plain words ("truncated: ...",
+    "corrupted (checksum mismatch in ...): ..."), from its zip structure and the CRC-32 of every
+    entry (``torch.save`` writes them; ``torch.load`` does not check them); None when it is no
+    zip archive or an intact one (then it is foreign, not damaged). ``error``: what torch's
+    reader raised; a failure of its zip reader on an archive that Python's reads is damage too
+    (every file ``torch.save`` writes reads back)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as file:
+            start = file.read(len(_ZIP_START))
+        whole = _has_end_record(path, size)
+    except OSError:
+        return None
+    if size < len(_ZIP_START):
+        return (f"truncated: the file has {size} bytes, too few for a checkpoint"
+                if _ZIP_START.startswith(start) else None)
+    if not whole:
+        return None if start != _ZIP_START else (
+            f"truncated: the file ends after {size} bytes, before the end of its zip archive "
+            "(an interrupted write or copy); use an intact copy")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = _bad_entry(archive)
+            names = archive.namelist()
+    except zipfile.BadZipFile as zip_error:
+        return f"corrupted: its zip archive is damaged ({zip_error})"
+    except Exception as zip_error:  # odd lengths or names: struct, Unicode, overflow errors
+        return f"corrupted: its zip archive is damaged ({_summary(zip_error)})"
+    if bad is not None:
+        return (f"corrupted (checksum mismatch in {bad}): its contents are not what was "
+                "written; use an intact copy")
+    if (error is not None and any(name.endswith("/data.pkl") for name in names)
+            and any(word in str(error) for word in ("PytorchStreamReader", "inline_container"))):
+        return "corrupted: its zip archive is damaged"
+    return None
+
+
+_ZIP_START = b"PK\x03\x04"  # a local file header: what every torch.save file starts with
+_ZIP_END = b"PK\x05\x06"  # the end of central directory record, the last thing in a zip
+_ZIP_END_SIZE = 22  # its length without a comment
+
+
+def _has_end_record(path: str, size: int) -> bool:
+    """Whether the file ends in a whole zip end record (22 bytes, then a comment, which
+    ``torch.save`` never writes), looked for in the last 64 KiB + 22 bytes: a file cut short
+    loses it, or part of it, whatever else it kept."""
+    with open(path, "rb") as file:
+        file.seek(max(0, size - (1 << 16) - _ZIP_END_SIZE))
+        tail = file.read()
+    found = tail.rfind(_ZIP_END)
+    return found >= 0 and len(tail) - found >= _ZIP_END_SIZE
+
+
+def _bad_entry(archive: zipfile.ZipFile) -> str | None:
+    """The first entry whose bytes fail their CRC-32 (None if all pass); entries written
+    without one (CRC 0: ``torch.serialization.set_crc32_options(False)``) are only opened."""
+    for info in archive.infolist():
+        try:
+            with archive.open(info) as entry:
+                while info.CRC and entry.read(1 << 20):
+                    pass
+        except zipfile.BadZipFile as error:
+            if "CRC" in str(error):
+                return info.filename
+            raise
+    return None
+
+
+def _summary(error: BaseException) -> str:
+    """``Type: message``, the message cut to its first sentence or line (at most ~160
+    characters, cut between words): library messages can run to paragraphs."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    sentence = text.split(". ")[0]
+    if len(sentence) > 160:
+        sentence = sentence[:160].rsplit(" ", 1)[0] + " ..."
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
 
 
 def _check_kind(model, name: str) -> None:
@@ -224,9 +325,41 @@ def _checksum(header: dict, tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def _write_atomically(path: str, payload: dict) -> None:
+def check_writable(path) -> str:
+    """``path`` as a string; an ``OSError`` naming it, before any work, when no checkpoint can
+    be written there: it is a directory, or its folder is missing or not writable by this
+    process (root may write anywhere: then the write is tried, and its failure named too)."""
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=".fnmlp-", suffix=".tmp", dir=folder)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write the checkpoint {path}: it is a "
+                                f"directory; name a file in it, such as "
+                                f"{os.path.join(path, 'run.fnmlp')}")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot write the checkpoint {path}: its folder "
+                                f"{folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, f"cannot write the checkpoint {path}: its folder "
+                              f"{folder} is not writable")
+    return path
+
+
+def _write_error(path: str, error: OSError) -> OSError:
+    """``error`` (its type and errno kept) with a message that names the checkpoint ``path``
+    rather than the temporary file the error was about."""
+    message = f"cannot write the checkpoint {path}: {error.strerror or error}"
+    return type(error)(message) if error.errno is None else type(error)(error.errno, message)
+
+
+def _write_atomically(path: str, payload: dict) -> None:
+    """Write ``payload`` (``torch.save``) to ``path`` through a temporary file in the same
+    folder, flushed, fsynced and renamed over it: ``path`` holds the old file or the new one,
+    never part of one. An ``OSError`` names ``path``; the temporary file is removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=".fnmlp-", suffix=".tmp", dir=folder)
+    except OSError as error:
+        raise _write_error(path, error) from error
     try:
         umask = os.umask(0)
         os.umask(umask)
@@ -236,9 +369,11 @@ def _write_atomically(path: str, payload: dict) -> None:
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(temporary):
             os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise _write_error(path, error) from error
         raise
     try:  # the rename itself, on disk
         directory = os.open(folder, os.O_RDONLY)

@@ -8,6 +8,7 @@ set here, and a user's class is registered, twin included, by one call of ``regi
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
@@ -32,25 +33,40 @@ _KINDS = ((Primitive, "primitive"), (Loss, "loss"), (Optimizer, "optimizer"),
 def register(cls: type | None = None, /, *, name: str | None = None,
              torch_module: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
              to_torch: Callable[..., nn.Module] | None = None,
-             from_torch: Callable[[nn.Module], tuple[Primitive, Any, Any]] | None = None,
+             from_torch: Callable[[nn.Module], Any] | None = None,
              in_width: Callable[[nn.Module], int | None] | None = None):
-    """Register a class of your own, once: ``fnmlp.save``/``fnmlp.load`` then carry it, and a
-    primitive given ``torch_module`` converts with ``to_torch``, ``from_torch`` and
-    ``TorchTwin``. Returns ``cls``; without ``cls``, a class decorator (put it above
-    ``@dataclasses.dataclass(frozen=True)``).
+    """Register a class of your own, once: ``fnmlp.save``/``fnmlp.load`` then carry it (its
+    registered name and its dataclass fields), and a primitive or loss given ``torch_module``
+    converts to and from ``torch.nn`` (``to_torch``, ``from_torch``, ``TorchTwin``,
+    ``loss_to_torch``, ``loss_from_torch``). Returns ``cls``; without ``cls``, a class
+    decorator (put it above ``@dataclasses.dataclass(frozen=True)``).
+
+        fnmlp.register(Scale, torch_module=TorchScale,
+                       to_torch=lambda layer, params, state, n_in: TorchScale(params.scale),
+                       from_torch=lambda module: (Scale(), ScaleParams(module.scale), ()))
+
+    Loading rebuilds only registered classes, by name: a class of your own (defined anywhere,
+    ``__main__`` included) is registered again in the process that loads, before
+    ``fnmlp.load``; nothing is imported from what a file names.
 
     Arguments:
         cls: a frozen dataclass subclassing ``fnmlp.Primitive``, ``fnmlp.nn.Loss``,
-            ``fnmlp.optim.Optimizer`` or ``fnmlp.optim.schedules.Schedule``; its params and
-            state trees hold tensors, tuples, lists and ``fnmlp.pytree_dataclass`` instances.
+            ``fnmlp.optim.Optimizer`` or ``fnmlp.optim.schedules.Schedule``; its fields hold
+            numbers, strings, booleans, None, tuples of them and registered specs; a
+            primitive's params and state trees hold tensors, tuples, lists and
+            ``fnmlp.pytree_dataclass`` instances.
         name: the stable name checkpoints store (default: the class name; must be free).
-        torch_module: a primitive's ``nn.Module`` class, or a tuple of them (``to_torch``
-            makes the first, ``from_torch`` recognizes all).
-        to_torch: ``(primitive, params, state, n_in) -> module`` holding copies; default
-            ``torch_module(**options)``, the primitive's fields by name.
-        from_torch: ``(module) -> (primitive, params, state)``, copies; default the primitive
-            from the module's attributes of its fields' names, with no params or state.
-        in_width: ``(module) -> int | None``, the input width the module fixes.
+        torch_module: the ``nn.Module`` class of a primitive's twin or of a loss's
+            ``torch.nn`` loss, or a tuple of them (``to_torch`` makes the first, ``from_torch``
+            recognizes all).
+        to_torch: a primitive's ``(primitive, params, state, n_in) -> module`` holding copies
+            (default ``torch_module(**options)``, the primitive's fields by name); a loss's
+            ``(loss, reduction, dtype, device) -> module`` (default ``torch_module(reduction=
+            reduction, **options)``, the loss's other fields by name).
+        from_torch: a primitive's ``(module) -> (primitive, params, state)``, copies (default:
+            the primitive from the module's attributes of its fields' names, no params or
+            state); a loss's ``(module) -> loss`` (default: likewise, ``reduction`` included).
+        in_width: a primitive's ``(module) -> int | None``, the input width the module fixes.
 
     Raises ``ValueError`` for a class registered already, or a name, activation name or module
     class another class holds; ``TypeError`` for a class that cannot be registered.
@@ -61,10 +77,7 @@ def register(cls: type | None = None, /, *, name: str | None = None,
         kind = _kind(cls)
         twin = None
         if any(arg is not None for arg in twin_args):
-            if kind != "primitive":
-                raise TypeError(f"{cls.__name__}: torch_module, to_torch, from_torch and "
-                                "in_width describe a primitive's nn.Module twin")
-            twin = _twin(cls, *twin_args)
+            twin = _twin_of(kind, cls, *twin_args)
         new_names(cls)  # an activation's names must be free
         return _registry.add(cls, kind, name=name, twin=twin)
 
@@ -84,19 +97,35 @@ def _kind(cls) -> str:
     return kind
 
 
-def _twin(cls, torch_module, to_torch, from_torch, in_width) -> Twin:
-    modules = torch_module if isinstance(torch_module, tuple) else (torch_module,)
-    if not modules or not all(isinstance(m, type) and issubclass(m, nn.Module)
-                              for m in modules):
-        raise TypeError(f"{cls.__name__}: torch_module must be an nn.Module class (or a tuple of "
-                        f"them), got {torch_module!r}")
+def _twin_of(kind: str, cls: type, torch_module, to_torch, from_torch, in_width):
+    """The twin ``register`` was given for ``cls``, a primitive's or a loss's."""
+    if kind not in ("primitive", "loss"):
+        raise TypeError(f"{cls.__name__}: torch_module, to_torch, from_torch and in_width "
+                        "describe a primitive's nn.Module twin or a loss's torch.nn loss; "
+                        f"a{'n' if kind[0] == 'o' else ''} {kind} has none of its own")
+    modules = _module_classes(cls, torch_module)
     for function, role in ((to_torch, "to_torch"), (from_torch, "from_torch"),
                            (in_width, "in_width")):
         if function is not None and not callable(function):
             raise TypeError(f"{cls.__name__}: {role} must be callable, got {function!r}")
+    if kind == "loss":
+        if in_width is not None:
+            raise TypeError(f"{cls.__name__}: in_width is a primitive's (a loss fixes no width)")
+        return CustomLossTwin(modules, to_torch or _default_loss_to_torch(cls, modules[0]),
+                              from_torch or _default_loss_from_torch(cls))
     default = _registry.options_twin(cls, modules[0])
     return Twin(modules, to_torch or default.to_torch, from_torch or default.from_torch,
                 in_width or _registry.no_width)
+
+
+def _module_classes(cls: type, torch_module) -> tuple[type, ...]:
+    modules = torch_module if isinstance(torch_module, tuple) else (torch_module,)
+    if not modules or not all(isinstance(m, type) and issubclass(m, nn.Module)
+                              for m in modules):
+        raise TypeError(f"{cls.__name__}: torch_module must be an nn.Module class (or a tuple of "
+                        f"them), got {torch_module!r}; a function making the module goes in "
+                        "to_torch=...")
+    return modules
 
 
 # --- primitives ⇄ nn modules ------------------------------------------------------------------
@@ -300,6 +329,34 @@ def _no_options(*args) -> dict:
     return {}
 
 
+class CustomLossTwin(NamedTuple):
+    """A registered loss's ``torch.nn`` twin (``fnmlp.register``): the module classes,
+    ``to_torch(loss, reduction, dtype, device) -> module`` and ``from_torch(module) -> loss``."""
+
+    modules: tuple[type, ...]
+    to_torch: Callable[[Loss, str, Any, Any], nn.Module]
+    from_torch: Callable[[nn.Module], Loss]
+
+
+def _loss_options(cls: type) -> list[str]:
+    """A loss's dataclass fields other than ``reduction``."""
+    return [f.name for f in dataclasses.fields(cls) if f.name != "reduction"]
+
+
+def _default_loss_to_torch(cls: type, module: type):
+    def to_torch(loss, reduction, dtype, device):
+        return module(reduction=reduction, **{n: getattr(loss, n) for n in _loss_options(cls)})
+
+    return to_torch
+
+
+def _default_loss_from_torch(cls: type):
+    def from_torch(module):
+        return cls(module.reduction, **{n: getattr(module, n) for n in _loss_options(cls)})
+
+    return from_torch
+
+
 for _loss, _twin_rule in [
     (MSE, LossTwin((nn.MSELoss,), _no_options, _no_options)),
     (L1, LossTwin((nn.L1Loss,), _no_options, _no_options)),
@@ -350,6 +407,8 @@ def loss_to_torch(loss: Loss, reduction: str | None = None, *, dtype=None,
     twin = _twins("loss").get(type(loss))
     if twin is None:
         raise TypeError(f"{type(loss).__name__} has no torch.nn counterpart registered")
+    if isinstance(twin, CustomLossTwin):
+        return twin.to_torch(loss, reduction or loss.reduction, dtype or torch.float32, device)
     module, to_args = twin.modules[0], twin.to_args
     if reduction is None and loss.reduction == "none" and type(loss) in _PER_ELEMENT:
         raise ValueError(f"{loss!r}: fnmlp's 'none' gives per-row losses, torch's per-element "
@@ -363,12 +422,21 @@ def loss_from_torch(module: nn.Module) -> Loss:
     twins = _twins("loss")
     for loss_type, twin in twins.items():
         if type(module) in twin.modules:
+            if isinstance(twin, CustomLossTwin):
+                return _checked_loss(loss_type, twin.from_torch(module))
             if module.reduction == "none" and loss_type in _PER_ELEMENT:
                 raise ValueError(f"nn.{type(module).__name__}(reduction='none') gives "
                                  "per-element losses; fnmlp's 'none' is per row")
             return loss_type(module.reduction, **twin.from_args(module))
     raise TypeError(f"nn.{type(module).__name__} has no fnmlp counterpart; supported: "
                     + ", ".join(f"nn.{twin.modules[0].__name__}" for twin in twins.values()))
+
+
+def _checked_loss(loss_type: type, loss) -> Loss:
+    if type(loss) is not loss_type:
+        raise TypeError(f"the from_torch registered for {loss_type.__name__} returned "
+                        f"{loss!r}, not a {loss_type.__name__}")
+    return loss
 
 
 # --- optimizers and schedules ⇄ torch.optim ---------------------------------------------------
@@ -528,4 +596,4 @@ def optimizer_from_torch(optimizer: torch.optim.Optimizer, scheduler=None,
 __all__ = ["register", "SharedMaskDropout", "rule_for_primitive", "rule_for_module",
            "module_for", "supported_modules", "loss_to_torch", "loss_from_torch",
            "TorchOptimizer", "optimizer_to_torch", "optimizer_from_torch", "LossTwin",
-           "OptimizerTwin", "ScheduleTwin"]
+           "OptimizerTwin", "ScheduleTwin", "CustomLossTwin"]

@@ -28,7 +28,9 @@ class SpecError(FnmlpError, ValueError):
 
 def encode_spec(value):
     """A JSON-able description of a spec: a model (``MLP``, ``Ensemble``), a primitive, a
-    loss, an optimizer or a schedule, of a registered class."""
+    loss, an optimizer or a schedule, of a registered class: ``{"kind": its registered name,
+    "options": its dataclass fields}``, and for a class of one's own ``"class"``, its
+    qualified name, which only error messages read."""
     entry = _registry.entry(type(value))
     if entry is None:
         name = type(value).__name__
@@ -39,30 +41,40 @@ def encode_spec(value):
     if entry.cls is MLP:
         return {"kind": "MLP", "in_features": value.in_features,
                 "layers": [encode_spec(layer) for layer in value.layers]}
-    return {"kind": entry.name,
-            "options": {f.name: _encode_option(getattr(value, f.name))
+    data = {"kind": entry.name,
+            "options": {f.name: _encode_option(getattr(value, f.name), value, f.name)
                         for f in dataclasses.fields(value)}}
+    if not _is_own(entry.cls):
+        data["class"] = _registry.qualified(entry.cls)
+    return data
 
 
-def _encode_option(value):
+def _is_own(cls: type) -> bool:
+    return cls.__module__.partition(".")[0] == "fnmlp"
+
+
+def _encode_option(value, spec, field: str):
     if isinstance(value, Tensor):
         return float(value)
     if isinstance(value, tuple):
-        return {"tuple": [_encode_option(v) for v in value]}
+        return {"tuple": [_encode_option(v, spec, field) for v in value]}
     if value is None or isinstance(value, (bool, str)) or isinstance(value, numbers.Real):
         return value
+    if _registry.entry(type(value)) is None and not dataclasses.is_dataclass(value):
+        raise TypeError(f"{type(spec).__name__}.{field} holds a {type(value).__name__}, which a "
+                        "spec cannot store: options are numbers, strings, booleans, None, "
+                        "tuples of them and registered specs")
     return encode_spec(value)
 
 
 def decode_spec(data):
-    """The spec ``encode_spec`` described."""
+    """The spec ``encode_spec`` described; only registered classes are rebuilt, by name."""
     if not isinstance(data, dict) or "kind" not in data:
         raise SpecError(f"not a spec: {data!r}")
     try:
         entry = _registry.named(data["kind"])
         if entry is None:
-            raise SpecError(f"unknown kind {data['kind']!r} (a class of your own must be "
-                            "registered with fnmlp.register before loading)")
+            raise SpecError(_unregistered(data))
         if entry.cls is MLP:
             return MLP(data["in_features"], [decode_spec(layer) for layer in data["layers"]])
         options = {name: _decode_option(value) for name, value in data["options"].items()}
@@ -72,6 +84,20 @@ def decode_spec(data):
     except Exception as error:  # malformed data: wrong types, missing keys, bad options
         raise SpecError(f"bad spec for {data.get('kind')!r}: {type(error).__name__}: "
                         f"{error}") from None
+
+
+def _unregistered(data: dict) -> str:
+    """The message for a spec whose kind no class is registered under here."""
+    kind = data["kind"]
+    cls = data.get("class")
+    if not isinstance(cls, str):
+        return (f"unknown kind {kind!r} (a class of your own must be registered with "
+                "fnmlp.register before loading)")
+    short = cls.rpartition(".")[2]
+    return (f"unknown kind {kind!r} (the class {cls} is not registered in this process; "
+            f"define it and register it with fnmlp.register({short}"
+            + ("" if kind == short else f", name={kind!r}")
+            + ") before loading: fnmlp imports nothing a file names)")
 
 
 def _decode_option(value):

@@ -4,7 +4,7 @@ An activation maps pre-activations ``z`` (m, n) to ``a`` (m, n); it has no param
 state. ``forward`` keeps what the backward needs as its residual; ``backward`` applies the
 vector-Jacobian product. The backward formulas follow the operation order of PyTorch's own
 derivative kernels, so that results match autograd bit for bit where the math allows (see
-README, "Parity").
+docs/guide/torch-twin.md).
 
 Each class is the one place an activation is declared: defining it registers it (its spec
 name, its ``name`` and ``aliases`` for ``get_activation``, its ``torch_module`` twin); the
@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from fnmlp import _registry
 from fnmlp.nn._primitive import EVAL, Primitive
-from fnmlp.nn._rowsum import row_sum
+from fnmlp.nn._rowsum import log_softmax_backward, softmax_backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +122,11 @@ class Softmax(Activation):
 
     def forward(self, params, z, state, context):
         a = torch.softmax(z, dim=1)
-        return a, (a, context.lane_order_sums), state  # the row sum's order, for backward
+        return a, (a, context.lane_order_sums), state  # how backward sums rows
 
     def backward(self, params, residual, da, need_input_grad=True):
-        a, lane_order = residual
-        return (da - row_sum(da * a, lane_order)) * a, ()
+        a, exact = residual
+        return softmax_backward(da, a, exact), ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,11 +237,11 @@ class LogSoftmax(Activation):
 
     def forward(self, params, z, state, context):
         a = torch.log_softmax(z, dim=1)
-        return a, (a, context.lane_order_sums), state  # the row sum's order, for backward
+        return a, (a, context.lane_order_sums), state  # how backward sums rows
 
     def backward(self, params, residual, da, need_input_grad=True):
-        a, lane_order = residual
-        return da - torch.exp(a) * row_sum(da, lane_order), ()
+        a, exact = residual
+        return log_softmax_backward(da, a, exact), ()
 
 
 def _table() -> tuple[dict[str, Activation], dict[str, str]]:

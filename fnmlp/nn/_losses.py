@@ -11,13 +11,21 @@ cross-entropy) or rows (cross-entropy), as ``torch.nn`` does, with the same arit
 adds. A row's loss l_i is the mean over its elements, so the weighted mean with all weights 1 is
 the plain mean. ``"none"`` gives the per-row losses (m,) (times the row weights, if any), whose
 cotangent ``dvalue`` is then (m,); training needs "mean" or "sum".
+
+A loss of one's own subclasses ``Loss`` (see its docstring: the methods, their shapes, row
+weights), is registered once with ``fnmlp.register`` (savable, and twinnable given its
+``torch.nn`` loss) and is checked with ``fnmlp.testing.check_loss``. A loss whose ``forward``
+takes no row weights refuses them (``supports_weights``; ``check_loss_weights``) rather than
+ignoring them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -35,16 +43,44 @@ class Loss:
         reduction: "mean" (over elements, or rows for cross-entropy; with ``weight``, the
             weighted mean of the per-row losses), "sum", or "none" (the per-row losses).
 
-    ``forward(pred (m, n), target, weight (m,) or None) -> (value (0-d; (m,) for "none"),
-    residual)``; ``backward(residual, dvalue=None) -> dpred (m, n)``.
+    Writing a loss: a frozen dataclass subclassing ``Loss`` (its options are dataclass fields,
+    after ``reduction``) that implements two methods, with m rows and n outputs:
+
+        forward(pred (m, n), target, weight (m,) or None = None) -> (value, residual)
+            ``target``: (m, n) floats, or what ``check_target`` accepts (class labels (m,)).
+            ``value``: 0-d for "mean" and "sum", the per-row losses (m,) for "none".
+            ``residual``: whatever ``backward`` needs (tensors, numbers, tuples).
+        backward(residual, dvalue (0-d, (m,) for "none") or None = None) -> dpred (m, n)
+            the gradient of ``value`` with respect to ``pred`` times ``dvalue`` (1 when None).
+
+    Row weights (``sample_weight``) reach ``forward`` as ``weight``: "mean" is then the
+    weighted mean of the per-row losses l_i, sum_i w_i·l_i / sum_i w_i, "sum" the weighted
+    sum, and "none" the per-row losses times w_i; ``reduce_per_element`` does all three for a
+    loss made of per-element terms. A row of weight 0 must count for nothing (a compiled step
+    pads a short batch with such rows), and weights of 1 must give the unweighted value. A
+    loss whose ``forward`` has no third argument (``forward(self, pred, target)``) takes no
+    row weights: its ``supports_weights`` is False and ``sample_weight`` is refused
+    (``check_loss_weights``) instead of ignored; set ``supports_weights`` on the class to
+    decide otherwise. Optional hooks: ``check_target`` (the target's form),
+    ``check_target_values`` (a pass over the values, once per fit) and ``check_labels``.
+
+    ``fnmlp.testing.check_loss(loss, pred, y, weight)`` checks ``backward`` against finite
+    differences and autograd, and that rows of weight 0 count for nothing; ``fnmlp.register``
+    makes the class savable (and twinnable, given its ``torch.nn`` loss).
     """
 
     reduction: str = "mean"
     name: ClassVar[str]
+    supports_weights: ClassVar[bool] = True
 
     def __init_subclass__(cls, **kwargs):
-        """fnmlp's own losses register themselves (a user's: ``fnmlp.register``)."""
+        """fnmlp's own losses register themselves (a user's: ``fnmlp.register``); a class
+        that does not set ``supports_weights`` takes it from its ``forward``'s arguments."""
         super().__init_subclass__(**kwargs)
+        if "supports_weights" not in cls.__dict__ and "forward" in cls.__dict__:
+            cls.supports_weights = _takes_weights(cls.forward)
+        if not cls.supports_weights:
+            cls.forward = _refusing_weights(cls.forward)
         _registry.add_own(cls, "loss")
 
     def __post_init__(self):
@@ -52,10 +88,12 @@ class Loss:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
 
     def forward(self, pred: Tensor, target: Tensor, weight: Tensor | None = None
-                ) -> tuple[Tensor, object]:
+                ) -> tuple[Tensor, Any]:
+        """``(value, residual)``: value 0-d ((m,) for "none"); see the class docstring."""
         raise NotImplementedError
 
     def backward(self, residual, dvalue: Tensor | None = None) -> Tensor:
+        """``dpred`` (m, n): d value / d pred times ``dvalue`` (1 when None)."""
         raise NotImplementedError
 
     def check_target(self, target, out_features: int, like: Tensor, name: str = "y") -> Tensor:
@@ -76,6 +114,58 @@ class Loss:
 
     def __call__(self, pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
         return self.forward(pred, target, weight)[0]
+
+
+def _takes_weights(forward) -> bool:
+    """Whether ``forward(self, pred, target, ...)`` has a third argument (or ``*args``)."""
+    try:
+        parameters = list(inspect.signature(forward).parameters.values())[1:]  # past self
+    except (TypeError, ValueError):  # no signature to read: assume the protocol
+        return True
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY,
+                                                        p.POSITIONAL_OR_KEYWORD)]
+    return len(positional) >= 3 or any(p.kind is p.VAR_POSITIONAL for p in parameters)
+
+
+def _refusing_weights(forward):
+    """``forward`` taking the protocol's ``weight=None``, raising for any other value: the
+    safety net behind ``check_loss_weights`` where a path does not call it."""
+    if getattr(forward, "_refuses_weights", False):
+        return forward
+    takes = _takes_weights(forward)
+
+    @functools.wraps(forward)
+    def refusing(self, pred, target, weight=None):
+        if weight is not None:
+            raise TypeError(_no_weights_message(type(self).__name__, "row weights") + (
+                "; a compiled training step passes them too (1 per row, 0 for padding): "
+                "train with compile=False"))
+        return forward(self, pred, target, None) if takes else forward(self, pred, target)
+
+    refusing._refuses_weights = True
+    return refusing
+
+
+def _no_weights_message(name: str, what: str) -> str:
+    return (f"{name} takes no row weights ({name}.supports_weights is False), so {what} "
+            f"cannot be used with it; drop {what}, or give {name}.forward a third argument, the "
+            f"row weights (m,), and implement the weighted reduction "
+            f"(fnmlp.nn.reduce_per_element)")
+
+
+def check_loss_weights(loss: Loss, weight: Any, name: str = "sample_weight") -> None:
+    """Refuse row weights for a loss that cannot take them (``supports_weights`` False).
+
+    Arguments:
+        loss: an fnmlp loss.
+        weight: the row weights given (any form: (m,), (K, m), array-like), or None for none;
+            only whether they are given is looked at.
+        name: what the weights are called in the message ("sample_weight", "bagging").
+
+    Raises ``TypeError`` naming the loss's class and what to do; returns None otherwise.
+    """
+    if weight is not None and not getattr(loss, "supports_weights", True):
+        raise TypeError(_no_weights_message(type(loss).__name__, name))
 
 
 def reduce_per_element(loss: Loss, per_element: Tensor, weight: Tensor | None):

@@ -23,7 +23,7 @@ from fnmlp.nn._dropout import Dropout
 from fnmlp.nn._init import get_initializer
 from fnmlp.nn._linear import Linear
 from fnmlp.nn._losses import Loss, mse
-from fnmlp.nn._norm import LayerNorm
+from fnmlp.nn._norm import LayerNorm, check_eps
 from fnmlp.nn._primitive import EVAL, Context, Primitive
 
 Params = tuple  # one params pytree per primitive
@@ -58,9 +58,13 @@ class Dense:
         object.__setattr__(self, "activation", get_activation(self.activation))
         if not isinstance(self.layer_norm, bool):
             raise TypeError(f"layer_norm must be True or False, got {self.layer_norm!r}")
-        object.__setattr__(self, "dropout", Dropout(self.dropout).p)  # checked there
+        object.__setattr__(self, "dropout", Dropout(self.dropout).p)  # named "dropout" there
         if self.init is not None:
+            if not isinstance(self.init, str):
+                raise TypeError(f"init must be an initializer name or None, got "
+                                f"{type(self.init).__name__}")
             get_initializer(self.init)
+        check_eps(self.norm_eps, "norm_eps")  # here, under its own name, even without a norm
 
     def primitives(self) -> list[Primitive]:
         """The sequence this layer stands for."""
@@ -287,6 +291,7 @@ class MLP:
                 default evaluation mode.
         """
         like = self.check_params(params)
+        _validate.check_no_autocast(like.device, "MLP.apply")
         x, _ = self.check_data(params, x, like=like)
         return self.unchecked_apply(params, x, like, state, train, key)
 
@@ -327,6 +332,7 @@ class MLP:
         """
         check_loss(loss)
         like = self.check_params(params)
+        _validate.check_no_autocast(like.device, "MLP.value_and_grad")
         x, y = self.check_data(params, x, y, loss=loss, like=like)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
         model_state = self.state_or_default(state, like)
@@ -343,6 +349,7 @@ class MLP:
         """The loss of the evaluation-mode predictions on (x, y), as a Python float."""
         check_loss(loss)  # a float: "none" has no single value
         like = self.check_params(params)
+        _validate.check_no_autocast(like.device, "MLP.evaluate")
         x, y = self.check_data(params, x, y, loss=loss, like=like)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
         prediction = self.unchecked_apply(params, x, like, state, train=False, key=None)

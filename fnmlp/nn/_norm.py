@@ -44,9 +44,11 @@ def _affine_params(n: int, dtype, device) -> NormParams:
                       bias=torch.zeros(n, dtype=dtype, device=device))
 
 
-def _check_eps(eps) -> None:
+def check_eps(eps, name: str = "eps") -> None:
+    """Raise unless ``eps`` is a real number > 0; the message calls it ``name`` (the option the
+    user wrote: ``Dense``'s ``norm_eps``)."""
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
-        raise ValueError(f"eps must be a number > 0, got {eps!r}")
+        raise ValueError(f"{name} must be a number > 0, got {eps!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +62,7 @@ class LayerNorm(Primitive):
     eps: float = 1e-5
 
     def __post_init__(self):
-        _check_eps(self.eps)
+        check_eps(self.eps)
 
     def init(self, generator, n_in, dtype, device):
         return n_in, _affine_params(n_in, dtype, device)
@@ -113,7 +115,7 @@ class BatchNorm(Primitive):
     min_training_rows = 2  # batch statistics: a variance needs two rows
 
     def __post_init__(self):
-        _check_eps(self.eps)
+        check_eps(self.eps)
         if self.momentum is not None and (isinstance(self.momentum, bool) or not isinstance(
                 self.momentum, numbers.Real) or not 0 <= self.momentum <= 1):
             raise ValueError(f"momentum must be a number in [0, 1] or None, got "

@@ -14,7 +14,9 @@ is the loss's cotangent of ``y`` and ``backward`` returns those of ``x`` (None w
 like ``params``. ``MLP`` composes primitives in series: one forward loop, one reverse loop.
 
 fnmlp's own primitives register themselves (``fnmlp._registry``) as they are defined; a user's
-is made savable and twinnable by ``fnmlp.register``.
+is made savable, loadable and twinnable by one call of ``fnmlp.register`` (in every process
+that saves or loads it), and its backward is checked against finite differences and autograd
+by ``fnmlp.testing.check_primitive(primitive, x)``.
 """
 
 from __future__ import annotations
@@ -35,10 +37,11 @@ class Context(NamedTuple):
     statistics, no dropout). ``key``: the dropout key of this step (``fnmlp.dropout_key``), or
     None for no dropout. ``row_weight``: (m,) weights of the rows, or None for all equal; rows
     of weight 0 (padding) must not influence the other rows (batch statistics skip them).
-    ``lane_order_sums``: row sums in a backward (softmax's, log-softmax's) add in the SIMD lane
-    order of PyTorch's CPU kernel, bit-identical to autograd eagerly (``fnmlp.nn._rowsum``);
-    False for plain sums, which a step traced to be compiled takes. A primitive reads it in
-    ``forward`` and keeps it in its residual for ``backward``.
+    ``lane_order_sums``: a backward that sums rows (softmax's, log-softmax's) runs autograd's own
+    kernel, which adds in the SIMD lane order of the CPU (bit-identical to autograd on every
+    CPU and device; ``fnmlp.nn._rowsum``); False for plain sums, which a step traced to be
+    compiled takes. A primitive reads it in ``forward`` and keeps it in its residual for
+    ``backward``.
     """
 
     train: bool = True
@@ -85,8 +88,10 @@ class Primitive:
         return ()
 
     def forward(self, params, x: Tensor, state, context: Context) -> tuple[Tensor, Any, Any]:
+        """``(y (m, n_out), residual, new_state)`` for ``x`` (m, n_in); pure."""
         raise NotImplementedError
 
     def backward(self, params, residual, dy: Tensor, need_input_grad: bool = True
                  ) -> tuple[Tensor | None, Any]:
+        """``(dx (m, n_in) or None, dparams shaped like params)`` for ``dy`` (m, n_out)."""
         raise NotImplementedError

@@ -1,84 +1,50 @@
-"""Row sums in the order PyTorch's CPU kernels add them.
+"""The row sums of softmax's and log-softmax's backward: autograd's own kernels, or plain sums.
 
-Softmax's backward needs ``sum_j(g_ij * a_ij)`` per row. PyTorch's vectorized CPU kernel adds the
-row in SIMD lanes (one lane per vector slot, the tail folded into the first lanes), then adds the
-lanes together. Reproducing that order makes fnmlp's softmax backward bit-identical to autograd's
-in eager mode, which keeps long, chaotic training runs identical to the ``nn.Module`` twin.
+Softmax's backward needs ``sum_j(g_ij * a_ij)`` per row, log-softmax's ``sum_j g_ij``.
+PyTorch's vectorized CPU kernels add a row in SIMD lanes, as many as the CPU capability ATen
+dispatches to holds (``torch.backends.cpu.get_cpu_capability()``: 4 doubles for AVX2, 8 for
+AVX512; the ``ATEN_CPU_CAPABILITY`` environment variable can lower it), the tail folded into
+the first lanes, the lanes added at the end. A plain ``sum`` adds in another order, so it
+differs from autograd's in the last bits, and a chaotic training run then parts from its
+``nn.Module`` twin.
 
-The caller chooses (``row_sum(products, lane_order)``; the primitives take it from
-``Context.lane_order_sums`` in their forward and keep it in their residual): a step that is
-traced to be compiled passes False, a plain sum, which differs from autograd's only in the last
-bits and which a compiler fuses. Where the order is not known (other devices, other SIMD widths,
-other dtypes) the sum is plain whatever was asked.
+The caller chooses (``exact``; the primitives take it from ``Context.lane_order_sums`` in their
+forward and keep it in their residual):
 
-The order is looked up by ``torch.backends.cpu.get_cpu_capability()`` (what ATen dispatches its
-vectorized CPU kernels to: "AVX2", "AVX512", ...; the ``ATEN_CPU_CAPABILITY`` environment
-variable can lower it) and the dtype, read once at import.
+- True: the backward is autograd's own ATen kernel (``aten._softmax_backward_data``,
+  ``aten._log_softmax_backward_data``: what the derivatives of ``torch.softmax`` and
+  ``torch.log_softmax`` call), so it is bit-identical to autograd on every CPU capability,
+  device, dtype and torch version by construction, with no table of lane orders to keep up.
+  (Until now the lane order was emulated per capability, for AVX2 and AVX512 only.) Under
+  ``vmap`` (ensembles) the kernels' batching rules give each member's rows what they give alone
+  (tested).
+- False: plain tensor math, the formulas in the primitives' docstrings with one
+  ``sum(dim=1, keepdim=True)``: what a step traced to be compiled holds, which a compiler fuses.
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-
-# (cpu capability, dtype) -> (lanes, how the lanes are added at the end); verified by
-# tests/nn/test_row_sums.py and tests/nn/test_primitives.py (bit identity with autograd).
-_KNOWN_CPU_ORDERS = {
-    ("AVX2", torch.float64): (4, "sequential"),
-    ("AVX2", torch.float32): (8, "halving"),
-    ("AVX512", torch.float64): (8, "sequential"),
-    ("AVX512", torch.float32): (16, "halving"),
-}
+from torch import Tensor
 
 
-def _read_cpu_capability() -> str:
-    try:
-        return torch.backends.cpu.get_cpu_capability()
-    except Exception:  # pragma: no cover - very old or unusual builds
-        return "unknown"
+def softmax_backward(da: Tensor, a: Tensor, exact: bool) -> Tensor:
+    """``dz = (da - sum_j da_j a_j) * a`` for ``a = softmax(z, dim=1)``, 2-D.
 
-
-_CPU_CAPABILITY = _read_cpu_capability()  # a constant: dynamo traces the lookup below
-
-
-def _cpu_capability() -> str:
-    """The CPU capability ATen's kernels run at, as read at import."""
-    return _CPU_CAPABILITY
-
-
-def _lanes_sum(products: torch.Tensor, lanes: int, finish: str) -> torch.Tensor:
-    rows, width = products.shape
-    if width == 0:
-        return products.new_zeros(rows, 1)
-    if width < lanes:  # the kernel reduces a short row lane after lane
-        columns = [products[:, i] for i in range(width)]
-        return functools.reduce(torch.add, columns).unsqueeze(1)
-    full = width - width % lanes
-    chunks = products[:, :full].reshape(rows, full // lanes, lanes)
-    acc = chunks[:, 0]
-    for i in range(1, full // lanes):
-        acc = acc + chunks[:, i]
-    if width > full:  # the tail is folded into the first lanes
-        tail = width - full
-        acc = torch.cat([acc[:, :tail] + products[:, full:], acc[:, tail:]], dim=1)
-    if finish == "sequential":
-        return functools.reduce(torch.add, [acc[:, i] for i in range(lanes)]).unsqueeze(1)
-    while acc.shape[1] > 1:  # "halving": lane i += lane i + half, as SIMD shuffles do
-        half = acc.shape[1] // 2
-        acc = acc[:, :half] + acc[:, half:]
-    return acc
-
-
-def row_sum(products: torch.Tensor, lane_order: bool) -> torch.Tensor:
-    """Sum over dim 1 of a 2-D tensor, keepdim; shape (m, n) -> (m, 1).
-
-    ``lane_order``: add in the SIMD lane order of PyTorch's CPU kernel (bit-identical to
-    autograd's softmax backward) where that order is known for this CPU and dtype; False (or an
-    unknown order) is a plain ``products.sum(dim=1, keepdim=True)``.
+    ``exact``: autograd's kernel (bit-identical to autograd everywhere); False: plain tensor
+    math.
     """
-    if lane_order and products.device.type == "cpu" and products.dim() == 2:
-        order = _KNOWN_CPU_ORDERS.get((_CPU_CAPABILITY, products.dtype))
-        if order is not None:
-            return _lanes_sum(products, *order)
-    return products.sum(dim=1, keepdim=True)
+    if exact:
+        return torch.ops.aten._softmax_backward_data(da, a, 1, a.dtype)
+    return (da - (da * a).sum(dim=1, keepdim=True)) * a
+
+
+def log_softmax_backward(da: Tensor, a: Tensor, exact: bool) -> Tensor:
+    """``dz = da - exp(a) * sum_j da_j`` for ``a = log_softmax(z, dim=1)``, 2-D.
+
+    ``exact``: autograd's kernel (bit-identical to autograd everywhere); False: plain tensor
+    math.
+    """
+    if exact:
+        return torch.ops.aten._log_softmax_backward_data(da, a, 1, a.dtype)
+    return da - torch.exp(a) * da.sum(dim=1, keepdim=True)

@@ -4,6 +4,7 @@ prediction."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -18,18 +19,25 @@ from sklearn.utils import check_random_state
 from sklearn.utils.validation import _check_sample_weight, check_is_fitted
 
 import fnmlp
+from fnmlp import _validate
 from fnmlp._tree import tree_leaves, tree_map
 from fnmlp.nn import MLP, Dense
+from fnmlp.sklearn._lbfgs import check_lbfgs_model, fit_lbfgs
 from fnmlp.train import NonFiniteLossError
 from fnmlp.train.engine import (BatchSource, Callback, Carry, Checkpointer, Policy, Reporter,
                                 Run, TrainStep, check_run_options, checkpoint_settings,
-                                choose_compile, compiled_before, describe_threads,
+                                choose_compile, choose_steps_per_call, compiled_before,
+                                describe_threads,
                                 network_identity, restore_run, train_loop)
 
-SOLVERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+SOLVERS = ("lbfgs", "sgd", "adam", "adamw", "rmsprop", "adagrad")
 ACTIVATIONS = {"identity": "identity", "logistic": "sigmoid", "tanh": "tanh", "relu": "relu"}
 LEARNING_RATES = ("constant", "invscaling", "adaptive")
 _PREDICT_CHUNK = 65536  # rows densified (sparse input) or predicted at a time
+_STOCHASTIC_RECORD = ("loss_curve_", "best_loss_", "validation_scores_",
+                      "best_validation_score_", "_no_improvement_count")  # none for lbfgs
+_SKLEARN_NON_FINITE = ("Solver produced non-finite parameter weights. The input data may contain "
+                       "large values and need to be preprocessed.")
 
 
 class BaseMLP(BaseEstimator):
@@ -49,10 +57,6 @@ class BaseMLP(BaseEstimator):
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got "
                              f"{self.activation!r}")
-        if self.solver == "lbfgs":
-            raise ValueError("solver='lbfgs' is not available in fnmlp (a full-batch "
-                             "quasi-Newton method); use sklearn.neural_network for it, or one "
-                             f"of {SOLVERS}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
         if self.learning_rate not in LEARNING_RATES:
@@ -68,6 +72,7 @@ class BaseMLP(BaseEstimator):
         _number(self.beta_2, "beta_2", 0, 1, strict_high=True)
         _number(self.epsilon, "epsilon", 0, strict=True)
         _integer(self.max_iter, "max_iter")
+        _integer(self.max_fun, "max_fun")
         if self.n_iter_no_change != np.inf:
             _integer(self.n_iter_no_change, "n_iter_no_change")
         if self.batch_size != "auto":
@@ -83,6 +88,8 @@ class BaseMLP(BaseEstimator):
         torch.device(self.device)  # raises on a bad device name
         check_run_options(self.checkpoint, 1, self.resume, None, 0.0, False, self.on_epoch_end,
                           self.progress, None, None)
+        if self.solver == "lbfgs":
+            check_lbfgs_model(self)
 
     def _torch_dtype(self, x_dtype) -> torch.dtype:
         if self.dtype is None:
@@ -108,6 +115,9 @@ class BaseMLP(BaseEstimator):
                                 fnmlp.Linear(n_outputs, initializer=self._initializer())])
 
     def _optimizer(self):
+        """The stochastic solver as an fnmlp optimizer (None for lbfgs, which is scipy's)."""
+        if self.solver == "lbfgs":
+            return None
         lr = float(self.learning_rate_init)
         if self.solver == "sgd":
             return fnmlp.sgd(lr, momentum=float(self.momentum),
@@ -124,6 +134,7 @@ class BaseMLP(BaseEstimator):
 
     def _fit(self, X, y, sample_weight=None, incremental: bool = False):
         self._check_hyperparameters()
+        _validate.check_no_autocast(self.device, f"{type(self).__name__}.fit")
         if self.early_stopping and incremental:
             raise ValueError("partial_fit does not support early_stopping=True")
         if incremental and (self.checkpoint is not None or self.resume):
@@ -145,6 +156,11 @@ class BaseMLP(BaseEstimator):
             raise ValueError(f"y has {outputs} outputs but the fitted network has "
                              f"{self.model_.out_features}; fit again without warm_start")
         self.out_activation_ = out_activation
+        if self.solver == "lbfgs":
+            self._fit_lbfgs(X, targets, sample_weight, loss)
+            return self
+        if not hasattr(self, "loss_curve_"):  # a warm start after an lbfgs fit
+            self._start_record()
         optimizer = self._optimizer()
         if not incremental or self._opt_state is None:
             self._opt_state = optimizer.init(self.params_)
@@ -156,13 +172,22 @@ class BaseMLP(BaseEstimator):
         """A fresh network and a fresh record of the fit."""
         self.model_ = self._build_model(n_features, outputs)
         generator = torch.Generator().manual_seed(_seed(random_state))
-        params = self.model_.init(generator, dtype=dtype)
+        # drawn in float64, then cast (as scikit-learn): one network whatever X's dtype
+        params = self.model_.init(generator, dtype=torch.float64)
         device = torch.device(self.device)
-        self.params_ = tree_map(lambda t: t.to(device), params)
+        self.params_ = tree_map(lambda t: t.to(device=device, dtype=dtype), params)
         self.state_ = self.model_.init_state(dtype=dtype, device=device)
         self.n_outputs_, self.n_layers_ = outputs, len(self._hidden_layers()) + 2
         self._opt_state, self._dropout_seed, self._steps = None, _seed(random_state), 0
         self.n_iter_, self.t_ = 0, 0
+        if self.solver == "lbfgs":  # scikit-learn's lbfgs keeps no curve and no stopping rule
+            for name in _STOCHASTIC_RECORD:
+                self.__dict__.pop(name, None)
+        else:
+            self._start_record()
+
+    def _start_record(self) -> None:
+        """The stochastic solvers' record: the loss curve and the stopping rule's state."""
         self.loss_curve_ = []
         self._no_improvement_count = 0
         if self.early_stopping:
@@ -171,6 +196,17 @@ class BaseMLP(BaseEstimator):
         else:
             self.best_loss_ = np.inf
             self.validation_scores_ = self.best_validation_score_ = None
+
+    def _fit_lbfgs(self, X, targets, sample_weight, loss) -> None:
+        """scikit-learn's lbfgs solver on every row in float64 (``_lbfgs.fit_lbfgs``), then
+        its check of the weights."""
+        like = torch.empty(0, dtype=torch.float64, device=tree_leaves(self.params_)[0].device)
+        x = _tensor(X.toarray() if sp.issparse(X) else X, like)
+        weight = None if sample_weight is None else _tensor(sample_weight, like)
+        fit_lbfgs(self, x, self._target_tensor(targets, like), weight, loss)
+        if not all(bool(t.isfinite().all()) for t in tree_leaves(self.params_)):
+            raise _non_finite(f"L-BFGS-B ended with NaN or inf weights (loss {self.loss_}); "
+                              "scale the inputs, or raise alpha")
 
     def _split(self, X, targets, sample_weight, random_state):
         """``(x, y, w)`` to train on and ``(x, y, w)`` to validate on (or None)."""
@@ -217,6 +253,8 @@ class BaseMLP(BaseEstimator):
             shuffle=bool(self.shuffle),
             generator=torch.Generator().manual_seed(_seed(random_state)),
             pad_to=batch_size if compiled and n > batch_size else None,
+            steps_per_call=choose_steps_per_call("auto", compiled=compiled, device=like.device,
+                                                 batches=-(-n // batch_size)),
             densify=(lambda part: _tensor(part.toarray(), like)) if sparse else None)
         epochs = 1 if incremental else self.max_iter
         settings, run = {}, None
@@ -242,24 +280,56 @@ class BaseMLP(BaseEstimator):
             policies.append(Callback(self.on_epoch_end))
         saver = None if self.checkpoint is None else Checkpointer(
             self.checkpoint, step, source.generator, settings)
+        diverged = None
         try:
             train_loop(step, source, run, epochs=epochs, policies=policies, checkpoint=saver)
-        except NonFiniteLossError as error:
-            raise _non_finite(str(error)) from error
+        except (NonFiniteLossError, _Diverged) as error:
+            if not self.early_stopping:
+                raise _non_finite(f"{error}" if isinstance(error, NonFiniteLossError) else
+                                  f"{error}; try a smaller learning_rate_init") from error
+            diverged = error
         finally:
             self._steps = run.steps_done
         self.params_, self._opt_state, self.state_ = run.carry
-        if not incremental and not rules.stopped and self.n_iter_ == self.max_iter:
+        if diverged is not None:
+            self._record_divergence(diverged.epoch, _divergence_detail(diverged), n)
+        elif not incremental and not rules.stopped and self.n_iter_ == self.max_iter:
             warnings.warn(f"Stochastic Optimizer: Maximum iterations ({self.max_iter}) "
                           "reached and the optimization hasn't converged yet.",
                           ConvergenceWarning, stacklevel=3)
         if self.early_stopping:
             self.params_, self.state_ = self._best
 
+    def _record_divergence(self, epoch: int, detail: str, rows: int) -> None:
+        """How scikit-learn ends a diverged fit with ``early_stopping``: no error, the last
+        validation score NaN and the best weights kept (by ``_run``). scikit-learn trains on to
+        ``max_iter``, NaN after NaN; this fit stops at once, and a ConvergenceWarning says so."""
+        if epoch >= self.n_iter_:  # the diverged iteration, not recorded by the rules yet
+            self.n_iter_ += 1
+            self.t_ += rows
+            self.loss_ = math.nan
+            self.loss_curve_.append(math.nan)
+            self.validation_scores_.append(math.nan)
+        scores = self.validation_scores_
+        best = next((i + 1 for i, s in enumerate(scores) if s == self.best_validation_score_),
+                    None)
+        kept = "the initial weights" if best is None else f"the weights of iteration {best}"
+        warnings.warn(f"{_SKLEARN_NON_FINITE} fnmlp: the fit diverged in iteration "
+                      f"{self.n_iter_} ({detail}); it stopped there and keeps {kept}, the "
+                      "best validation score's.", ConvergenceWarning, stacklevel=5)
+
+    def _validation_score(self, x, y, sample_weight) -> float:
+        """scikit-learn's ``_score`` of the validation split: ``score`` without validating
+        ``x`` again (split from a DataFrame, it has lost the feature names ``fit`` saw), NaN
+        where the predictions are not finite (a diverging fit) instead of the scorer's error."""
+        prediction = self._predict_outputs(self._network_outputs(x))
+        if np.issubdtype(prediction.dtype, np.floating) and not np.isfinite(prediction).all():
+            return math.nan
+        return float(self._score_function(y, prediction, sample_weight=sample_weight))
+
     def _update_no_improvement_count(self, valid) -> None:
         if valid is not None:
-            x, y = valid[0], self._labels(valid[1])
-            score = self.score(x, y) if valid[2] is None else self.score(x, y, valid[2])
+            score = self._validation_score(valid[0], self._labels(valid[1]), valid[2])
             self.validation_scores_.append(score)
             if self.verbose:
                 print("Validation score: %f" % score)
@@ -280,9 +350,14 @@ class BaseMLP(BaseEstimator):
     # --- prediction --------------------------------------------------------------------------
 
     def _outputs(self, X) -> torch.Tensor:
-        """The network's outputs (before ``out_activation_``) for validated ``X``."""
+        """The network's outputs (before ``out_activation_``) for ``X``, validated here."""
         check_is_fitted(self)
-        X = self._validate_predict(X)
+        like = tree_leaves(self.params_)[0]
+        _validate.check_no_autocast(like.device, f"{type(self).__name__}.predict")
+        return self._network_outputs(self._validate_predict(X))
+
+    def _network_outputs(self, X) -> torch.Tensor:
+        """The network's outputs (before ``out_activation_``) for validated ``X``."""
         like = tree_leaves(self.params_)[0]
         chunks = []
         for start in range(0, X.shape[0], _PREDICT_CHUNK):
@@ -306,17 +381,59 @@ class BaseMLP(BaseEstimator):
 
     @property
     def coefs_(self) -> list[np.ndarray]:
-        """scikit-learn's view of the weights: one (fan_in, fan_out) array per ``Linear``."""
-        check_is_fitted(self)
-        return [p.weight.detach().cpu().numpy().T.copy() for p in self.params_
-                if isinstance(p, fnmlp.nn.LinearParams)]
+        """scikit-learn's view of the weights: one (fan_in, fan_out) array per ``Linear``, read
+        only (copies). Assign a list (``est.coefs_ = [...]``, or an item: ``est.coefs_[0] =
+        w``) to replace the network's weights; ``predict``, ``partial_fit`` and a
+        ``warm_start`` fit then start from them."""
+        return self._weights("weight")
+
+    @coefs_.setter
+    def coefs_(self, arrays) -> None:
+        self._set_weights("weight", arrays)
 
     @property
     def intercepts_(self) -> list[np.ndarray]:
-        """scikit-learn's view of the biases: one (fan_out,) array per ``Linear``."""
+        """scikit-learn's view of the biases: one (fan_out,) array per ``Linear``, read only;
+        assignable as ``coefs_``."""
+        return self._weights("bias")
+
+    @intercepts_.setter
+    def intercepts_(self, arrays) -> None:
+        self._set_weights("bias", arrays)
+
+    def _linear_indices(self) -> list[int]:
+        """Where the ``Linear`` layers' parameters are in ``params_``."""
+        return [i for i, p in enumerate(self.params_) if isinstance(p, fnmlp.nn.LinearParams)]
+
+    def _weights(self, name: str) -> _Weights:
+        """Every ``Linear``'s ``name`` ("weight" or "bias") in scikit-learn's layout."""
         check_is_fitted(self)
-        return [p.bias.detach().cpu().numpy().copy() for p in self.params_
-                if isinstance(p, fnmlp.nn.LinearParams)]
+        arrays = []
+        for i in self._linear_indices():
+            array = getattr(self.params_[i], name).detach().cpu().numpy()
+            array = (array.T if name == "weight" else array).copy()
+            array.flags.writeable = False
+            arrays.append(array)
+        return _Weights(arrays, self, name)
+
+    def _set_weights(self, name: str, arrays) -> None:
+        """Replace every ``Linear``'s ``name`` ("weight" or "bias") by ``arrays`` in
+        scikit-learn's layout, each checked (shape, real and finite values) and copied into
+        the network's dtype and device."""
+        attribute = "coefs_" if name == "weight" else "intercepts_"
+        check_is_fitted(self, msg=f"This %(name)s instance is not fitted yet: {attribute} "
+                                  "replaces the weights of a fitted network (fit it first, "
+                                  "for example with max_iter=1)")
+        indices, arrays = self._linear_indices(), list(arrays)
+        if len(arrays) != len(indices):
+            raise ValueError(f"{attribute} needs {len(indices)} arrays, one per layer, got "
+                             f"{len(arrays)}")
+        params = list(self.params_)
+        for layer, (i, array) in enumerate(zip(indices, arrays)):
+            current = getattr(params[i], name)
+            tensor = _layer_tensor(array, current, name == "weight", f"{attribute}[{layer}]")
+            params[i] = dataclasses.replace(params[i], **{name: tensor})
+        self.params_ = tuple(params)
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "params_")
@@ -362,11 +479,62 @@ def _from_json(value):
     return float(value) if isinstance(value, str) else value
 
 
+class _Weights(list):
+    """``coefs_`` or ``intercepts_``: read-only copies of the network's arrays, in a list whose
+    item assignment (``est.coefs_[0] = w``) sets the network's, as scikit-learn's list would."""
+
+    def __init__(self, arrays: list[np.ndarray], owner: BaseMLP, name: str):
+        super().__init__(arrays)
+        self._owner, self._name = owner, name
+
+    def __setitem__(self, index, value) -> None:
+        super().__setitem__(index, value)
+        self._owner._set_weights(self._name, list(self))
+
+
+def _layer_tensor(array, current: torch.Tensor, transpose: bool, name: str) -> torch.Tensor:
+    """``array`` (scikit-learn's layout: a weight (fan_in, fan_out), transposed to fnmlp's)
+    as a new tensor like ``current``, after checking its shape and values."""
+    array = np.asarray(array)
+    expected = tuple(current.shape[::-1]) if transpose else tuple(current.shape)
+    if array.shape != expected:
+        raise ValueError(f"{name} must have shape {expected}, got {array.shape}")
+    if array.dtype.kind not in "iuf":
+        raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    array = np.ascontiguousarray(array.T if transpose else array)
+    return torch.tensor(array, dtype=current.dtype, device=current.device)
+
+
+class _Diverged(Exception):
+    """An iteration's loss was NaN or inf (``_SolverRules``), handled as the training loop's
+    ``NonFiniteLossError``; ``epoch``: the iteration (from 0), not recorded."""
+
+    def __init__(self, detail: str, epoch: int):
+        super().__init__(detail)
+        self.epoch = epoch
+
+
+def _divergence_detail(error: Exception) -> str:
+    """What went wrong, from a ``NonFiniteLossError`` (its first clause: the rest tells of
+    what the error carries) or a ``_Diverged``."""
+    if isinstance(error, NonFiniteLossError):
+        return str(error).split("; ")[0] + ", epochs counted from 0"
+    return str(error)
+
+
 def _non_finite(detail: str) -> ValueError:
-    """scikit-learn's error for a diverged fit, with fnmlp's ``detail``."""
-    return ValueError("Solver produced non-finite parameter weights. The input data may contain "
-                      f"large values and need to be preprocessed ({detail}; or "
-                      "learning_rate_init is too large).")
+    """scikit-learn's error for a diverged fit (its words first), with fnmlp's ``detail``."""
+    return ValueError(f"{_SKLEARN_NON_FINITE} fnmlp: {detail}.")
+
+
+def stochastic_solver(estimator: BaseMLP) -> bool:
+    """``available_if``'s test for ``partial_fit``: as scikit-learn's, none for lbfgs."""
+    if estimator.solver == "lbfgs":
+        raise AttributeError("partial_fit is only available for stochastic optimizers. "
+                             "lbfgs is not stochastic.")
+    return True
 
 
 def _weighted_sum(values: list[float], weights: list[int]) -> float:
@@ -437,11 +605,13 @@ class _SolverRules(Policy):
     def _epoch_end(self, run: Run, logs: dict) -> bool:
         est = self.estimator
         est.params_, est._opt_state, est.state_ = run.carry
-        est.n_iter_ += 1
         values = [row[0] for row in logs["batch_losses"]]
-        est.loss_ = _weighted_sum(values, logs["batch_rows"]) / self.rows
-        if not math.isfinite(est.loss_):
-            raise _non_finite(f"the loss became {est.loss_} in iteration {est.n_iter_}")
+        loss = _weighted_sum(values, logs["batch_rows"]) / self.rows
+        if not math.isfinite(loss):
+            raise _Diverged(f"the loss became {loss} in iteration {est.n_iter_ + 1}",
+                            run.epoch - 1)
+        est.n_iter_ += 1
+        est.loss_ = loss
         est.t_ += self.rows
         est.loss_curve_.append(est.loss_)
         if est.verbose:

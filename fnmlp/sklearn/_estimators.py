@@ -5,22 +5,31 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.base import ClassifierMixin, RegressorMixin
+from sklearn.metrics import accuracy_score, r2_score
 from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
 from sklearn.utils.validation import column_or_1d, validate_data
 
-from fnmlp.sklearn._base import BaseMLP, _tensor
+from fnmlp.sklearn._base import BaseMLP, _tensor, stochastic_solver
 from fnmlp.sklearn._losses import classification_loss, regression_loss
 
 _SHARED_DOC = """
     Parameters as ``sklearn.neural_network.{name}`` (same names, meanings and defaults):
     ``hidden_layer_sizes``, ``activation`` ("identity", "logistic", "tanh", "relu"),
-    ``solver`` ("sgd", "adam", and fnmlp's "adamw", "rmsprop", "adagrad"; no "lbfgs"), ``alpha``
+    ``solver`` ("lbfgs", "sgd", "adam", and fnmlp's "adamw", "rmsprop", "adagrad"), ``alpha``
     (L2 penalty on the weights, per sample), ``batch_size``, ``learning_rate``,
     ``learning_rate_init``, ``power_t``, ``max_iter``, ``shuffle``, ``random_state``, ``tol``,
     ``verbose``, ``warm_start``, ``momentum``, ``nesterovs_momentum``, ``early_stopping``,
     ``validation_fraction``, ``beta_1``, ``beta_2``, ``epsilon``, ``n_iter_no_change``,
-    ``max_fun`` (accepted for compatibility; only L-BFGS uses it).
+    ``max_fun``.
+
+    solver="lbfgs" is scikit-learn's: ``scipy.optimize.minimize(method="L-BFGS-B")`` on the
+    full batch (sparse X densified), the objective (loss plus alpha's penalty) and its
+    gradient by fnmlp's ``value_and_grad`` in float64 whatever X's dtype, with ``maxfun=
+    max_fun``, ``maxiter=max_iter``, ``gtol=tol``; it sets ``n_iter_`` and ``loss_`` (no
+    ``loss_curve_``, no early stopping), has no ``partial_fit``, and refuses layers with
+    dropout or batch statistics and ``checkpoint``/``resume``; ``compile`` does not apply.
 
     fnmlp's own:
         layers: the hidden layers as an fnmlp spec (anything ``fnmlp.MLP`` takes, e.g.
@@ -37,20 +46,35 @@ _SHARED_DOC = """
             bit-identical to an uninterrupted fit (``partial_fit`` takes neither).
         progress: a progress bar over the iterations (tqdm).
         on_epoch_end: ``f(iteration, logs) -> stop?`` after every iteration, ``logs`` holding
-            ``train_loss`` (``loss_``) and, with ``early_stopping``, ``valid_score``; a true
-            result stops the fit.
+            ``train_loss`` (``loss_``; for lbfgs the objective) and, with ``early_stopping``,
+            ``valid_score``; a true result stops the fit.
 
     Fitted attributes as scikit-learn's (``n_iter_``, ``loss_``, ``loss_curve_``,
     ``best_loss_``, ``validation_scores_``, ``best_validation_score_``, ``t_``,
     ``n_features_in_``, ``feature_names_in_``, ``n_layers_``, ``n_outputs_``,
     ``out_activation_``, ``coefs_``, ``intercepts_``{extra}) plus ``model_`` (the fnmlp spec),
-    ``params_`` and ``state_`` (its pytrees); ``to_torch()`` gives the network as
-    ``torch.nn``. ``save(path)``/``fnmlp.sklearn.load(path)`` use ``fnmlp.save``'s format.
+    ``params_`` and ``state_`` (its pytrees). ``coefs_`` and ``intercepts_`` are read-only
+    copies; assigning them (a list, or one item) replaces a fitted network's weights, which
+    ``predict``, ``partial_fit`` and a ``warm_start`` fit then use.
+    ``to_torch()`` gives the network as ``torch.nn``. ``save(path)``/
+    ``fnmlp.sklearn.load(path)`` use ``fnmlp.save``'s format.
+
+    As scikit-learn, the initial weights are drawn in float64 and then cast, so one
+    ``random_state`` gives one network whatever X's dtype; the validation split of
+    ``early_stopping`` is scored without validating it again (no feature-name warning for a
+    DataFrame), NaN where the predictions are not finite; a diverged fit raises scikit-learn's
+    ValueError ("Solver produced non-finite parameter weights. ...", then fnmlp's detail), but
+    with ``early_stopping`` ends without error, its last validation score NaN, keeping the
+    best weights.
 
     Differences from scikit-learn, by design: weights are drawn from a torch generator seeded
     by ``random_state`` (same distribution, other numbers); Adam adds ``epsilon`` as torch does
     (after the bias correction of the second moment); with the "invscaling" and "adaptive"
-    schedules the momentum buffer holds gradients, not steps (torch's SGD).
+    schedules the momentum buffer holds gradients, not steps (torch's SGD); a diverged fit
+    stops at the iteration where it diverged (scikit-learn trains on to ``max_iter``, and with
+    ``early_stopping`` warns then that it reached it; fnmlp's ConvergenceWarning says that it
+    diverged); partial_fit is absent for lbfgs in both estimators (scikit-learn 1.9's
+    regressor still lists it).
 """
 
 
@@ -60,6 +84,41 @@ def _keep(estimator, arguments: dict) -> None:
     for name, value in arguments.items():
         if name not in ("self", "__class__"):
             setattr(estimator, name, value)
+
+
+def _check_numeric_targets(y) -> None:
+    """Refuse regression targets that are not numbers, naming y, before any work: strings
+    (class labels, or numbers as text) and objects that do not convert to float. None and
+    arrays that cannot be built at all are left to ``validate_data``'s own message."""
+    try:
+        array = np.asarray(y)
+    except (TypeError, ValueError):
+        return
+    if y is None or array.dtype.kind in "biufc":
+        return
+    if array.dtype.kind == "O":
+        try:
+            array.astype(np.float64)
+            return
+        except (TypeError, ValueError):
+            pass
+    example = next((value for value in array.ravel() if not _is_number(value)), None)
+    example = example.item() if isinstance(example, np.generic) else example
+    raise ValueError(f"y must be numeric for MLPRegressor, got values of dtype {array.dtype} "
+                     f"such as {example!r}; a regressor predicts numbers: convert y with "
+                     "y.astype(float) if it holds numbers as text, or use MLPClassifier for "
+                     "class labels")
+
+
+def _is_number(value) -> bool:
+    """Whether ``value`` is a number (not a string that reads as one)."""
+    if isinstance(value, (str, bytes)):
+        return False
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 class MLPRegressor(RegressorMixin, BaseMLP):
@@ -77,22 +136,30 @@ class MLPRegressor(RegressorMixin, BaseMLP):
         """Train on X (n_samples, n_features) and y (n_samples,) or (n_samples, n_outputs)."""
         return self._fit(X, y, sample_weight, incremental=False)
 
+    @available_if(stochastic_solver)
     def partial_fit(self, X, y, sample_weight=None):
-        """One epoch over (X, y), continuing from the last call (or a first fit)."""
+        """One epoch over (X, y), continuing from the last call (or a first fit); not with
+        solver="lbfgs" (AttributeError, as scikit-learn)."""
         return self._fit(X, y, sample_weight, incremental=True)
 
     def predict(self, X) -> np.ndarray:
         """Predictions (n_samples,) or (n_samples, n_outputs)."""
-        out = self._outputs(X)
+        return self._predict_outputs(self._outputs(X))
+
+    def _predict_outputs(self, out: torch.Tensor) -> np.ndarray:
+        """``predict`` from the network's outputs."""
         if self.out_activation_ == "exp":
             out = out.exp()
         out = out.cpu().numpy()
         return out.ravel() if self.n_outputs_ == 1 else out
 
+    _score_function = staticmethod(r2_score)  # RegressorMixin.score's
+
     def _training_loss(self, outputs: int):
         return regression_loss(self.loss, outputs)
 
     def _validate_input(self, X, y, incremental, reset):
+        _check_numeric_targets(y)
         X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
                              y_numeric=True, dtype=(np.float64, np.float32), reset=reset)
         if y.ndim == 2 and y.shape[1] == 1:
@@ -138,9 +205,11 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
         matrix (n_samples, n_classes) for multilabel classification."""
         return self._fit(X, y, sample_weight, incremental=False)
 
+    @available_if(stochastic_solver)
     def partial_fit(self, X, y, sample_weight=None, classes=None):
         """One epoch over (X, y); the first call needs ``classes`` (every label there will
-        be), unless y is a multilabel indicator matrix."""
+        be), unless y is a multilabel indicator matrix. Not with solver="lbfgs"
+        (AttributeError, as scikit-learn)."""
         if _check_partial_fit_first_call(self, classes):
             self._label_binarizer = LabelBinarizer()
             if type_of_target(y).startswith("multilabel"):
@@ -151,7 +220,12 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
 
     def predict(self, X) -> np.ndarray:
         """Class labels (n_samples,), or an indicator matrix for multilabel targets."""
-        out = self._outputs(X)
+        return self._predict_outputs(self._outputs(X))
+
+    _score_function = staticmethod(accuracy_score)  # ClassifierMixin.score's
+
+    def _predict_outputs(self, out: torch.Tensor) -> np.ndarray:
+        """``predict`` from the network's outputs."""
         if self.out_activation_ == "softmax":
             return self.classes_[out.argmax(dim=1).cpu().numpy()]
         positive = (out > 0).cpu().numpy().astype(np.int64)  # logit > 0 <=> probability > 0.5
@@ -160,7 +234,17 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities (n_samples, n_classes), in the order of ``classes_``."""
+        return self._probabilities(self._outputs(X))
+
+    def predict_log_proba(self, X) -> np.ndarray:
+        """log of ``predict_proba``, computed stably from the logits; -inf exactly where
+        ``predict_proba`` is 0 (as scikit-learn's ``np.log(predict_proba(X))``)."""
         out = self._outputs(X)
+        log_p = self._log_probabilities(out)
+        return np.where(self._probabilities(out) == 0, -np.inf, log_p)
+
+    def _probabilities(self, out: torch.Tensor) -> np.ndarray:
+        """``predict_proba`` from the network's outputs."""
         if self.out_activation_ == "softmax":
             return torch.softmax(out, dim=1).cpu().numpy()
         probability = torch.sigmoid(out).cpu().numpy()
@@ -168,9 +252,8 @@ class MLPClassifier(ClassifierMixin, BaseMLP):
             return np.hstack([1 - probability, probability])
         return probability
 
-    def predict_log_proba(self, X) -> np.ndarray:
-        """log of ``predict_proba``, computed stably from the logits."""
-        out = self._outputs(X)
+    def _log_probabilities(self, out: torch.Tensor) -> np.ndarray:
+        """The log-probabilities from the network's outputs (log-softmax, log-sigmoid)."""
         if self.out_activation_ == "softmax":
             return torch.log_softmax(out, dim=1).cpu().numpy()
         log_p = torch.nn.functional.logsigmoid(out)

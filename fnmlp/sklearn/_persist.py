@@ -35,7 +35,8 @@ def save(estimator, path) -> None:
         hyper["random_state"] = None  # a RandomState object is not data
     if isinstance(hyper["hidden_layer_sizes"], (tuple, list, np.ndarray)):
         hyper["hidden_layer_sizes"] = [int(s) for s in hyper["hidden_layer_sizes"]]
-    fitted = {name: _plain(getattr(estimator, name)) for name in _FITTED}
+    fitted = {name: _plain(getattr(estimator, name)) for name in _FITTED
+              if hasattr(estimator, name)}  # lbfgs keeps no loss curve
     if hasattr(estimator, "feature_names_in_"):
         fitted["feature_names_in_"] = [str(n) for n in estimator.feature_names_in_]
     if hasattr(estimator, "_label_binarizer"):
@@ -70,7 +71,7 @@ def load(path, *, map_location=None):
         hyper["device"] = str(torch.device(map_location))
     estimator = classes[meta["estimator"]](**hyper)
     fitted = meta["fitted"]
-    for name in _FITTED:
+    for name in (name for name in _FITTED if name in fitted):
         value = fitted[name]
         if name in ("best_loss_", "best_validation_score_") and isinstance(value, str):
             value = float(value)

@@ -4,18 +4,17 @@ Its parts, each a small unit:
 
 - ``compile_graph``: tracing and compiling one graph of a step's flat function (made by
   ``fnmlp.train._executor``). On CPU the step is traced once (``make_fx`` under a fake mode) and
-  compiled by inductor directly, with a C++ wrapper and no dynamo guards (a large share of a
-  small step); that private-API path is one function, ``_compile_with_inductor``, with
-  ``torch.compile(..., options=...)`` as its tested fallback. On CUDA it is
-  ``torch.compile(mode="reduce-overhead")``: a CUDA graph, one launch per step;
+  compiled by inductor directly, with no dynamo guards (a large share of a small step) and, on
+  the CPU, a C++ wrapper; that private-API path is one function, ``_compile_with_inductor``,
+  with ``torch.compile(..., options=...)`` as its tested fallback. On CUDA the compiled
+  function is then captured by fnmlp as a CUDA graph (``fnmlp.train._cuda_graph``): one
+  launch per call, nothing copied in when the caller passes back what it got;
 - ``BatchPadding``: which compiled batch size a batch runs at (a short batch is zero-padded to
   one already compiled rather than compiling a graph of its own);
 - ``shared_graphs``: the one bounded (LRU) cache of compiled graphs, keyed by a step's identity
   (kind, model, loss, optimizer structure, options) and then by what a graph is specialized on
   (tree structure, shapes, dtypes, thread count, device): fnmlp's own guards. Every kind of
   step (one network, an ensemble, data-parallel) keeps its graphs here;
-- ``copy_out_of_graph_pool``: CUDA graph outputs live in the graph's pool, which the next
-  replay overwrites; one kernel per dtype copies them out so returned parameters stay valid;
 - ``verify``: compares a compiled step with the eager step (compilers have miscompiled
   update expressions: inductor has dropped ``alpha`` from an ``add`` over a matmul).
 """
@@ -32,7 +31,6 @@ import warnings
 import torch
 from torch import Tensor
 
-from fnmlp._tree import through_flat_buckets
 from fnmlp.train._errors import CompileVerificationError
 
 _unique = itertools.count()
@@ -53,32 +51,40 @@ def with_own_code(function):
 
 
 def resolve_compiler(compiler: str, device: torch.device) -> str:
-    """``compiler``, with "auto" made inductor on the CPU and dynamo elsewhere."""
-    if compiler != "auto":
-        return compiler
-    return "inductor" if device.type == "cpu" else "dynamo"
+    """``compiler``, with "auto" made inductor (on every device)."""
+    return "inductor" if compiler == "auto" else compiler
 
 
-def compile_graph(function, args: list[Tensor], *, compiler: str, cuda_graphs: bool):
-    """``function`` compiled for ``args``: with inductor directly ("inductor"), falling back to
-    ``torch.compile`` with the same options where torch's private APIs differ, or with
-    ``torch.compile`` ("dynamo"; a CUDA graph with ``cuda_graphs``); "auto" picks by the
-    device of ``args``."""
-    compiler = resolve_compiler(compiler, args[0].device)
+def compile_graph(function, args: list[Tensor], *, compiler: str, cuda_graphs: bool,
+                  carried: int = 0, threads: int | None = None):
+    """``function`` compiled for ``args``: with inductor directly ("inductor", or "auto"),
+    falling back to ``torch.compile`` with the same options where torch's private APIs differ,
+    or with ``torch.compile`` ("dynamo"). On CUDA with ``cuda_graphs`` it is then captured as
+    a ``CapturedStep`` whose first ``carried`` arguments are the carried leaves. ``threads``:
+    the intra-op threads a CPU graph's kernels are built for (None: this thread's count)."""
+    compiled = _compile(function, args, resolve_compiler(compiler, args[0].device), threads)
+    if cuda_graphs and args[0].device.type == "cuda":
+        from fnmlp.train._cuda_graph import CapturedStep
+
+        return CapturedStep(compiled, args, carried)
+    return compiled
+
+
+def _compile(function, args: list[Tensor], compiler: str, threads: int | None = None):
+    options = (cpu_inductor_options(args[0].dtype, threads) if args[0].device.type == "cpu"
+               else {})
     if compiler == "inductor":
         try:
-            return _compile_with_inductor(function, args)
+            return _compile_with_inductor(function, args, options)
         except (ImportError, AttributeError) as error:
             warnings.warn(f"fnmlp: inductor's private API is not as expected ({error!r}); "
                           "compiling with torch.compile(options=...) instead", RuntimeWarning,
-                          stacklevel=3)
-            return torch.compile(function, fullgraph=True, dynamic=False,
-                                 options=cpu_inductor_options())
-    mode = "reduce-overhead" if cuda_graphs else None
-    return torch.compile(function, fullgraph=True, dynamic=False, mode=mode)
+                          stacklevel=4)
+            return torch.compile(function, fullgraph=True, dynamic=False, options=options)
+    return torch.compile(function, fullgraph=True, dynamic=False)
 
 
-def _compile_with_inductor(function, args: list[Tensor]):
+def _compile_with_inductor(function, args: list[Tensor], options: dict):
     """Trace ``function`` once on fake copies of ``args`` and compile it with inductor (with
     ``_inductor_setup``, the one place that uses torch's private compiler APIs).
 
@@ -90,11 +96,14 @@ def _compile_with_inductor(function, args: list[Tensor]):
     """
     import torch._inductor
 
-    from fnmlp.train._inductor_setup import cpu_compile
+    from fnmlp.train._inductor_setup import compile_locked, cpu_compile
 
-    graph, fake_args = trace(function, args)
-    with cpu_compile(cpu_inductor_options()):
-        return torch._inductor.compile(graph, fake_args)
+    with compile_locked():  # make_fx and inductor's config are process-wide: one at a time
+        graph, fake_args = trace(function, args)
+        if args[0].device.type != "cpu":
+            return torch._inductor.compile(graph, fake_args, options)
+        with cpu_compile(options):
+            return torch._inductor.compile(graph, fake_args)
 
 
 def trace(function, args: list[Tensor]):
@@ -112,14 +121,23 @@ def trace(function, args: list[Tensor]):
     return graph, fake_args
 
 
-def cpu_inductor_options() -> dict:
-    """Inductor's options for a CPU step: a C++ wrapper, built apart from the kernels where
-    this torch can (``cpp_wrapper_build_separate``, torch >= 2.8)."""
+def cpu_inductor_options(dtype: torch.dtype | None = None, threads: int | None = None) -> dict:
+    """Inductor's options for a CPU step: kernels built for ``threads`` intra-op threads
+    (``cpp.threads``; None: the compiling thread's count, as inductor reads it) rather than
+    for whatever the config says meanwhile; a C++ wrapper, built apart from the kernels where
+    this torch can (``cpp_wrapper_build_separate``, torch >= 2.8); for a float64 step, tanh
+    as ``2 / (1 + exp(-2x)) - 1`` (``cpp.use_decompose_tanh``): ATen's vectorized float64
+    tanh (Sleef's 1-ulp ``tanh``) costs about two ``exp``, this one ``exp`` and a division,
+    within ~1e-16 of it (the seed step ~5% faster on a 2-core AMD EPYC)."""
     import torch._inductor.config
 
     options = {"cpp_wrapper": True}
+    if threads is not None:
+        options["cpp.threads"] = int(threads)
     if hasattr(torch._inductor.config, "cpp_wrapper_build_separate"):
         options["cpp_wrapper_build_separate"] = True
+    if dtype == torch.float64 and hasattr(torch._inductor.config.cpp, "use_decompose_tanh"):
+        options["cpp.use_decompose_tanh"] = True
     return options
 
 
@@ -166,6 +184,10 @@ class Graphs:
         self.by_data: dict[tuple, object] = {}  # (spec, data signature) -> the graph last used
         self.padding = BatchPadding()
 
+    def count(self, chunked: bool = False) -> int:
+        """How many graphs there are of one step (or, ``chunked``, of chunks of steps)."""
+        return sum((key[1] is not None) == chunked for key in self.by_specialization)
+
 
 _SHARED: collections.OrderedDict[tuple, Graphs] = collections.OrderedDict()
 
@@ -189,16 +211,7 @@ def has_graphs(identity: tuple) -> bool:
     graphs = _SHARED.get(identity)
     return graphs is not None and bool(graphs.by_specialization)
 
-# --- outputs ----------------------------------------------------------------------------------
-
-
-def copy_out_of_graph_pool(outputs) -> list[Tensor]:
-    """Fresh tensors for a CUDA graph's outputs, which its next replays overwrite.
-
-    One concatenation (one kernel) per dtype instead of a copy per tensor; the results are
-    views of it.
-    """
-    return through_flat_buckets(outputs)
+# --- verification -----------------------------------------------------------------------------
 
 
 def verify(outputs: list[Tensor], reference: list[Tensor]) -> None:

@@ -6,7 +6,11 @@ function ``f(carry, *data) -> (carry, loss)`` over trees, made by the kind for a
 
 - eagerly with the kind's eager kernels, or compiled (``fnmlp.train._compile``) over flat
   tensors with the traced kernels, its graphs kept in the shared cache under the kind's
-  identity, a short batch zero-padded (weight 0) to a batch size compiled already;
+  identity, a short batch zero-padded (weight 0) to a batch size compiled already; on CUDA
+  each graph is captured by fnmlp (``fnmlp.train._cuda_graph``): one launch per call;
+- one step per call, or a chunk of N steps (``run_chunk``): compiled, one graph of the N
+  steps chained (the data items that differ between steps stacked), its losses returned as
+  one (N, ...) tensor;
 - on the thread count ``threads`` chooses (``fnmlp.train._threads``), with denormals flushed in
   a compiled CPU step on one thread (``fnmlp.train._denormals``);
 - with ``verify``: its first compiled call checked against the eager function;
@@ -30,8 +34,9 @@ from fnmlp.train._threads import StepThreads
 class Kernels(NamedTuple):
     """How a step computes, chosen by whoever runs it (never read from ambient state).
 
-    ``lane_order_sums``: softmax's row sums in the CPU kernel's SIMD lane order, bit-identical
-    to autograd (``fnmlp.nn._rowsum``); ``fused_optimizer``: torch's fused CPU optimizer
+    ``lane_order_sums``: softmax's backward through autograd's own ATen kernels, bit-identical
+    to autograd (``fnmlp.nn._rowsum``; off: the plain formula, which a compiler fuses);
+    ``fused_optimizer``: torch's fused CPU optimizer
     kernels where the tensors allow (``fnmlp.optim._fused``)."""
 
     lane_order_sums: bool
@@ -64,7 +69,8 @@ class Executor:
             tuple with ``(dim, dtype)`` of each data item (None where absent).
         row_axes: ``row_axes(layout)``: the axis of each data item that holds the batch's rows
             (None: not padded), for zero-padding a short batch in a compiled graph.
-        compile, compiler, verify, cuda_graphs: as ``fnmlp.train_step``.
+        compile, compiler, verify, cuda_graphs: as ``fnmlp.train_step`` (``verify`` checks
+            the first compiled call, a whole chunk's steps included).
         threads, model, members: the thread choice (``"auto"`` or a count) and what it
             measures a step by.
         eager_kernels: the kernels of the eager function (``EAGER``, or ``BATCHED`` under
@@ -89,6 +95,7 @@ class Executor:
         self._verify_next = bool(verify) and self.compiled
         self._eager: dict[tuple, StepFunction] = {}
         self._ones: dict[tuple, Tensor] = {}
+        self._stacked_ones: dict[tuple, Tensor] = {}
         self._last_graph: tuple = (None, None, None)  # (spec, data signature, graph)
         self.forget()
 
@@ -111,10 +118,25 @@ class Executor:
         """``(carry, loss)`` after one step on ``data`` (the kind's data items, None where
         absent; ``rows``: the batch's rows, which choose the thread count)."""
         device = data[0].device
-        with self.threads(max(rows, pad_to or 0), device):
+        with self.threads(max(rows, pad_to or 0), device) as count:
             if not self.compiled:
                 return self._run_eager(carry, data)
-            return self._run_compiled(carry, data, rows, pad_to, device)
+            return self._run_compiled(carry, [data], [rows], pad_to, device, count, chunk=False)
+
+    def run_chunk(self, carry: Carry, steps: list[list], rows: list[int],
+                  pad_to: int | None = None):
+        """``(carry, losses)`` after ``len(steps)`` steps in order (each a data list as for
+        ``__call__``), ``losses`` stacked ((N, ...)): compiled, one graph of N steps (on CUDA
+        one replay); eager, the steps one by one (bit-identical to calling them so)."""
+        device = steps[0][0].device
+        with self.threads(max(max(rows), pad_to or 0), device) as count:
+            if not self.compiled:
+                losses = []
+                for data in steps:
+                    carry, loss = self._run_eager(carry, data)
+                    losses.append(loss)
+                return carry, torch.stack(losses)
+            return self._run_compiled(carry, steps, rows, pad_to, device, count, chunk=True)
 
     def eager_function(self, layout: tuple) -> StepFunction:
         function = self._eager.get(layout)
@@ -123,16 +145,28 @@ class Executor:
         return function
 
     def _run_eager(self, carry: Carry, data: list):
-        layout = tuple(None if t is None else (t.dim(), t.dtype) for t in data)
+        layout = _layout(data)
         with torch.no_grad():
             new, loss = self.eager_function(layout)(carry, *data)
         new = Carry(new[0], new[1], carry.state if self.stateless else new[2])
         self._last_carry, self.last_like = new, data[0]
         return new, loss
 
-    def _run_compiled(self, carry: Carry, data: list, rows: int, pad_to, device):
-        original = data
-        data = self._graph_data(data, rows, pad_to)
+    def _run_compiled(self, carry: Carry, steps: list[list], rows: list[int], pad_to,
+                      device, threads: int, *, chunk: bool):
+        """The compiled step (or chunk) on ``threads`` intra-op threads: the count the block
+        around it set, which its graph is specialized on (never read from torch here, so that
+        nothing another thread does picks another graph)."""
+        x = steps[0][0]
+        target = self.graphs.padding.size_for(max(max(rows), pad_to or 0), x.dtype, device)
+        prepared = [self._graph_data(data, count, target) for data, count in zip(steps, rows)]
+        form, data = None, prepared[0]
+        if chunk:  # items that differ between the steps are stacked, the others passed once
+            varying = tuple(item is not None and any(p[i] is not item for p in prepared)
+                            for i, item in enumerate(data))
+            data = [self._stacked([p[i] for p in prepared]) if vary else item
+                    for i, (item, vary) in enumerate(zip(data, varying))]
+            form = (len(steps), varying)
         if self.knows(carry) and self._last_leaves is not None:
             leaves, spec, build = self._last_leaves, self._last_spec, self._last_build
             own = True
@@ -140,8 +174,8 @@ class Executor:
             leaves, spec = flatten(tuple(carry))
             build, own = tree_builder(spec), False
         # A CPU graph is specialized on the thread count too (inductor's kernels are).
-        signature = (*[None if t is None else (t.shape, t.dtype) for t in data],
-                     torch.get_num_threads(), device)
+        signature = (form, *[None if t is None else (t.shape, t.dtype) for t in data],
+                     threads, device)
         graph, hit = None, False
         if own:  # the last graph by identity first: hashing a spec costs ~8 µs
             last_spec, last_signature, last_graph = self._last_graph
@@ -153,41 +187,47 @@ class Executor:
             specialization = (spec, *signature, *[(leaf.shape, leaf.dtype) for leaf in leaves])
             graph = self.graphs.by_specialization.get(specialization)
             if graph is None:
-                graph = self._compile(spec, leaves, data, specialization)
+                graph = self._compile(spec, leaves, data, _layout(prepared[0]), form,
+                                      specialization, threads)
         if not hit:
             self.graphs.by_data[(spec, signature)] = graph
             self._last_graph = (spec, signature, graph)
         args = [*leaves, *[t for t in data if t is not None]]
-        graphs = self._uses_cuda_graphs(device)
-        flush = self.flush_denormals and device.type == "cpu" and torch.get_num_threads() == 1
+        flush = self.flush_denormals and device.type == "cpu" and threads == 1
         with torch.no_grad(), flushed_denormals(flush):
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
-            outputs = graph(*args)
-        outputs = _compile.copy_out_of_graph_pool(outputs) if graphs else list(outputs)
+            outputs = list(graph(*args))
         if self._verify_next:
-            self._verify(carry, original, outputs)
+            self._verify(carry, steps, outputs, chunk)
         leaves = outputs[:-1]
         params, opt_state, state = build(leaves)
         new = Carry(params, opt_state, carry.state if self.stateless else state)
-        self._last_carry, self.last_like = new, data[0]
+        self._last_carry, self.last_like = new, x
         self._last_leaves, self._last_spec, self._last_build = leaves, spec, build
         return new, outputs[-1]
 
-    def _graph_data(self, data: list, rows: int, pad_to: int | None) -> list:
+    def _graph_data(self, data: list, rows: int, target: int) -> list:
         """The data as a graph takes it: row weights always present (ones), a short batch
-        zero-padded to a compiled batch size, contiguous."""
+        zero-padded to ``target`` rows (a batch size compiled already), contiguous."""
         x = data[0]
-        target = self.graphs.padding.size_for(max(rows, pad_to or 0), x.dtype, x.device)
         if data[2] is None:  # the row weights: the third item of every kind
             data = [*data[:2], self._weights(rows, target, x.dtype, x.device), *data[3:]]
         if target > rows:
-            layout = tuple(None if t is None else (t.dim(), t.dtype) for t in data)
             data = [t if axis is None or t is None else _compile.pad_rows(t, target, axis)
-                    for t, axis in zip(data, self.row_axes(layout))]
+                    for t, axis in zip(data, self.row_axes(_layout(data)))]
         if not all(t is None or t.is_contiguous() for t in data):
             data = [None if t is None else t.contiguous() for t in data]
         return data
+
+    def _stacked(self, items: list[Tensor]) -> Tensor:
+        """``items`` stacked; the executor's own constants (the row weights made by
+        ``_weights``) stacked once per pattern."""
+        if not all(any(item is own for own in self._ones.values()) for item in items):
+            return torch.stack(items)
+        key = tuple(id(item) for item in items)
+        stacked = self._stacked_ones.get(key)
+        if stacked is None:
+            stacked = self._stacked_ones[key] = torch.stack(items)
+        return stacked
 
     def _weights(self, rows: int, target: int, dtype, device) -> Tensor:
         """(target,) weights, 1 for the ``rows`` real rows and 0 for padding; made once."""
@@ -198,29 +238,41 @@ class Executor:
             self._ones[(rows, target, dtype, device)] = ones
         return ones
 
-    def _uses_cuda_graphs(self, device: torch.device) -> bool:
-        return (device.type == "cuda" and self.cuda_graphs is not False
-                and _compile.resolve_compiler(self.compiler, device) == "dynamo")
-
-    def _compile(self, spec, leaves: list, data: list, specialization: tuple):
-        layout = tuple(None if t is None else (t.dim(), t.dtype) for t in data)
+    def _compile(self, spec, leaves: list, data: list, layout: tuple, form, specialization,
+                 threads: int):
+        """The graph of one step (``form`` None) or of a chunk (``(steps, varying)``), its CPU
+        kernels built for ``threads`` threads."""
         present = [t is not None for t in data]
-        function = flat_function(self.make(TRACED, layout), spec, len(leaves), present)
+        function = self.make(TRACED, layout)
+        flat = (flat_function(function, spec, len(leaves), present) if form is None else
+                flat_chunk_function(function, spec, len(leaves), present, *form))
         args = [*leaves, *[t for t in data if t is not None]]
+        device = args[0].device
         with torch.no_grad():
             graph = _compile.compile_graph(
-                function, args, compiler=_compile.resolve_compiler(self.compiler,
-                                                                  args[0].device),
-                cuda_graphs=self._uses_cuda_graphs(args[0].device))
+                flat, args, compiler=self.compiler,
+                cuda_graphs=device.type == "cuda" and self.cuda_graphs is not False,
+                carried=len(leaves), threads=threads)
         self.graphs.by_specialization[specialization] = graph
         return graph
 
-    def _verify(self, carry: Carry, data: list, outputs: list) -> None:
-        layout = tuple(None if t is None else (t.dim(), t.dtype) for t in data)
+    def _verify(self, carry: Carry, steps: list[list], outputs: list, chunk: bool) -> None:
+        """Check a compiled call's outputs against the eager steps (all of a chunk's)."""
+        losses = []
         with torch.no_grad():
-            new, loss = self.eager_function(layout)(carry, *data)
-        _compile.verify(outputs, [*flatten(tuple(new))[0], loss])
+            for data in steps:
+                new, loss = self.eager_function(_layout(data))(carry, *data)
+                carry = Carry(*new)
+                losses.append(loss)
+        loss = torch.stack(losses) if chunk else losses[0]
+        _compile.verify(outputs, [*flatten(tuple(carry))[0], loss])
         self._verify_next = False
+
+
+def _layout(data: list) -> tuple:
+    """Each data item's ``(dim, dtype)`` (None where absent): what a step function is made
+    for."""
+    return tuple(None if t is None else (t.dim(), t.dtype) for t in data)
 
 
 def flat_function(function: StepFunction, spec, count: int, present: list[bool]):
@@ -235,3 +287,24 @@ def flat_function(function: StepFunction, spec, count: int, present: list[bool])
         return (*flatten(tuple(new))[0], loss)
 
     return _compile.with_own_code(fnmlp_train_step)
+
+
+def flat_chunk_function(function: StepFunction, spec, count: int, present: list[bool],
+                        steps: int, varying: tuple):
+    """``steps`` steps of ``function`` chained, over flat tensors: ``(*leaves, *data) ->
+    (*leaves, losses)``; the data items where ``varying`` are stacked per step ((steps, ...)),
+    the others shared by every step; ``losses`` (steps, ...)."""
+    build = tree_builder(spec)
+
+    def fnmlp_train_chunk(*args):
+        given = iter(args[count:])
+        items = [next(given) if here else None for here in present]
+        carry, losses = Carry(*build(list(args[:count]))), []
+        for index in range(steps):
+            data = [item[index] if vary else item for item, vary in zip(items, varying)]
+            new, loss = function(carry, *data)
+            carry = Carry(*new)
+            losses.append(loss)
+        return (*flatten(tuple(carry))[0], torch.stack(losses))
+
+    return _compile.with_own_code(fnmlp_train_chunk)

@@ -10,14 +10,16 @@ import torch
 from torch import Tensor
 
 from fnmlp import _validate
-from fnmlp.nn import MLP, Loss, Params, State, check_l2, check_loss, mse
-from fnmlp.train._auto import choose_compile, compiled_before
+from fnmlp.interop import check_writable
+from fnmlp.nn import MLP, Loss, Params, State, check_l2, check_loss, check_loss_weights, mse
+from fnmlp.train._auto import choose_compile, choose_steps_per_call, compiled_before
 from fnmlp.train._errors import NonFiniteLossError
 from fnmlp.train._executor import Carry
 from fnmlp.train._loop import BatchSource, EarlyStopping, Run, all_finite, train_loop
 from fnmlp.train._policies import Callback, Checkpointer, Reporter
 from fnmlp.train._run import restore_run
 from fnmlp.train._step import TrainStep, network_identity
+from fnmlp.train._thread_scopes import settle_thread
 from fnmlp.train._threads import check_threads, describe_threads
 
 
@@ -62,7 +64,8 @@ def fit(
     compile: bool | str = "auto",
     compiler: str = "auto",
     verify: bool = False,
-    threads: int | str = "auto",
+    threads: int | str | None = "auto",
+    steps_per_call: int | str = "auto",
     checkpoint=None,
     checkpoint_every: int = 1,
     resume: bool = False,
@@ -100,10 +103,16 @@ def fit(
             ``fnmlp.train._auto``); ``verbose`` says which and why. ``compiler`` chooses how
             ("auto", "inductor" or "dynamo"); ``verify`` checks the first compiled step
             against the eager step.
-        threads: intra-op threads per step (``fnmlp.train_step``'s): "auto" runs a small
-            step (below ~16 million multiply-adds) on one thread, a larger one on torch's
-            current count; or a count (at most torch's current count). Set for each step and
-            put back after it; ``verbose`` says which.
+        threads: intra-op threads per step (``fnmlp.train_step``'s): "auto" one thread or
+            torch's current count, as measured on this machine for the step's size and as
+            other processes leave cores free, chosen once for the fit (kept in its
+            checkpoints); or a count (at most torch's current count); or None: torch's count
+            as it is, never set. Set for each step (in this thread) and put back after it;
+            safe beside fits and torch code in other threads; ``verbose`` says which.
+        steps_per_call: the steps run by one call of the step, at most an epoch's batches:
+            compiled, a chunk of N steps is one graph (on CUDA one graph replay, the host's
+            work paid once per chunk); its losses are read once per epoch. "auto": up to 8
+            on CUDA when compiled, else 1. Checkpoints fall at epoch ends, between chunks.
         checkpoint: a file to checkpoint the fit to (``fnmlp.save``'s format) every
             ``checkpoint_every`` epochs and at the end; with ``resume=True`` and the file
             present, the fit continues from it (``params``, ``opt_state`` and ``state`` passed
@@ -120,18 +129,22 @@ def fit(
     Returns a ``FitResult``; a loss that turns NaN or inf raises ``NonFiniteLossError`` (after
     checkpointing the last finite parameters, when checkpointing).
     """
+    settle_thread()  # this thread's torch thread count, before its first torch work
     if not isinstance(model, MLP):
         raise TypeError(f"fnmlp.train.fit trains one fnmlp.MLP, got {type(model).__name__}; "
                         "an ensemble trains with fnmlp.fit or Ensemble.fit, and a torch.nn "
                         "module converts with fnmlp.from_torch(module)")
     check_loss(loss)
+    check_loss_weights(loss, sample_weight)
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")
     check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
                       on_epoch_end, progress, valid, generator)
     strategy = strategy or Strategy()
     like = model.check_params(params)
+    _validate.check_no_autocast(like.device, "fnmlp.fit")
     choose_compile(compile, model, 0)  # a bad value is refused before any work
+    choose_steps_per_call(steps_per_call, compiled=False, device=like.device, batches=1)
     check_threads(threads)
     strategy.setup(like, verify=verify, compiler=compiler)
     x, y = model.check_data(params, x, y, loss=loss, like=like)
@@ -139,7 +152,7 @@ def fit(
     compile, reason = choose_compile(
         compile, model, -(-x.shape[0] // batch_size) * epochs,
         cached=compile == "auto" and compiled_before(
-            network_identity(model, loss, optimizer, l2, None, compiler)))
+            network_identity(model, loss, optimizer, l2, None, compiler)), loss=loss)
     compile, reason = strategy.agree_compile(compile, reason)
     if verbose and strategy.lead:
         print(f"fnmlp: {'compiled' if compile else 'eager'} steps ({reason})"
@@ -189,6 +202,9 @@ def fit(
     source = BatchSource(
         x, y, weight, batch_size=batch_size, shuffle=shuffle, generator=generator,
         pad_to=batch_size if compile and x.shape[0] > batch_size else None,
+        steps_per_call=choose_steps_per_call(steps_per_call, compiled=compile,
+                                             device=like.device,
+                                             batches=-(-x.shape[0] // batch_size)),
         check_rows=(lambda w, where: model.check_training_rows(w.shape[0], w, where))
         if model.has_batch_statistics else None)
     policies = [EarlyStopping(step, patience, min_delta),
@@ -267,6 +283,8 @@ def check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta,
     """Refuse a bad option of the loop, naming it (before any work)."""
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
+    if checkpoint is not None:  # a directory, a missing or read-only folder: before any work
+        check_writable(checkpoint)
     _validate.check_positive_int(checkpoint_every, "checkpoint_every")
     if resume and checkpoint is None:
         raise ValueError("resume=True needs checkpoint= (the file to resume from)")

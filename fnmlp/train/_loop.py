@@ -68,6 +68,16 @@ class StepKind:
         """``(carry, losses)`` after one step; ``active``: (K,) members that step."""
         raise NotImplementedError
 
+    def run_chunk(self, carry: Carry, batches: Sequence[Batch], active: Tensor | None = None
+                  ) -> tuple[Carry, Tensor]:
+        """``(carry, losses)`` after a step on each of ``batches`` in turn, ``losses`` stacked
+        ((N,) or (N, K)); a kind that can runs them as one call (one compiled graph)."""
+        losses = []
+        for batch in batches:
+            carry, loss = self.run(carry, batch, active)
+            losses.append(loss)
+        return carry, torch.stack(losses)
+
     def dropout_key(self, seed: int, step: int, device: torch.device) -> Tensor:
         raise NotImplementedError
 
@@ -86,6 +96,9 @@ class StepKind:
     def forget(self) -> None:
         """Drop references kept between steps."""
 
+    def pin_threads(self, extras: dict, rows: int, device: torch.device) -> None:
+        """Fix the step's thread count for a fit (``StepThreads.pin``)."""
+
 
 class BatchSource:
     """The batches of each epoch over (x, y) with optional row weights.
@@ -97,18 +110,20 @@ class BatchSource:
         batch_size, shuffle, generator: rows per step; a permutation per epoch from
             ``generator`` (else in order).
         pad_to: the size a compiled step pads a short batch to (None: no padding).
+        steps_per_call: the loop runs the epoch's steps in chunks of this many, each chunk one
+            call of the step (``StepKind.run_chunk``: one compiled graph, one CUDA launch).
         check_rows: ``check_rows(weight, where)``: a check of each shuffled weighted batch
             (``BatchNorm``'s rows of non-zero weight), or None.
     """
 
     def __init__(self, x, y: Tensor, weight: Tensor | None, *, batch_size: int,
                  shuffle: bool = False, generator: torch.Generator | None = None,
-                 pad_to: int | None = None, members: int = 1,
+                 pad_to: int | None = None, members: int = 1, steps_per_call: int = 1,
                  densify: Callable | None = None, check_rows: Callable | None = None):
         self.x, self.y, self.weight = x, y, weight
         self.rows = y.shape[0]
         self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
-        self.pad_to, self.members = pad_to, members
+        self.pad_to, self.members, self.steps_per_call = pad_to, members, steps_per_call
         self.densify, self.check_rows = densify, check_rows
 
     @property
@@ -156,6 +171,17 @@ class Epoch:
 
     def __len__(self) -> int:
         return len(self.plan)
+
+    def chunks(self):
+        """The batches in lists of at most ``steps_per_call`` (the last may be shorter)."""
+        size, chunk = self.source.steps_per_call, []
+        for batch in self:
+            chunk.append(batch)
+            if len(chunk) == size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
 
     def __iter__(self):
         source, x, weight = self.source, self.x, self.weight
@@ -276,6 +302,7 @@ def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
     """
     members, previous = run.members, None
     raisers = [*policies, checkpoint]
+    step.pin_threads(run.extras, source.batch_size, source.y.device)
     try:
         with torch.no_grad():
             for epoch in range(run.epoch, epochs):
@@ -286,14 +313,16 @@ def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
                 active = _active_mask(run, source)
                 batches = source.epoch(step, run)
                 losses, stepped, rows = [], [], []
-                for batch in batches:
-                    run.carry, loss = step.run(run.carry, batch, active)
-                    run.steps_done += 1
-                    losses.append(loss)
-                    stepped.append(batch.stepped)
-                    rows.append(batch.rows)
-                values = (torch.stack(losses).reshape(len(losses), members).tolist()
-                          if losses else [])
+                for chunk in batches.chunks():
+                    if len(chunk) == 1:
+                        run.carry, loss = step.run(run.carry, chunk[0], active)
+                    else:
+                        run.carry, loss = step.run_chunk(run.carry, chunk, active)
+                    run.steps_done += len(chunk)
+                    losses.append(loss.reshape(-1, members))
+                    stepped.extend(batch.stepped for batch in chunk)
+                    rows.extend(batch.rows for batch in chunk)
+                values = torch.cat(losses).tolist() if losses else []
                 epoch_losses = _epoch_means(values, stepped, members)
                 record = _EpochRecord(epoch, start, start_steps, batches, len(run.train_loss),
                                       len(run.valid_loss))

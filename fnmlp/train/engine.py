@@ -10,14 +10,17 @@ data-parallel ranks, the scikit-learn estimators) and for a user's own.
   their base), ``restore_run`` to resume;
 - ``Strategy``: where one network's steps run (this process, or data-parallel ranks);
 - checks shared by every fit: ``check_run_options``, ``check_valid``, ``checkpoint_settings``,
-  ``check_step_options``, ``check_threads``; ``choose_compile`` for ``compile="auto"``;
+  ``check_step_options``, ``check_threads``; ``settle_thread`` at an entry point (a new
+  thread's torch thread count started safely beside other threads' steps);
+  ``choose_compile`` for ``compile="auto"``,
+  ``choose_steps_per_call`` for ``steps_per_call``;
 - for a kind that runs its graphs itself (data-parallel's all-reduce between two graphs):
   ``compile_graph``, ``shared_graphs``, ``pad_rows``, ``verify``, ``StepThreads``,
   ``flushed_denormals``; the thread rule itself (``choose_threads``, ``step_work``,
   ``SERIAL_WORK``).
 """
 
-from fnmlp.train._auto import choose_compile, compiled_before
+from fnmlp.train._auto import choose_compile, choose_steps_per_call, compiled_before
 from fnmlp.train._compile import compile_graph, pad_rows, shared_graphs, verify
 from fnmlp.train._denormals import flushed_denormals
 from fnmlp.train._executor import BATCHED, EAGER, TRACED, Carry, Executor, Kernels
@@ -27,6 +30,7 @@ from fnmlp.train._loop import (Batch, BatchSource, EarlyStopping, Policy, Run, S
 from fnmlp.train._policies import Callback, Checkpointer, Reporter, summary
 from fnmlp.train._run import restore_run
 from fnmlp.train._step import TrainStep, check_step_options, network_identity
+from fnmlp.train._thread_scopes import settle_thread
 from fnmlp.train._threads import (SERIAL_WORK, StepThreads, check_threads, choose_threads,
                                   describe_threads, step_work)
 
@@ -35,7 +39,8 @@ __all__ = [
     "Batch", "BatchSource", "Run", "train_loop", "all_finite", "Policy", "EarlyStopping",
     "Reporter", "Callback", "Checkpointer", "restore_run", "summary", "Strategy",
     "check_run_options", "check_valid", "checkpoint_settings", "check_step_options",
-    "check_threads", "describe_threads", "choose_compile", "compiled_before", "network_identity",
+    "check_threads", "describe_threads", "choose_compile", "choose_steps_per_call",
+    "compiled_before", "network_identity",
     "compile_graph", "shared_graphs", "pad_rows", "verify", "StepThreads", "flushed_denormals",
-    "choose_threads", "step_work", "SERIAL_WORK",
+    "choose_threads", "step_work", "SERIAL_WORK", "settle_thread",
 ]

@@ -294,7 +294,7 @@ def test_compiled_ensemble_step_matches_eager_without_recompiles(seed_batch):
         assert_trees_close(pc, pe)
         assert_trees_close(sc, se)
         assert relative(lc, le) <= TOLERANCE
-    assert len(compiled.executor.graphs.by_specialization) == 1
+    assert compiled.executor.graphs.count() == 1
 
 
 def test_fit_freezes_diverged_members_and_checks_its_inputs(seed_batch):
@@ -346,3 +346,33 @@ def test_labels_targets_and_batch_statistics_are_checked_before_work(seed_batch)
     with pytest.raises(ValueError, match="BatchNorm needs at least 2 rows"):
         fnmlp.fit(normed, params, x[:33], x[:33, :3], epochs=1, batch_size=32,
                   optimizer=fnmlp.sgd(0.01))
+
+
+def test_fnmlp_train_step_routes_an_ensemble_to_its_own_step(seed_batch):
+    """``fnmlp.train_step(ensemble, ...)`` is ``ensemble.train_step(...)``: every member in one
+    call, with the ensemble's options (per-member weight decay)."""
+    from fnmlp.ensemble._step import EnsembleStep
+
+    x, y = seed_batch
+    ensemble = fnmlp.Ensemble(small_model(), size=2)
+    params = ensemble.init(torch.Generator().manual_seed(0), dtype=F64)
+    opt_state = ensemble.init_optimizer(fnmlp.sgd(0.1), params)
+    routed = fnmlp.train_step(ensemble, fnmlp.mse, fnmlp.sgd(0.1), compile=False,
+                              weight_decay=[0.0, 0.1])
+    direct = ensemble.train_step(fnmlp.mse, fnmlp.sgd(0.1), compile=False,
+                                 weight_decay=[0.0, 0.1])
+    assert isinstance(routed, EnsembleStep)
+    got, expected = routed(params, opt_state, x, y), direct(params, opt_state, x, y)
+    assert got[2].shape == (2,)
+    assert all(torch.equal(a, b) for a, b in zip(flatten(got)[0], flatten(expected)[0]))
+
+
+@pytest.mark.parametrize("index", [2, 3, -3, 100])
+def test_a_member_index_out_of_range_is_named(index):
+    ensemble = fnmlp.Ensemble(small_model(), size=2)
+    params = ensemble.init(torch.Generator().manual_seed(0), dtype=F64)
+    with pytest.raises(IndexError, match=rf"member {index} of an ensemble of 2"):
+        ensemble.member(params, index)
+    assert torch.equal(ensemble.member(params, -2)[0].weight, params[0].weight[0])
+    with pytest.raises(TypeError):
+        ensemble.member(params, 1.0)

@@ -1,11 +1,15 @@
 """Checkpoints: round trips, safety (no code runs from a file), atomic writes, clear errors."""
 
+import io
 import os
 import pickle
+import re
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -85,14 +89,15 @@ def test_truncated_corrupted_foreign_and_newer_files_get_clear_errors(tmp_path, 
     data = path.read_bytes()
     truncated = tmp_path / "truncated.fnmlp"
     truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(fnmlp.CheckpointError, match=f"{truncated}: not a readable"):
+    with pytest.raises(fnmlp.CheckpointError, match=f"{truncated}: truncated"):
         fnmlp.load(truncated)
     flipped = tmp_path / "flipped.fnmlp"
     payload = torch.load(path, weights_only=True)
     payload["tensors"]["t0"] = payload["tensors"]["t0"].clone()
     payload["tensors"]["t0"].view(torch.int64)[0] ^= 1  # one bit of one weight
     torch.save(payload, flipped)
-    with pytest.raises(fnmlp.CheckpointError, match=f"{flipped}: checksum mismatch"):
+    with pytest.raises(fnmlp.CheckpointError,
+                       match=rf"{flipped}: corrupted \(checksum mismatch\)"):
         fnmlp.load(flipped)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(3)}, foreign)
@@ -108,6 +113,215 @@ def test_truncated_corrupted_foreign_and_newer_files_get_clear_errors(tmp_path, 
     monkeypatch.undo()
     with pytest.raises(fnmlp.CheckpointError, match="format 2 by a newer fnmlp"):
         fnmlp.load(newer)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """``(path, bytes)`` of a checkpoint of ``_everything``."""
+    model, params, state, optimizer = _everything()
+    path = tmp_path / "good.fnmlp"
+    fnmlp.save(path, model, params, state=state, opt_state=optimizer.init(params),
+               optimizer=optimizer)
+    return path, path.read_bytes()
+
+
+def _refused(path, message: str) -> str:
+    """The ``CheckpointError`` that loading ``path`` raises, which must name the file, say
+    ``message`` (a regex) and hold no raw reader message."""
+    with pytest.raises(fnmlp.CheckpointError, match=rf"^{re.escape(str(path))}: {message}") \
+            as raised:
+        fnmlp.load(path)
+    text = str(raised.value)
+    assert not any(word in text for word in ("miniz", "PytorchStreamReader", "Errno"))
+    return text
+
+
+@pytest.mark.parametrize("keep", [0, 1, 3, 10, 100, 0.5, -22, -1])
+def test_a_truncated_file_says_truncated_naming_it(tmp_path, saved, keep):
+    _, data = saved
+    cut = tmp_path / "cut.fnmlp"
+    cut.write_bytes(data[:int(len(data) * keep) if isinstance(keep, float) else keep])
+    _refused(cut, "truncated")
+
+
+def _data_offsets(data: bytes) -> dict[str, int]:
+    """Where each zip entry's bytes start in ``data`` (after its local header)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        infos = archive.infolist()
+    offsets = {}
+    for info in infos:
+        name_size, extra_size = struct.unpack("<HH", data[info.header_offset + 26:
+                                                          info.header_offset + 30])
+        offsets[info.filename] = info.header_offset + 30 + name_size + extra_size
+    return offsets
+
+
+def test_a_flipped_byte_says_corrupted_naming_it(tmp_path, saved):
+    """One byte flipped in the pickled header, in a tensor, in the zip's directory or in its
+    first header: each says "corrupted" (with "checksum mismatch" where a checksum caught
+    it), never a raw zip-reader message."""
+    _, data = saved
+    offsets = _data_offsets(data)
+    directory = struct.unpack("<I", data[-6:-2])[0]  # the end record's offset of the directory
+    positions = {
+        "header": offsets["archive/data.pkl"] + 60,  # the JSON text in the pickle
+        "tensor": offsets["archive/data/0"] + 3,
+        "directory": data.index(b"archive/data.pkl", directory) + 9,
+        "first header": 0,
+        "pickle opcode": offsets["archive/data.pkl"],
+    }
+    for where, position in positions.items():
+        flipped = tmp_path / f"flipped-{where.replace(' ', '-')}.fnmlp"
+        damaged = bytearray(data)
+        damaged[position] ^= 0x01  # (0x20 would flip only a letter's case: names match either)
+        flipped.write_bytes(bytes(damaged))
+        message = (r"corrupted \(checksum mismatch" if where in ("header", "tensor")
+                   else "corrupted")
+        _refused(flipped, message)
+
+
+def test_a_foreign_zip_and_a_directory_are_named_as_such(tmp_path):
+    foreign = tmp_path / "foreign.zip"
+    with zipfile.ZipFile(foreign, "w") as archive:
+        archive.writestr("notes.txt", "not a checkpoint")
+    text = _refused(foreign, "not a readable fnmlp checkpoint")
+    assert "truncated" not in text and "corrupted" not in text
+    _refused(tmp_path, "a directory, not a checkpoint file")
+
+
+def test_an_ensemble_saves_loads_and_continues_identically(tmp_path):
+    model = fnmlp.MLP(3, [fnmlp.Dense(5, "tanh", dropout=0.1), fnmlp.BatchNorm(),
+                          fnmlp.Dense(2)])
+    ensemble = fnmlp.Ensemble(model, size=3)
+    params = ensemble.init(torch.Generator().manual_seed(0), dtype=F64)
+    optimizer = fnmlp.adam(0.01)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    y = torch.randn(16, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    kwargs = dict(epochs=2, batch_size=8, optimizer=optimizer, compile=False,
+                  generator=torch.Generator().manual_seed(3))
+    first = fnmlp.fit(ensemble, params, x, y, **kwargs)
+    path = tmp_path / "ensemble.fnmlp"
+    fnmlp.save(path, ensemble, first.params, state=first.state, opt_state=first.opt_state,
+               optimizer=optimizer, metadata={"members": 3})
+    loaded = fnmlp.load(path)
+    assert loaded.model == ensemble and loaded.optimizer == optimizer
+    assert loaded.metadata == {"members": 3}
+    saved_trees = (first.params, first.state, first.opt_state)
+    loaded_trees = (loaded.params, loaded.state, loaded.opt_state)
+    assert all(torch.equal(a, b) for a, b in zip(leaves(saved_trees), leaves(loaded_trees)))
+    kwargs["generator"] = torch.Generator().manual_seed(4)
+    again = fnmlp.fit(ensemble, first.params, x, y, state=first.state,
+                      opt_state=first.opt_state, **kwargs)
+    kwargs["generator"] = torch.Generator().manual_seed(4)
+    resumed = fnmlp.fit(loaded.model, loaded.params, x, y, state=loaded.state,
+                        opt_state=loaded.opt_state, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(leaves(again.params), leaves(resumed.params)))
+
+
+def _small():
+    model = fnmlp.MLP(3, [fnmlp.Dense(4, "tanh"), fnmlp.Dense(2)])
+    params = model.init(torch.Generator().manual_seed(0), dtype=F64)
+    x = torch.randn(8, 3, generator=torch.Generator().manual_seed(1), dtype=F64)
+    return model, params, x, x[:, :2].clone()
+
+
+def _fits(model, params, x, y, checkpoint):
+    """``fnmlp.fit`` and an ensemble's fit checkpointing to ``checkpoint``, as calls that fail
+    if any epoch ran."""
+    def never(epoch, logs):
+        raise AssertionError("an epoch ran before the checkpoint path was refused")
+
+    ensemble = fnmlp.Ensemble(model, size=2)
+    options = dict(epochs=1, batch_size=4, optimizer=fnmlp.sgd(0.1), checkpoint=checkpoint,
+                   on_epoch_end=never, compile=False)
+    return [lambda: fnmlp.fit(model, params, x, y, **options),
+            lambda: fnmlp.fit(model, params, x, y, resume=True, **options),
+            lambda: fnmlp.fit(ensemble, ensemble.stack([params, params]), x, y, **options)]
+
+
+def test_a_directory_or_a_missing_folder_as_checkpoint_path_is_named_before_any_work(
+        tmp_path):
+    model, params, x, y = _small()
+    folder = tmp_path / "run.fnmlp"
+    folder.mkdir()
+    (folder / "keep").write_text("kept")
+    calls = [lambda: fnmlp.save(folder, model, params)] + _fits(model, params, x, y, folder)
+    for call in calls:
+        with pytest.raises(IsADirectoryError, match=rf"{re.escape(str(folder))}: it is a "
+                                                    "directory; name a file in it"):
+            call()
+    assert [p.name for p in folder.iterdir()] == ["keep"] and (folder / "keep").read_text()
+    missing = tmp_path / "nowhere" / "run.fnmlp"
+    calls = [lambda: fnmlp.save(missing, model, params)] + _fits(model, params, x, y, missing)
+    for call in calls:
+        with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(missing))}: its folder "
+                                                    ".* does not exist"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.fnmlp"]  # no temporary files
+
+
+def test_a_read_only_folder_is_named_and_the_old_checkpoint_stays(tmp_path):
+    model, params, x, y = _small()
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    path = folder / "run.fnmlp"
+    fnmlp.save(path, model, params, metadata={"version": 0})
+    folder.chmod(0o555)
+    try:
+        if _writable(folder):
+            pytest.skip("this process writes into read-only folders (root, or the file system)")
+        with pytest.raises(PermissionError, match=rf"{re.escape(str(path))}: its folder .* is "
+                                                  "not writable"):
+            fnmlp.save(path, model, params, metadata={"version": 1})
+        for call in _fits(model, params, x, y, path):  # resuming too: it would write there
+            with pytest.raises(PermissionError, match=re.escape(str(path))):
+                call()
+        assert fnmlp.load(path).metadata == {"version": 0}
+        assert [p.name for p in folder.iterdir()] == ["run.fnmlp"]
+    finally:
+        folder.chmod(0o755)
+
+
+def _writable(folder) -> bool:
+    """Whether this process can create a file in ``folder`` whatever its mode says (root can)."""
+    probe = folder / ".probe"
+    try:
+        probe.write_text("")
+    except PermissionError:
+        return False
+    probe.unlink()
+    return True
+
+
+@pytest.mark.parametrize("fail_at", ["temporary file", "writing"])
+def test_a_failed_write_names_the_checkpoint_and_keeps_the_old_one(tmp_path, monkeypatch,
+                                                                   fail_at):
+    """Whatever the user (root included) may do to a folder, a write that fails midway raises
+    an ``OSError`` naming the checkpoint, not the temporary file, and leaves the old file."""
+    from fnmlp.interop import _checkpoint
+
+    model, params, _, _ = _small()
+    path = tmp_path / "run.fnmlp"
+    fnmlp.save(path, model, params, metadata={"version": 0})
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".fnmlp-x.tmp"))
+
+    def disk_full(payload, file):
+        file.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    if fail_at == "temporary file":
+        monkeypatch.setattr(_checkpoint.tempfile, "mkstemp", refuse)
+    else:
+        monkeypatch.setattr(_checkpoint.torch, "save", disk_full)
+    expected = PermissionError if fail_at == "temporary file" else OSError
+    with pytest.raises(expected, match=rf"cannot write the checkpoint {re.escape(str(path))}: "
+                                       "(Permission denied|No space left on device)"):
+        fnmlp.save(path, model, params, metadata={"version": 1})
+    monkeypatch.undo()
+    assert fnmlp.load(path).metadata == {"version": 0}
+    assert [p.name for p in tmp_path.iterdir()] == ["run.fnmlp"]
 
 
 def test_bad_arguments_to_save_are_named(tmp_path):

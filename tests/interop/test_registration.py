@@ -189,11 +189,11 @@ def test_what_cannot_be_registered_is_named(registry):
         fnmlp.register(Stranger)
 
     @dataclasses.dataclass(frozen=True)
-    class MyLoss(fnmlp.MSE):
+    class MySGD(fnmlp.optim.SGD):  # a loss may have a torch twin (tests/test_extension.py)
         pass
 
-    with pytest.raises(TypeError, match="describe a primitive's nn.Module twin"):
-        fnmlp.register(MyLoss, torch_module=nn.MSELoss)
+    with pytest.raises(TypeError, match="describe a primitive's nn.Module twin or a loss's"):
+        fnmlp.register(MySGD, torch_module=nn.Linear)
     with pytest.raises(TypeError, match="torch_module must be an nn.Module class"):
         fnmlp.register(Scale, torch_module=lambda spec, params: None)
 
@@ -304,16 +304,15 @@ def test_an_ensemble_saves_and_loads_bit_identically(tmp_path):
         fnmlp.save(tmp_path / "b", fnmlp.ReLU(), ())
 
 
-def test_the_readme_section_on_adding_a_layer_runs_as_written(registry, tmp_path,
-                                                              monkeypatch):
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("### Adding a layer", 1)[1].split("\n## ", 1)[0]
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+def test_the_docs_page_on_adding_a_primitive_runs_as_written(registry, tmp_path,
+                                                             monkeypatch):
+    page = (ROOT / "docs" / "extending.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.S)
     assert blocks and "fnmlp.register(" in "".join(blocks)
     monkeypatch.chdir(tmp_path)
-    namespace = {"__name__": "readme_adding_a_layer"}
+    namespace = {"__name__": "docs_adding_a_primitive"}
     for block in blocks:
-        exec(compile(block, "README.md: Adding a layer", "exec"), namespace)  # noqa: S102
+        exec(compile(block, "docs/extending.md", "exec"), namespace)  # noqa: S102
     assert (tmp_path / "scale.fnmlp").exists()
 
 

@@ -42,6 +42,37 @@ def test_dense_options_are_checked_and_any_real_number_works():
     assert fnmlp.Dropout(np.float64(0.25)).p == 0.25
 
 
+@pytest.mark.parametrize("options, error, message", [
+    (dict(units=0), ValueError, "units must be an integer >= 1, got 0"),
+    (dict(units=2.5), ValueError, "units must be an integer"),
+    (dict(activation="tanhh"), ValueError, "unknown activation 'tanhh'"),
+    (dict(activation=5), TypeError, "activation must be a name or an fnmlp activation"),
+    (dict(activation=fnmlp.Linear(3)), TypeError, "activation must be a name"),
+    (dict(layer_norm=1), TypeError, "layer_norm must be True or False, got 1"),
+    (dict(dropout=1.0), ValueError, r"dropout must be a probability in \[0, 1\), got 1.0"),
+    (dict(dropout=-0.1), ValueError, "dropout must be a probability"),
+    (dict(dropout="0.1"), ValueError, "dropout must be a probability"),
+    (dict(dropout=float("nan")), ValueError, "dropout must be a probability"),
+    (dict(init="xavier"), ValueError, "unknown init 'xavier'"),
+    (dict(init=3), TypeError, "init must be an initializer name or None, got int"),
+    (dict(layer_norm=True, norm_eps=0), ValueError, "norm_eps must be a number > 0, got 0"),
+    (dict(layer_norm=True, norm_eps=-1e-5), ValueError, "norm_eps must be a number > 0"),
+    (dict(layer_norm=True, norm_eps=float("nan")), ValueError, "norm_eps must be a number > 0"),
+    (dict(layer_norm=True, norm_eps="1e-5"), ValueError, "norm_eps must be a number > 0"),
+    (dict(layer_norm=True, norm_eps=True), ValueError, "norm_eps must be a number > 0"),
+    (dict(norm_eps=0), ValueError, "norm_eps must be a number > 0"),  # even without the norm
+])
+def test_every_dense_option_is_checked_under_its_own_name(options, error, message):
+    """Dense checks its options itself, before expanding into primitives, so that a message
+    names the option the user wrote (``norm_eps``, not the ``LayerNorm``'s ``eps``)."""
+    options = {"units": 3, **options}
+    with pytest.raises(error, match=message):
+        fnmlp.MLP(4, [fnmlp.Dense(**options)])
+    with pytest.raises(error, match=message):
+        fnmlp.Dense(**options)
+    assert fnmlp.MLP(4, [fnmlp.Dense(3, layer_norm=True, norm_eps=1e-3)]).layers[1].eps == 1e-3
+
+
 def test_classifier_heads_are_found_past_a_trailing_dropout():
     model = fnmlp.MLP(3, [fnmlp.Dense(1, "sigmoid", dropout=0.2)])
     params = model.init(torch.Generator().manual_seed(0), dtype=F64)

@@ -60,7 +60,8 @@ def test_a_state_for_other_shapes_is_named():
 
 def test_updates_never_record_autograd_history():
     model, params, x, y = small_regression()
-    params = tuple(fnmlp.nn.LinearParams(nn.Parameter(p.weight.clone()), nn.Parameter(p.bias.clone()))
+    params = tuple(fnmlp.nn.LinearParams(nn.Parameter(p.weight.clone()),
+                                         nn.Parameter(p.bias.clone()))
                    if p else () for p in params)
     for optimizer in (fnmlp.sgd(0.01, momentum=0.9), fnmlp.adam(1e-3)):
         state, current = optimizer.init(params), params

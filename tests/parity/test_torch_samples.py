@@ -3,7 +3,7 @@ an op, module or optimizer that fnmlp has, in float64, against autograd and torc
 
 A sample fnmlp cannot express (another layout, an option it lacks) is skipped with its reason;
 every other must agree within 1e-13 (relative, values and gradients; optimizers over 5 free
-steps within 1e-12). Run with ``-s`` to see the counts (the README's parity section has them).
+steps within 1e-12). Run with ``-s`` to see the counts (docs/guide/torch-twin.md has them).
 """
 
 import collections

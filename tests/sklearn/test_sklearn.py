@@ -250,7 +250,7 @@ def test_fnmlp_layers_and_losses():
 
 
 @pytest.mark.parametrize("make,message", [
-    (lambda: MLPRegressor(solver="lbfgs"), "lbfgs"),
+    (lambda: MLPRegressor(solver="newton"), "solver must be one of"),
     (lambda: MLPRegressor(alpha=-1), "alpha"),
     (lambda: MLPRegressor(hidden_layer_sizes=(4, 0)), "hidden_layer_sizes"),
     (lambda: MLPRegressor(loss="absolute"), "loss must be"),
@@ -270,6 +270,21 @@ def test_poisson_needs_nonnegative_targets():
     x, y = _diabetes()
     with pytest.raises(ValueError, match="y >= 0"):
         MLPRegressor(loss="poisson").fit(x, y - 2)
+
+
+@pytest.mark.parametrize("labels", [np.array(["a", "b"] * 10), np.array(["a", "b"] * 10,
+                                                                          dtype=object),
+                                    np.array(["1.5", "2"] * 10), [["a"], ["b"]] * 10])
+def test_a_regressor_refuses_non_numeric_targets_naming_y_before_any_work(labels):
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    regressor = MLPRegressor(hidden_layer_sizes=(4,), max_iter=2)
+    with pytest.raises(ValueError, match="y must be numeric for MLPRegressor.*MLPClassifier"):
+        regressor.fit(x, labels)
+    assert not hasattr(regressor, "model_")  # refused before the network was built
+    numbers_as_objects = np.array([1.5, 2] * 10, dtype=object)
+    assert regressor.fit(x, numbers_as_objects).predict(x).shape == (20,)
+    assert MLPClassifier(hidden_layer_sizes=(4,), max_iter=2).fit(x, np.ravel(labels)).classes_\
+        .shape == (2,)  # a classifier takes string labels
 
 
 # --- pipelines, searches, pickles, checkpoints ------------------------------------------------
