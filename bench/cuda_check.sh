@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks in one run, for a machine with CUDA (e.g. the project's lent H200), ~6 minutes:
+# The GPU checks in one run, for a machine with CUDA (an H200 runs it in ~4 minutes):
 # every CUDA test, the seed example on CUDA (float64 and float32), then the benchmark on the GPU
 # (per-step, chunked fnmlp and JAX contenders): the seed and wide workloads, and the ensemble
 # workload at K = 32 and 128 in float32; compile times in fresh processes skipped (slow there).
