@@ -331,3 +331,10 @@ def test_fit_compiles_only_when_it_pays(capsys):
     with pytest.raises(ValueError, match="compile must be"):
         fnmlp.fit(model, params, x, y, epochs=1, batch_size=200, optimizer=fnmlp.sgd(0.01),
                   compile="yes")
+
+
+def test_the_package_says_it_is_typed():
+    """``py.typed`` ships with the package (PEP 561), so type checkers read its annotations."""
+    from importlib import resources
+
+    assert resources.files("fnmlp").joinpath("py.typed").is_file()

@@ -216,3 +216,15 @@ def test_an_autocast_of_another_device_type_changes_nothing():
     with torch.autocast("cuda", dtype=torch.float16, enabled=torch.cuda.is_available()):
         got = model.apply(params, x)  # CUDA autocast leaves CPU products alone
     assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("labels", [torch.tensor([0, 2, 1, 0]), np.array([0, 2, 1, 0])])
+def test_integer_labels_with_a_regression_loss_point_to_cross_entropy(labels):
+    model = fnmlp.MLP(3, [fnmlp.Dense(5, "tanh"), fnmlp.Dense(3)])
+    params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.zeros(4, 3, dtype=torch.float64)
+    with pytest.raises(TypeError, match="y holds integer class labels, but MSE takes float "
+                                        "targets .*loss=fnmlp.cross_entropy"):
+        fnmlp.fit(model, params, x, labels, epochs=1, batch_size=2, optimizer=fnmlp.sgd(0.1))
+    fnmlp.fit(model, params, x, labels, epochs=1, batch_size=2, optimizer=fnmlp.sgd(0.1),
+              loss=fnmlp.cross_entropy, compile=False)  # the hint works

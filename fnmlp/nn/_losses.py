@@ -98,6 +98,14 @@ class Loss:
 
     def check_target(self, target, out_features: int, like: Tensor, name: str = "y") -> Tensor:
         """``target`` as a float (m, out_features) tensor like ``like``; raises if it is not."""
+        integers = (not target.is_floating_point() and target.dtype != torch.bool
+                    if isinstance(target, Tensor) else _is_integer_array(target))
+        if integers and (target.dim() if isinstance(target, Tensor)
+                         else _dimensions(target)) == 1:
+            raise TypeError(f"{name} holds integer class labels, but {type(self).__name__} "
+                            "takes float targets (samples, columns): for classification pass "
+                            "loss=fnmlp.cross_entropy; for regression give float targets "
+                            f"({name}.reshape(-1, 1) for one output)")
         target = _validate.as_data(target, name, like)
         if target.dim() == 1 and out_features == 1:
             raise ValueError(f"{name} must be 2-D (samples, 1), got shape {tuple(target.shape)}; "
