@@ -28,3 +28,24 @@ def _own_cache_dir_and_fixed_thread_rule(tmp_path_factory):
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture
+def two_threads():
+    """torch at 2 intra-op threads for the test, put back after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """fnmlp's registry, restored after the test (registrations are global)."""
+    from fnmlp import _registry
+
+    monkeypatch.setattr(_registry, "_BY_NAME", dict(_registry._BY_NAME))
+    monkeypatch.setattr(_registry, "_BY_CLASS", dict(_registry._BY_CLASS))
+    yield _registry
+    monkeypatch.undo()
+    _registry._generation += 1  # tables derived from the registry are rebuilt

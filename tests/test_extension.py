@@ -25,16 +25,6 @@ F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def registry(monkeypatch):
-    """The registry, restored after the test (registrations are global)."""
-    monkeypatch.setattr(_registry, "_BY_NAME", dict(_registry._BY_NAME))
-    monkeypatch.setattr(_registry, "_BY_CLASS", dict(_registry._BY_CLASS))
-    yield _registry
-    monkeypatch.undo()
-    _registry._generation += 1  # tables derived from the registry are rebuilt
-
-
 # --- a primitive and a loss of one's own -------------------------------------------------------
 
 

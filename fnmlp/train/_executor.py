@@ -96,6 +96,7 @@ class Executor:
         self._eager: dict[tuple, StepFunction] = {}
         self._ones: dict[tuple, Tensor] = {}
         self._stacked_ones: dict[tuple, Tensor] = {}
+        self._own_ids: set[int] = set()
         self._last_graph: tuple = (None, None, None)  # (spec, data signature, graph)
         self.forget()
 
@@ -221,9 +222,9 @@ class Executor:
     def _stacked(self, items: list[Tensor]) -> Tensor:
         """``items`` stacked; the executor's own constants (the row weights made by
         ``_weights``) stacked once per pattern."""
-        if not all(any(item is own for own in self._ones.values()) for item in items):
-            return torch.stack(items)
         key = tuple(id(item) for item in items)
+        if not self._own_ids.issuperset(key):  # ids of tensors kept alive in ``_ones``
+            return torch.stack(items)
         stacked = self._stacked_ones.get(key)
         if stacked is None:
             stacked = self._stacked_ones[key] = torch.stack(items)
@@ -236,6 +237,7 @@ class Executor:
             ones = torch.zeros(target, dtype=dtype, device=device)
             ones[:rows] = 1
             self._ones[(rows, target, dtype, device)] = ones
+            self._own_ids.add(id(ones))
         return ones
 
     def _compile(self, spec, leaves: list, data: list, layout: tuple, form, specialization,

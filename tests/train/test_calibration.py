@@ -40,14 +40,6 @@ class FakeClock:
         self.now += self.cost[count] * (self.spike if slow else 1.0)
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 # --- the measurement --------------------------------------------------------------------------
 
 

@@ -158,6 +158,17 @@ def assert_own_counts(recorder: Recorder) -> None:
             count}, (name, set(recorder.seen[name]))
 
 
+
+def assert_together_as_alone(jobs, recorder, alone) -> None:
+    """The fits run together (beside a thread flipping its count): each step on its own
+    count, and each fit bit-identical to it run alone."""
+    recorder.seen.clear()
+    recorder.started.clear()
+    together = run_fits(jobs, together=True, noise=recorder)
+    assert_own_counts(recorder)
+    for name in jobs:
+        assert_same(together[name], alone[name])
+
 def test_two_eager_fits_in_two_threads_match_the_fits_one_after_the_other(two_threads,
                                                                           monkeypatch):
     jobs = fit_jobs(compile=False, width=96, rows=1024, batch_size=128, epochs=6)
@@ -165,13 +176,8 @@ def test_two_eager_fits_in_two_threads_match_the_fits_one_after_the_other(two_th
     record_eager_steps(monkeypatch, recorder)
     alone = run_fits(jobs, together=False)
     assert_own_counts(recorder)
-    for round_ in range(2):
-        recorder.seen.clear()
-        recorder.started.clear()
-        together = run_fits(jobs, together=True, noise=recorder)
-        assert_own_counts(recorder)
-        for name in jobs:
-            assert_same(together[name], alone[name])
+    for _ in range(2):
+        assert_together_as_alone(jobs, recorder, alone)
     assert torch.get_num_threads() == 2 and fresh_thread_count() == 2
 
 
@@ -190,12 +196,7 @@ def test_two_compiled_fits_in_two_threads_match_the_fits_one_after_the_other(two
     for shared in (True, False):
         if not shared:  # an empty cache: both fits compile at once
             monkeypatch.setattr(_compile, "_SHARED", collections.OrderedDict())
-        recorder.seen.clear()
-        recorder.started.clear()
-        together = run_fits(jobs, together=True, noise=recorder)
-        assert_own_counts(recorder)
-        for name in jobs:
-            assert_same(together[name], alone[name])
+        assert_together_as_alone(jobs, recorder, alone)
     assert torch.get_num_threads() == 2 and fresh_thread_count() == 2
 
 

@@ -37,15 +37,6 @@ def test_fits_in_joblib_workers_use_the_workers_thread_limit():
 
 
 @pytest.fixture
-def two_threads():
-    """torch at 2 intra-op threads for the test, put back after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture
 def measured(monkeypatch, tmp_path):
     """``threads="auto"``'s measurement faked: ``measured.gain`` is what every step shape
     measures (``measured.calls``: the thread counts asked for), ``measured.free`` the cores
