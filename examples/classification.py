@@ -67,7 +67,8 @@ def main() -> None:
             theirs.append(twin.step(xb, yb, key).item())
             count += 1
         test_loss = model.evaluate(params, x_test, y_test, loss)
-        accuracy = fnmlp.metrics.accuracy(model.predict_classes(params, x_test), y_test)
+        accuracy = fnmlp.metrics.accuracy(model.predict_classes(params, x_test, loss=loss),
+                                          y_test)
         pairs = [(sum(ours) / len(ours), sum(theirs) / len(theirs)),
                  (test_loss, twin.evaluate(x_test, y_test))]
         worst = max(abs(a - b) / abs(b) for a, b in pairs)

@@ -11,11 +11,12 @@ Layers of the design, one subpackage each: ``fnmlp.nn`` (primitives, losses, the
 The common names are re-exported here.
 """
 
-from fnmlp import (distributed, ensemble, interop, metrics, nn, optim, testing, train,
-                   workloads)
+from fnmlp import (callbacks, distributed, ensemble, interop, metrics, nn, optim, testing,
+                   train, workloads)
 from fnmlp._entry import fit, train_step
 from fnmlp._errors import FnmlpError
 from fnmlp._tree import pytree_dataclass
+from fnmlp.callbacks import Callback
 from fnmlp.ensemble import Ensemble
 from fnmlp.interop import CheckpointError, TorchTwin, from_torch, load, register, save, to_torch
 from fnmlp.nn import (ELU, GELU, L1, MLP, MSE, BatchNorm, BinaryCrossEntropyWithLogits,
@@ -42,13 +43,13 @@ __all__ = [
     # optimizers and schedules
     "sgd", "adam", "adamw", "rmsprop", "adagrad", "clip_by_global_norm", "schedules",
     # training
-    "fit", "train_step", "Ensemble",
+    "fit", "train_step", "Ensemble", "Callback",
     # errors
     "FnmlpError", "NonFiniteLossError", "CompileVerificationError", "CheckpointError",
     # interop and checkpoints
     "to_torch", "from_torch", "TorchTwin", "save", "load",
     # subpackages
     "nn", "optim", "train", "interop", "ensemble", "distributed", "metrics", "workloads",
-    "testing",
+    "testing", "callbacks",
 ]
 __version__ = "0.2.0"

@@ -19,7 +19,8 @@ def _check_model(model) -> None:
                         "fnmlp.from_torch(module)")
 
 
-def fit(model, params, x, y, *, distributed: bool = False, **options):
+def fit(model, params, x, y, *, distributed: bool = False, callbacks=None, metrics=None,
+        **options):
     """Train ``params`` of ``model`` on (x, y); returns a ``FitResult`` (an ``EnsembleFitResult``
     for an ensemble).
 
@@ -29,8 +30,16 @@ def fit(model, params, x, y, *, distributed: bool = False, **options):
     (``fnmlp.distributed.DataParallel``). An ``fnmlp.Ensemble`` and its stacked parameters
     train every member at once (``Ensemble.fit``: the same options, plus per-member rates,
     weight decays and bagging).
+
+    Arguments:
+        callbacks: a list of ``fnmlp.callbacks.Callback`` (``CSVLogger``, ``TensorBoard``,
+            ``ReduceLROnPlateau``, your own), called around the fit, each epoch and each batch.
+        metrics: ``{"r2": fnmlp.metrics.r2, ...}``: functions ``(prediction, target) ->
+            float`` evaluated each epoch on the training data (``r2`` in the logs) and on
+            ``valid`` (``valid_r2``).
     """
     _check_model(model)
+    options.update(callbacks=callbacks, metrics=metrics)
     if isinstance(model, Ensemble):
         if distributed:
             raise ValueError("distributed=True trains one network; an Ensemble trains its "

@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import TypeVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 import torch.utils._pytree as pytree
+from typing_extensions import dataclass_transform
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 T = TypeVar("T")
 _DATACLASS_FIELDS: dict[type, tuple[str, ...]] = {}  # pytree dataclass -> its field names
 _DATACLASS_NAMES: dict[str, type] = {}  # its name (module.qualname) -> the latest such class
 
 
+@dataclass_transform(frozen_default=True, eq_default=False)
 def pytree_dataclass(cls: type[T]) -> type[T]:
     """Make ``cls`` a frozen dataclass whose fields are pytree children.
 
@@ -23,7 +29,7 @@ def pytree_dataclass(cls: type[T]) -> type[T]:
     elementwise has no single truth value).
     """
     cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
-    names = tuple(field.name for field in dataclasses.fields(cls))
+    names = tuple(field.name for field in dataclasses.fields(cast("type[DataclassInstance]", cls)))
 
     def present(obj):  # fields holding None (an absent part) are no children
         return tuple(name for name in names if getattr(obj, name) is not None)
@@ -106,7 +112,7 @@ def _flatten_into(tree, leaves: list):
         children, spec = pytree.tree_flatten(tree)
         leaves.extend(children)
         return ("pytree", spec, len(children))
-    specs = []
+    specs: list[object] = []
     for child in children:  # tensor children inline: most of a training step's leaves
         if type(child) is torch.Tensor:
             leaves.append(child)
@@ -150,7 +156,7 @@ def tree_builder(spec):
     return builder
 
 
-def _generate_builder(spec):
+def _generate_builder(spec) -> Callable[[Sequence], Any]:
     """A function ``leaves -> tree`` for ``spec``, generated as one expression (like
     ``namedtuple``'s methods): a few times faster than walking the spec at every step."""
     names: dict[str, object] = {"tree_unflatten": pytree.tree_unflatten}

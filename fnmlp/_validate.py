@@ -12,32 +12,135 @@ from torch import Tensor
 
 
 def as_data(value, name: str, like: Tensor) -> Tensor:
-    """A C-contiguous tensor on ``like``'s device and dtype: the one place where input data
-    takes the layout every computation sees, so that results do not depend on how the caller's
-    data was laid out (C or Fortran order, strided views, a DataFrame).
+    """``value`` as data (x, float targets): a C-contiguous tensor in the parameters' dtype,
+    on their device. The one place where input data takes the dtype and layout every
+    computation sees, so that the kind of input and its memory layout (C or Fortran order,
+    strided views, a DataFrame) change nothing in the results.
 
-    NumPy arrays (and lists, and objects with ``__array__``, such as pandas DataFrames) are
-    converted, in one copy at most (none for a C-ordered array of that dtype on the CPU). A torch
-    tensor must already have the dtype and device, since silently moving or casting a user's
-    tensor hides bugs; a non-contiguous one is copied once, a contiguous one is used as is.
+    The rule, for every entry point (``fnmlp.fit``, ``MLP.apply``, ``evaluate``,
+    ``value_and_grad``, ``predict_proba``, a ``train_step`` call, ``Ensemble.fit``/``apply``):
+
+    - Floating, integer or bool numbers (a torch tensor, NumPy array, pandas DataFrame, list,
+      or anything with ``__array__``) take the parameters' dtype, in one copy at most and none
+      when they already have it in C order (an array for parameters off the CPU: the one copy
+      there). A float64 tensor trains float32 parameters, as a float64 array does. Complex
+      numbers, strings and objects are refused.
+    - A tensor must be on the parameters' device (moving data is explicit:
+      ``x.to(device)``); a NumPy array has no device and is placed on theirs.
+    - Nothing passed in is modified: a cast or reordering is a new tensor.
+    - Class labels keep their own rule (integers: ``as_labels``). A SciPy sparse matrix is
+      taken by ``fnmlp.fit`` (a network or an ensemble), ``MLP.apply`` and
+      ``Ensemble.apply`` (evaluation mode), ``evaluate``, ``predict_proba`` and
+      ``predict_classes``, densified a block of rows at a time (``as_rows``); here it is
+      refused, with ``toarray()`` as the fix.
+
+    Arguments:
+        value: the data.
+        name: its name in error messages ("x", "y", "x_valid").
+        like: a parameter leaf, for the dtype and device.
     """
     if isinstance(value, Tensor):
         _check_strided(value, name)
-        if value.dtype != like.dtype:
-            raise TypeError(
-                f"{name} has dtype {value.dtype} but the parameters are {like.dtype}; "
-                f"convert with {name}.to({like.dtype})"
-            )
-        if value.device != like.device:
-            raise ValueError(
-                f"{name} is on {value.device} but the parameters are on {like.device}; "
-                f"move it with {name}.to('{like.device}')"
-            )
-        return contiguous(value)
+        _check_device(value, name, like)
+        _check_real(value, name)
+        return _cast(value, like.dtype)
     if _is_array_like(value, name):
-        return _from_array(_numeric_array(value, name, _NUMPY_DTYPES.get(like.dtype)),
-                           like.dtype, like.device)
+        return _from_array(_numeric_array(value, name, _NUMPY_DTYPES.get(like.dtype),
+                                          booleans=True), like.dtype, like.device)
     raise TypeError(f"{name} must be a torch.Tensor or a NumPy array, got {type(value).__name__}")
+
+
+def as_rows(value, name: str, like: Tensor):
+    """``as_data``, except that a SciPy sparse matrix stays sparse: as CSR rows whose stored
+    values are already what the dense data would hold in the parameters' dtype, checked to
+    hold numbers, for ``check_finite`` (which so sees the cast values: a float64 1e300 for
+    float32 parameters is inf, as in the dense data) and for ``dense_rows`` to densify a
+    block of rows at a time, with no cast left to do.
+
+    The matrix itself when it is CSR of that dtype already (with no duplicate entries), else
+    one sparse copy: ``tocsr``'s, or one with the cast values (sharing the matrix's index
+    arrays). Nothing passed in is modified.
+
+    Arguments:
+        value, name, like: as ``as_data``.
+    """
+    if not is_sparse(value):
+        return as_data(value, name, like)
+    dtype = np.dtype(value.dtype)
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)
+            or dtype == np.bool_):
+        raise TypeError(f"{name} must hold real numbers, got a SciPy sparse matrix of {dtype}")
+    if value.ndim != 2:
+        return value  # check_matrix names a 1-D one
+    rows = value.tocsr()
+    own = rows is not value  # tocsr's copy, which may be changed in place
+    if not rows.has_canonical_format:  # duplicates summed first, as toarray sums them
+        if not own:
+            rows, own = rows.copy(), True
+        rows.sum_duplicates()
+    data = _cast_values(rows.data, like.dtype)
+    if data is rows.data:
+        return rows
+    if own:
+        rows.data = data
+        return rows
+    return type(rows)((data, rows.indices, rows.indptr), shape=rows.shape, copy=False)
+
+
+def _cast_values(data: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """A sparse matrix's stored values as the dense data would hold them in ``dtype``: itself
+    when it has the NumPy dtype already, else one cast rounding as ``as_data``'s (NumPy's for
+    float32 and float64; torch's for float16 and bfloat16, whose values are then stored,
+    exactly, as float32: SciPy's sparse matrices hold neither)."""
+    numpy_dtype = _NUMPY_DTYPES.get(dtype)
+    if numpy_dtype is not None:
+        return data.astype(numpy_dtype, copy=False)
+    values = _from_array(np.ascontiguousarray(data), dtype, torch.device("cpu"))
+    return values.to(torch.float32).numpy()
+
+
+def dense_rows(rows, name: str, like: Tensor) -> Tensor:
+    """A block of CSR rows (from ``as_rows``, their values cast already) as a C-contiguous
+    tensor like ``like``: the values the dense data would give, bit for bit (for float16 and
+    bfloat16 parameters, an exact cast from float32).
+
+    Arguments:
+        rows: a SciPy sparse matrix of rows.
+        name, like: as ``as_data``.
+    """
+    return as_data(rows.toarray(), name, like)
+
+
+def is_sparse(value) -> bool:
+    """Whether ``value`` is a SciPy sparse matrix or array (told by its type's module, so that
+    SciPy is never imported for it)."""
+    return type(value).__module__.startswith("scipy.sparse")
+
+
+def block_rows(columns: int, like: Tensor, budget: int = 1 << 26) -> int:
+    """How many rows of ``columns`` values of ``like``'s dtype fit in ``budget`` bytes (64 MiB
+    by default; at least one): the block a sparse matrix is densified by."""
+    return max(1, budget // (max(columns, 1) * like.element_size()))
+
+
+def _check_device(value: Tensor, name: str, like: Tensor) -> None:
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but the parameters are on {like.device}; "
+                         f"move it with {name}.to('{like.device}')")
+
+
+def _check_real(value: Tensor, name: str) -> None:
+    if value.is_complex():
+        raise TypeError(f"{name} must hold real numbers, got {value.dtype}")
+
+
+def _cast(value: Tensor, dtype: torch.dtype) -> Tensor:
+    """``value`` in ``dtype`` and C order: itself when it is already, else one new tensor
+    (never recorded by autograd)."""
+    if value.dtype == dtype:
+        return contiguous(value)
+    with torch.no_grad():
+        return value.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def _from_array(array: np.ndarray, dtype: torch.dtype | None, device: torch.device) -> Tensor:
@@ -54,9 +157,7 @@ def as_labels(value, name: str, like: Tensor) -> Tensor:
     there already)."""
     if isinstance(value, Tensor):
         _check_strided(value, name)
-        if value.device != like.device:
-            raise ValueError(f"{name} is on {value.device} but the parameters are on "
-                             f"{like.device}; move it with {name}.to('{like.device}')")
+        _check_device(value, name, like)
         return contiguous(value)
     return _from_array(_numeric_array(value, name), None, like.device)
 
@@ -76,20 +177,23 @@ _NUMPY_DTYPES = {torch.float64: np.float64, torch.float32: np.float32}
 
 
 def _is_array_like(value, name: str) -> bool:
-    """Whether ``value`` converts to a NumPy array; raises for a SciPy sparse matrix (dense
-    data only, as for sparse tensors: densifying could take any amount of memory)."""
-    if type(value).__module__.startswith("scipy.sparse"):
-        raise TypeError(f"{name} is a SciPy sparse matrix; fnmlp takes dense data: pass "
-                        f"{name}.toarray() (fnmlp.sklearn's estimators take sparse input)")
+    """Whether ``value`` converts to a NumPy array; raises for a SciPy sparse matrix (taken
+    only where ``as_rows`` is: densifying it whole could take any amount of memory)."""
+    if is_sparse(value):
+        raise TypeError(f"{name} is a SciPy sparse matrix, which this function does not take: "
+                        f"pass {name}.toarray() (fnmlp.fit, MLP.apply, evaluate, "
+                        "predict_proba and fnmlp.sklearn's estimators take sparse input, "
+                        "densified a block of rows at a time)")
     return isinstance(value, (np.ndarray, list, tuple)) or hasattr(value, "__array__")
 
 
-def _numeric_array(value, name: str, dtype=None) -> np.ndarray:
-    """A C-contiguous NumPy array of numbers, in ``dtype`` when given (views with negative
-    strides and Fortran-ordered arrays are copied: torch cannot view the first, and the second
-    would make products sum in another order)."""
+def _numeric_array(value, name: str, dtype=None, *, booleans: bool = False) -> np.ndarray:
+    """A C-contiguous NumPy array of numbers (and of bools with ``booleans``), in ``dtype``
+    when given (views with negative strides and Fortran-ordered arrays are copied: torch
+    cannot view the first, and the second would make products sum in another order)."""
     array = np.asarray(value)
-    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+    if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)
+            or (booleans and array.dtype == np.bool_)):
         raise TypeError(f"{name} must hold numbers, got a NumPy array of {array.dtype}")
     return np.ascontiguousarray(array, dtype=dtype)
 
@@ -101,9 +205,10 @@ def _check_strided(value: Tensor, name: str) -> None:
 
 
 def check_matrix(value: Tensor, name: str, columns: int, columns_meaning: str) -> None:
-    """``value`` is 2-D with ``columns`` columns and at least one row."""
-    if value.dim() != 2:
-        hint = f"; for one sample use {name}.reshape(1, -1)" if value.dim() == 1 else ""
+    """``value`` (a tensor, or CSR rows from ``as_rows``) is 2-D with ``columns`` columns and
+    at least one row."""
+    if value.ndim != 2:
+        hint = f"; for one sample use {name}.reshape(1, -1)" if value.ndim == 1 else ""
         raise ValueError(
             f"{name} must be 2-D (samples, {columns_meaning}), got shape {tuple(value.shape)}{hint}"
         )
@@ -117,9 +222,25 @@ def check_matrix(value: Tensor, name: str, columns: int, columns_meaning: str) -
 
 
 def check_finite(value: Tensor, name: str) -> None:
+    """Raise, naming the first row, if ``value`` (a tensor, or CSR rows) holds NaN or inf."""
+    if is_sparse(value):
+        _check_finite_sparse(value, name)
+        return
     finite = torch.isfinite(value)
     if not bool(finite.all()):
         row = int((~finite).any(dim=1).nonzero()[0, 0])
+        raise ValueError(f"{name} contains NaN or inf (first in row {row})")
+
+
+def _check_finite_sparse(rows, name: str) -> None:
+    """``check_finite`` of CSR rows: their stored values (the others are zeros), which
+    ``as_rows`` cast to the parameters' dtype already, so that a value the cast makes inf
+    is found here, as in the dense data."""
+    if not np.issubdtype(rows.dtype, np.floating):
+        return
+    bad = np.flatnonzero(~np.isfinite(rows.data))
+    if bad.size:
+        row = int(np.searchsorted(rows.indptr, bad[0], side="right")) - 1
         raise ValueError(f"{name} contains NaN or inf (first in row {row})")
 
 
@@ -154,12 +275,10 @@ def as_weights(weight, rows: int, like: Tensor, name: str = "sample_weight") -> 
         return None
     if isinstance(weight, Tensor):
         _check_strided(weight, name)
-        if weight.device != like.device:
-            raise ValueError(f"{name} is on {weight.device} but the parameters are on "
-                             f"{like.device}; move it with {name}.to('{like.device}')")
+        _check_device(weight, name, like)
         if weight.is_complex() or weight.dtype == torch.bool:
             raise TypeError(f"{name} must hold real numbers, got {weight.dtype}")
-        weight = contiguous(weight.to(like.dtype))
+        weight = _cast(weight, like.dtype)
     elif _is_array_like(weight, name):
         weight = _from_array(_numeric_array(weight, name, _NUMPY_DTYPES.get(like.dtype)),
                              like.dtype, like.device)

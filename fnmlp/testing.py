@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import torch
 import torch.utils._pytree as pytree
@@ -162,7 +162,9 @@ def check_primitive(primitive: Primitive, x, params=None, *, state=None,
     Returns the ``CheckResult``: ``x`` and every floating parameter leaf (``params.weight``)
     against each reference, plus checks that the output is (m, out_features(n_in)), ``dx`` is
     shaped like ``x`` and ``dparams`` like ``params``, the forward is deterministic and leaves
-    its inputs alone, and ``need_input_grad=False`` gives the same ``dparams``.
+    its inputs alone, ``need_input_grad=False`` gives the same ``dparams``, and, for a primitive
+    registered with a ``torch.nn`` twin, that the twin's ``state_dict`` names are the field
+    paths checkpoints store its tensors under.
     """
     generator = torch.Generator().manual_seed(0) if generator is None else generator
     x = _as_float64(x, "x")
@@ -180,11 +182,13 @@ def check_primitive(primitive: Primitive, x, params=None, *, state=None,
     _check_backward_shapes(result, x, dx, params, dparams)
     _check_purity(result, output, params, x, y)
     _check_param_grads_alone(result, primitive, params, residual, dy, dparams, tolerances)
+    _check_twin_names(result, primitive, params, state, x.shape[1])
     if result.problems:  # gradients of the wrong shape cannot be compared
         return _finish(result, raise_on_failure)
     leaves, spec = _float_leaves(params)
     names = ["x"] + _leaf_names(params, "params")
-    backward_grads = [dx] + _float_leaves(dparams)[0]
+    # dx is a tensor: _check_backward_shapes found no problem
+    backward_grads = [cast(Tensor, dx)] + _float_leaves(dparams)[0]
 
     def scalar(x_, *leaves_):
         return (output(_with_leaves(params, spec, leaves_), x_) * dy).sum()
@@ -241,6 +245,32 @@ def _check_backward_shapes(result: CheckResult, x: Tensor, dx, params, dparams) 
             shape = tuple(grad.shape) if isinstance(grad, Tensor) else type(grad).__name__
             result.problems.append(f"backward's gradient of {name} is {shape}, expected "
                                    f"{tuple(leaf.shape)}")
+
+
+def _check_twin_names(result: CheckResult, primitive: Primitive, params, state,
+                      n_in: int) -> None:
+    """For a primitive registered with a ``torch.nn`` twin: checkpoints store its tensors under
+    their field paths (``fnmlp.interop.encode_tree``), which must be the twin's ``state_dict``
+    names for plain torch to load a checkpoint's weights into the twin."""
+    from fnmlp import interop
+    from fnmlp._registry import entry
+
+    registered = entry(type(primitive))
+    if registered is None or registered.twin is None:  # no twin (yet): nothing to match
+        return
+    fields: dict[str, Tensor] = {}
+    interop.encode_tree(params, fields)
+    interop.encode_tree(state, fields, "~state")  # apart, so that a clash shows
+    names = sorted(name.removeprefix("~state.") for name in fields)
+    if not names:  # nothing to store (an activation): nothing to name
+        return
+    twin_names = sorted(interop.module_for(primitive, params, state, n_in).state_dict())
+    if names != twin_names:
+        result.problems.append(
+            f"the twin's state_dict names {twin_names} differ from the field paths of the "
+            f"parameters and state {names}: checkpoints store the tensors under the field "
+            "paths, so plain torch cannot load their weights into the twin; name the fields "
+            "as the twin module's parameters and buffers")
 
 
 def _check_purity(result: CheckResult, output, params, x: Tensor, y: Tensor) -> None:

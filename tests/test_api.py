@@ -145,7 +145,7 @@ def test_fit_continues_from_opt_state_and_prints_when_verbose(setup, capsys):
     model, params, x, y = setup
     first = fnmlp.fit(model, params, x, y, epochs=1, batch_size=50,
                       optimizer=fnmlp.sgd(0.01), verbose=True)
-    assert "Epoch: 0 - L:" in capsys.readouterr().out
+    assert "epoch 1/1  loss " in capsys.readouterr().out
     second = fnmlp.fit(model, first.params, x, y, epochs=1, batch_size=50,
                        optimizer=fnmlp.sgd(0.01), opt_state=first.opt_state)
     assert capsys.readouterr().out == ""
@@ -274,10 +274,11 @@ def test_binary_classifier_probabilities_and_classes():
     model = fnmlp.MLP(2, [fnmlp.Dense(1)])
     params = (fnmlp.nn.LinearParams(torch.tensor([[1.0, 0.0]]), torch.zeros(1)),)
     x = torch.tensor([[-2.0, 5.0], [0.5, 0.0], [3.0, 1.0]])
-    proba = model.predict_proba(params, x)
+    bce = fnmlp.BinaryCrossEntropyWithLogits()
+    proba = model.predict_proba(params, x, loss=bce)
     p = torch.sigmoid(x[:, :1])
     torch.testing.assert_close(proba, torch.cat([1 - p, p], dim=1))
-    assert model.predict_classes(params, x).tolist() == [0, 1, 1]
+    assert model.predict_classes(params, x, loss=bce).tolist() == [0, 1, 1]
     sigmoid_head = fnmlp.MLP(2, [fnmlp.Dense(1, "sigmoid")])
     torch.testing.assert_close(sigmoid_head.predict_proba(params + ((),), x), proba)
 

@@ -152,6 +152,57 @@ def test_one_register_call_makes_a_primitive_savable_loadable_and_twinnable(regi
     assert back == model and _equal_trees(back_params, params)
 
 
+class TorchGainNamedOtherwise(nn.Module):
+    """The same twin, its parameter under another name than the field's (``factor``)."""
+
+    def __init__(self, gain, offset):
+        super().__init__()
+        self.factor = nn.Parameter(gain.detach().clone())
+        self.offset = offset
+
+    def forward(self, x):
+        return x * self.factor + self.offset
+
+
+@pytest.mark.parametrize("name", ["gain.fnmlp", "gain.safetensors"])
+def test_a_registered_primitive_round_trips_in_either_file_format(registry, tmp_path, name):
+    _register_gain()
+    model, params = _model()
+    path = tmp_path / name
+    fnmlp.save(path, model, params, opt_state=fnmlp.sgd(0.1).init(params),
+               optimizer=fnmlp.sgd(0.1))
+    loaded = fnmlp.load(path)
+    assert loaded.model == model and isinstance(loaded.params[1], GainParams)
+    assert _equal_trees(loaded.params, params)
+
+
+def test_check_primitive_reports_twin_names_that_checkpoints_cannot_give(registry, tmp_path):
+    """A checkpoint stores a primitive's tensors under their field paths, which plain torch
+    loads into the twin when they are its state_dict names: checked by check_primitive."""
+    _register_gain()
+    x = torch.randn(4, 3, dtype=F64)
+    assert fnmlp.testing.check_primitive(Gain(0.25), x).passed
+    model, params = _model()
+    fnmlp.save(tmp_path / "gain.fnmlp", model, params)
+    weights = torch.load(tmp_path / "gain.fnmlp", weights_only=True)["state_dict"]
+    twin = fnmlp.to_torch(model, model.init(torch.Generator().manual_seed(9), dtype=F64))
+    twin.load_state_dict(weights)  # plain torch, strict names
+    assert torch.equal(twin(x).detach(), model.apply(params, x))
+
+    del registry._BY_NAME["Gain"], registry._BY_CLASS[Gain]
+    fnmlp.register(Gain, torch_module=TorchGainNamedOtherwise,
+                   to_torch=lambda layer, params, state, n_in: TorchGainNamedOtherwise(
+                       params.gain, layer.offset),
+                   from_torch=lambda module: (Gain(module.offset),
+                                              GainParams(module.factor.detach().clone()), ()))
+    result = fnmlp.testing.check_primitive(Gain(0.25), x, raise_on_failure=False)
+    assert not result.passed
+    assert any("the twin's state_dict names ['factor'] differ from the field paths of the "
+               "parameters and state ['gain']" in problem for problem in result.problems)
+    with pytest.raises(RuntimeError, match="factor"):
+        fnmlp.to_torch(model, params).load_state_dict(weights)
+
+
 def test_the_spec_is_the_registered_name_the_fields_and_the_qualified_class(registry):
     _register_gain()
     data = _spec.encode_spec(Gain(0.5))

@@ -166,7 +166,9 @@ def test_predictions_do_not_depend_on_the_layout(layout, dtype):
     x, y, _ = _data(dtype)
     data = _layout(layout, x)
     assert torch.equal(model.apply(params, data), model.apply(params, x))
-    assert torch.equal(model.predict_proba(params, data), model.predict_proba(params, x))
+    ce = fnmlp.cross_entropy
+    assert torch.equal(model.predict_proba(params, data, loss=ce),
+                       model.predict_proba(params, x, loss=ce))
     assert model.evaluate(params, data, _layout(layout, y)) == model.evaluate(params, x, y)
     loss, grads = model.value_and_grad(params, data, _layout(layout, y))
     expected_loss, expected_grads = model.value_and_grad(params, x, y)
@@ -341,14 +343,16 @@ def test_a_c_ordered_array_of_the_parameters_dtype_is_not_copied():
     assert converted.is_contiguous() and converted.data_ptr() != fortran.ctypes.data
 
 
-def test_scipy_sparse_matrices_are_refused_with_the_fix():
-    """fnmlp's own functions take dense data (as for sparse tensors); the estimators take
-    sparse input, densified batch by batch."""
+def test_scipy_sparse_matrices_are_refused_with_the_fix_where_not_taken():
+    """``fit``, ``apply``, ``evaluate`` and the estimators take sparse input, densified a block
+    of rows at a time (bit-identical to the dense data: ``tests/test_inputs.py``); the
+    gradient functions and row weights take dense data (as for sparse tensors)."""
     model = _model()
     params = _params(model, torch.float64)
     x, y, _ = _data(torch.float64)
     for make in (sp.csr_matrix, sp.csc_matrix):
+        assert torch.equal(model.apply(params, make(x.numpy())), model.apply(params, x))
         with pytest.raises(TypeError, match=r"x is a SciPy sparse matrix.*x.toarray\(\)"):
-            model.apply(params, make(x.numpy()))
+            model.value_and_grad(params, make(x.numpy()), y)
         with pytest.raises(TypeError, match=r"sample_weight is a SciPy sparse matrix"):
             model.value_and_grad(params, x, y, sample_weight=make(np.ones((1, ROWS))))

@@ -18,6 +18,7 @@ which aborts the process rather than raising ``DistributedError``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -29,6 +30,7 @@ from fnmlp.distributed._group import (all_reduce_sum, collective_call, rank, wai
                                       world_size)
 from fnmlp.nn import (EVAL, MLP, CrossEntropy, Loss, check_l2, forward, l2_penalty,
                       value_and_grad)
+from fnmlp.optim import ClipByGlobalNorm, Optimizer
 from fnmlp.train.engine import (EAGER, TRACED, Batch, Carry, Kernels, StepKind, StepThreads,
                                 Strategy, check_step_options, compile_graph, flushed_denormals,
                                 pad_rows, shared_graphs, verify)
@@ -62,6 +64,9 @@ class DistributedStep(StepKind):
     wait for each other, so a slow compile never counts against the timeout). Its graphs live
     in the shared cache; ``threads``, ``verify`` and the denormal flush work as for one
     network."""
+
+    model: MLP
+    optimizer: Optimizer | ClipByGlobalNorm
 
     def __init__(self, model: MLP, loss: Loss, optimizer, *, compile: bool = False,
                  l2: float = 0.0, collective: str | None = None, threads="auto",
@@ -150,6 +155,13 @@ class DistributedStep(StepKind):
 
     def agree(self, flag: bool) -> bool:
         return _group.any_rank(flag)
+
+    def agree_rate(self, carry: Carry) -> Carry:
+        """Rank 0's base learning rate on every rank (a callback may have set it from this
+        rank's times or metrics): one broadcast of the rate tensor, after the callbacks."""
+        state = carry.opt_state
+        (rate,) = _group.broadcast([state.learning_rate], "broadcasting rank 0's learning rate")
+        return Carry(carry.params, dataclasses.replace(state, learning_rate=rate), carry.state)
 
     def evaluate(self, params, x: Tensor, y: Tensor) -> float:
         """The loss of the evaluation-mode predictions on (x, y), every rank computing its

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence, cast
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ class Ensemble:
 
     def __post_init__(self):
         if not isinstance(self.model, MLP):
-            raise TypeError(f"model must be an fnmlp.MLP, got {type(self.model).__name__}")
+            raise TypeError(f"model must be an fnmlp.MLP, got {type(self.model).__name__}; "
+                            "a torch.nn module converts with fnmlp.from_torch(module)")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 1:
             raise ValueError(f"size must be a positive integer (members), got {self.size!r}")
 
@@ -148,8 +149,17 @@ class Ensemble:
 
     # --- data ---------------------------------------------------------------------------------
 
-    def check_inputs(self, x, like: Tensor, name: str = "x", finite: bool = True) -> Tensor:
-        """``x`` as a tensor: (m, in) shared by the members or (K, m, in) one per member."""
+    def check_inputs(self, x, like: Tensor, name: str = "x", finite: bool = True,
+                     sparse: bool = False):
+        """``x`` as a tensor: (m, in) shared by the members or (K, m, in) one per member;
+        ``sparse``: a SciPy sparse (m, in) stays CSR rows (``_validate.as_rows``) for the
+        caller to densify a block of rows at a time."""
+        if sparse and _validate.is_sparse(x):
+            rows = _validate.as_rows(x, name, like)
+            _validate.check_matrix(rows, name, self.model.in_features, "features")
+            if finite:
+                _validate.check_finite(rows, name)
+            return rows
         x = _validate.as_data(x, name, like)
         if x.dim() == 3:
             if x.shape[0] != self.size:
@@ -176,7 +186,8 @@ class Ensemble:
             if weight.shape[1] != rows:
                 raise ValueError(f"per-member sample_weight must have one weight per row "
                                  f"({self.size}, {rows}), got shape {tuple(weight.shape)}")
-            flat = _validate.as_weights(weight.reshape(-1), self.size * rows, like)
+            # the cast: as_weights gives None only for None
+            flat = cast(Tensor, _validate.as_weights(weight.reshape(-1), self.size * rows, like))
             return flat.reshape(self.size, rows)
         return _validate.as_weights(weight, rows, like)
 
@@ -185,10 +196,17 @@ class Ensemble:
     def apply(self, params, x, *, state=None, train: bool = False, key: Tensor | None = None
               ) -> Tensor:
         """Every member's predictions (K, m, out) for x (m, in) or per-member x (K, m, in);
-        ``state``, ``train`` as ``MLP.apply``; ``key``: (K, 2) dropout keys in training."""
+        ``state``, ``train`` as ``MLP.apply`` (in evaluation mode x may be a SciPy sparse
+        matrix, densified a block of rows at a time); ``key``: (K, 2) dropout keys in
+        training."""
         like = self.check_params(params)
         _validate.check_no_autocast(like.device, "Ensemble.apply")
-        x = self.check_inputs(x, like)
+        x = self.check_inputs(x, like, sparse=not train)
+        if _validate.is_sparse(x):
+            block = _validate.block_rows(x.shape[1], like)
+            return torch.cat([self.apply(params, _validate.dense_rows(x[start:start + block],
+                                                                      "x", like), state=state)
+                              for start in range(0, x.shape[0], block)], dim=1)
         if state is None:
             if self.model.has_state and not train:
                 raise ValueError("this model keeps running statistics (BatchNorm): pass "
@@ -278,16 +296,19 @@ class Ensemble:
     def fit(self, params, x, y, **options):
         """Train every member through the one training loop; the options are
         ``fnmlp.ensemble.fit_ensemble``'s (``fnmlp.fit``'s, plus per-member rates, weight
-        decays, row weights and bagging)."""
+        decays, row weights and bagging; ``callbacks=`` and ``metrics=`` with per-member values
+        in the logs, and a plateau per member in ``ReduceLROnPlateau``)."""
         from fnmlp.ensemble._fit import fit_ensemble
 
         return fit_ensemble(self, params, x, y, **options)
 
     # --- checks shared with the step ----------------------------------------------------------
 
-    def check_batch(self, x, y, loss: Loss, sample_weight, like: Tensor, finite: bool = True):
-        """``(x, y, weight)`` validated: each shared or per member."""
-        x = self.check_inputs(x, like, finite=finite)
+    def check_batch(self, x, y, loss: Loss, sample_weight, like: Tensor, finite: bool = True,
+                    sparse: bool = False):
+        """``(x, y, weight)`` validated: each shared or per member (``sparse``: as
+        ``check_inputs``)."""
+        x = self.check_inputs(x, like, finite=finite, sparse=sparse)
         per_member_y = per_member_targets(y, loss)
         if per_member_y:
             if y.shape[0] != self.size:

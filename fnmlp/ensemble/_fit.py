@@ -5,6 +5,7 @@ early stopping, checkpoints and resume."""
 from __future__ import annotations
 
 import dataclasses
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -12,10 +13,12 @@ from torch import Tensor
 from fnmlp import _validate
 from fnmlp.ensemble._ensemble import Ensemble, per_member_targets
 from fnmlp.nn import Loss, check_loss_weights, mse
-from fnmlp.train.engine import (BatchSource, Callback, Carry, Checkpointer, EarlyStopping,
-                                Reporter, Run, check_run_options, check_threads, check_valid,
-                                checkpoint_settings, choose_compile, choose_steps_per_call,
-                                restore_run, settle_thread, train_loop)
+from fnmlp.train.engine import (BatchSource, CallbackRunner, Carry, Checkpointer,
+                                EarlyStopping, EpochMetrics, Policy, Reporter, Run,
+                                check_callbacks, check_metrics, check_run_options, check_threads,
+                                check_valid, checkpoint_settings, choose_compile,
+                                choose_steps_per_call, epoch_log_keys, restore_run,
+                                settle_thread, train_loop)
 
 
 @dataclasses.dataclass
@@ -54,7 +57,7 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
                  compile: bool | str = "auto", compiler: str = "auto", verify: bool = False,
                  threads: int | str | None = "auto", steps_per_call: int | str = "auto",
                  verbose: bool = False, progress: bool | None = None, on_epoch_end=None,
-                 checkpoint=None, checkpoint_every: int = 1,
+                 callbacks=None, metrics=None, checkpoint=None, checkpoint_every: int = 1,
                  resume: bool = False) -> EnsembleFitResult:
     """Train all members of ``ensemble`` for ``epochs`` passes over (x, y).
 
@@ -76,8 +79,10 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
             ``patience`` epochs without its validation loss improving by more than
             ``min_delta``; the fit ends when every member has stopped.
         restore_best: return each member's parameters from its best validation epoch.
-        on_epoch_end: ``f(epoch, logs) -> stop?``, ``logs`` holding ``train_loss`` (and
-            ``valid_loss``) as lists of K floats.
+        on_epoch_end: ``f(epoch, logs) -> stop?``, ``logs`` as ``callbacks`` get them.
+        callbacks, metrics: as ``fnmlp.fit``'s; per-member values in the logs (losses,
+            metrics on each member's prediction, ``lr``) are lists of K floats, and
+            ``ReduceLROnPlateau`` keeps a plateau per member.
 
     A member whose epoch loss is NaN or inf goes back to that epoch's start and trains no more
     (``history.diverged_epoch``); the others go on.
@@ -87,14 +92,18 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     _validate.check_positive_int(batch_size, "batch_size")
     check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
                       on_epoch_end, progress, valid, generator)
+    metrics = check_metrics(metrics)
+    log_keys = epoch_log_keys(valid is not None, metrics)
+    callbacks = check_callbacks(callbacks, on_epoch_end, log_keys=log_keys,
+                                members=ensemble.size)  # each callback's check: before any work
     check_threads(threads)
     like = ensemble.check_params(params)
     _validate.check_no_autocast(like.device, "Ensemble.fit")
     choose_steps_per_call(steps_per_call, compiled=False, device=like.device, batches=1)
     model = ensemble.model
     check_loss_weights(loss, True if bagging else None, "bagging (bootstrap counts as weights)")
-    x, y, weight = ensemble.check_batch(x, y, loss, sample_weight, like)
-    if x.dim() == 3 or per_member_targets(y, loss):
+    x, y, weight = ensemble.check_batch(x, y, loss, sample_weight, like, sparse=True)
+    if x.ndim == 3 or per_member_targets(y, loss):
         raise ValueError("fit takes data shared by the members, x (n, in) and y (n, ...); "
                          "for per-member samples use bagging=True or per-member "
                          "sample_weight (K, n)")
@@ -135,24 +144,34 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
                           members=size)
     if run is None:
         run = Run(Carry(params, opt_state, model_state), members=size)
+        draws = cast(torch.Generator, generator)  # made above when bagging or dropout draws
         if bagging:  # the draws are part of the run: a resumed fit trains on the same samples
-            run.tensors["bagging_weight"] = _bootstrap_counts(size, n, generator, like) * (
+            run.tensors["bagging_weight"] = _bootstrap_counts(size, n, draws, like) * (
                 1 if weight is None else weight)
         if model.has_dropout:
-            run.dropout_seed = int(torch.randint(0, 2**32, (), generator=generator,
-                                                 device=generator.device))
+            run.dropout_seed = int(torch.randint(0, 2**32, (), generator=draws,
+                                                 device=draws.device))
     weight = run.tensors.get("bagging_weight", weight)
     source = BatchSource(
         x, y, weight, batch_size=batch_size, shuffle=shuffle, generator=generator,
         pad_to=batch_size if compile and n > batch_size else None, members=size,
         steps_per_call=choose_steps_per_call(steps_per_call, compiled=compile,
                                              device=like.device, batches=-(-n // batch_size)),
+        densify=(lambda rows: _validate.dense_rows(rows, "x", like))
+        if _validate.is_sparse(x) else None,
         check_rows=(lambda w, where: ensemble.check_training_rows(w.shape[-1], w, where))
         if model.has_batch_statistics else None)
-    policies = [EarlyStopping(step, patience, min_delta),
-                Reporter(verbose, progress, range(run.epoch, epochs))]
-    if on_epoch_end is not None:
-        policies.append(Callback(on_epoch_end))
+    policies: list[Policy] = [EarlyStopping(step, patience, min_delta)]
+    if metrics:
+        policies.append(EpochMetrics(
+            metrics, lambda carry, inputs: list(ensemble.apply(carry.params, inputs,
+                                                               state=carry.state)),
+            (x, y), valid))
+    policies.append(Reporter(verbose, progress, range(run.epoch, epochs)))
+    if callbacks:
+        policies.append(CallbackRunner(
+            callbacks, lead=True, optimizer=optimizer, epochs=epochs,
+            log_keys=log_keys, member=ensemble.member))
     saver = None if checkpoint is None else Checkpointer(checkpoint, step, generator, settings,
                                                           checkpoint_every)
     train_loop(step, source, run, epochs=epochs, valid=valid, policies=policies,

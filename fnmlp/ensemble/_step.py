@@ -18,7 +18,7 @@ from fnmlp import _validate
 from fnmlp._tree import tree_map
 from fnmlp.ensemble._ensemble import Ensemble
 from fnmlp.nn import CrossEntropy, Loss, check_l2, value_and_grad
-from fnmlp.optim import ClipByGlobalNorm
+from fnmlp.optim import ClipByGlobalNorm, Optimizer
 from fnmlp.train.engine import (BATCHED, Batch, Carry, Executor, Kernels, StepKind,
                                 check_step_options, settle_thread)
 
@@ -87,6 +87,9 @@ def _per_member(item, members_dim: int) -> int | None:
 class EnsembleStep(StepKind):
     """``step(params, opt_state, x, y) -> (params, opt_state, losses)`` for all members; see
     ``Ensemble.train_step``. Its data: ``[x, y, weight, active, decay, key]``."""
+
+    model: Ensemble
+    optimizer: Optimizer | ClipByGlobalNorm
 
     def __init__(self, ensemble: Ensemble, loss: Loss, optimizer, *, compile: bool = True,
                  weight_decay=None, l2: float = 0.0, compiler: str = "auto",

@@ -1,13 +1,22 @@
 """Checkpoints: one file with the spec, the parameter/state/optimizer trees and metadata.
 
-The file is what ``torch.save`` writes for a dict of plain data and tensors: a JSON header
-(format version, the spec and optimizer as plain data, the trees' structure, dtype and device,
-fnmlp and torch versions, the user's metadata, a SHA-256 checksum) and the tensors by name. It is
-read with ``torch.load(weights_only=True)``, whose unpickler builds only tensors and plain
-containers, so loading never runs code from the file (safetensors would do as well, but is one
-more dependency for the same guarantee). Writing is atomic: a temporary file in the same folder,
-flushed, fsynced, then renamed over the target, so a writer killed midway leaves the previous
-checkpoint intact.
+Two formats hold the same names and header (``docs/guide/checkpoints.md`` shows the layout):
+
+- torch (the default): what ``torch.save`` writes for ``{"header": the JSON header,
+  "state_dict": the model's tensors, "tensors": the optimizer's and the extra trees'}``. The
+  state_dict is the torch twin's (``fnmlp.to_torch``): ``0.weight``, ``1.running_mean``, ...; an
+  ensemble's members under ``members.k.``. It is read with ``torch.load(weights_only=True)``,
+  whose unpickler builds only tensors and plain containers, so loading never runs code from the
+  file.
+- safetensors (a ``.safetensors`` path or ``format="safetensors"``): every tensor by the same
+  name, the header in the file's metadata (``_safetensors``); safetensors is optional.
+
+The header: format version, the spec and optimizer as plain data, the trees' structure (their
+tensors by name, types by registered public names), dtype and device, fnmlp and torch versions,
+the user's metadata and a SHA-256 checksum over header and tensors. Writing is atomic: a
+temporary file in the same folder, flushed, fsynced, then renamed over the target, so a writer
+killed midway leaves the previous checkpoint intact. Format 1 files (tensors ``t0``, ``t1``, ...)
+still load.
 
 The model is any registered model kind (``MLP``, ``Ensemble``): the checkpoint code knows only
 its small protocol, ``ModelKind``, and its spec (``fnmlp.interop._spec``).
@@ -16,30 +25,32 @@ its small protocol, ``ModelKind``, and its spec (``fnmlp.interop._spec``).
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
-import tempfile
-import zipfile
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from fnmlp import _registry
-from fnmlp.interop import _spec
 from fnmlp._errors import FnmlpError
+from fnmlp._files import ZIP_START, check_writable, summary, write_atomically, zip_damage
+from fnmlp.interop import _safetensors, _spec
 
 FORMAT = "fnmlp-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: tensors named by their path (the twin's state_dict); 1: t0, t1, ...
+FILE_FORMATS = ("torch", "safetensors")
+_OTHER_TREES = ("opt_state", "extra")  # the prefixes of the tensors outside the state_dict
 
 
 class ModelKind(Protocol):
     """What a checkpoint needs of a model (``MLP``, ``Ensemble``), besides being registered
     with kind "model" (``fnmlp._registry``). A kind may also define ``check_opt_state(
     optimizer, params, opt_state)``; without it ``optimizer.check(params, None, opt_state)``
-    applies."""
+    applies. A kind of members stacked on a leading axis (``Ensemble``) defines ``size``,
+    ``member(tree, k)`` and ``stack(trees)``: its params and state are stored member by
+    member, under ``members.k.``."""
 
     def check_params(self, params) -> Tensor:
         """Raise unless ``params`` fit; return one leaf (for dtype and device)."""
@@ -72,7 +83,8 @@ class Checkpoint:
 
 
 def save(path, model: ModelKind, params, *, state=None, opt_state=None, optimizer=None,
-         metadata: dict | None = None, extra: dict | None = None) -> None:
+         metadata: dict | None = None, extra: dict | None = None,
+         format: str | None = None) -> None:
     """Write a checkpoint to ``path`` atomically (the previous file stays intact until the new
     one is complete on disk).
 
@@ -86,8 +98,12 @@ def save(path, model: ModelKind, params, *, state=None, opt_state=None, optimize
         metadata: plain data (JSON: dicts with string keys, lists, strings, numbers, booleans,
             None) stored with it.
         extra: more trees of tensors by name (``fit`` keeps its generator state here).
+        format: "torch" (``torch.save``'s zip) or "safetensors" (needs the safetensors
+            package); default: "safetensors" for a path ending in ``.safetensors``, else
+            "torch". ``fnmlp.load`` reads either.
     """
     path = check_writable(path)
+    file_format = _file_format(path, format)
     _check_kind(model, "model")
     like = model.check_params(params)
     if state is None:
@@ -100,15 +116,21 @@ def save(path, model: ModelKind, params, *, state=None, opt_state=None, optimize
         else:
             optimizer.check(params, None, opt_state)
     _check_plain(metadata or {}, "metadata")
-    tensors: dict[str, Tensor] = {}
+    members = _members(model)
+    model_tensors: dict[str, Tensor] = {}
+    trees = {name: _spec.encode_tree(tree, model_tensors, members=members)
+             for name, tree in (("params", params), ("state", state))}
+    if members is not None:  # member by member in the file: members.0.*, members.1.*, ...
+        model_tensors = dict(sorted(model_tensors.items(),
+                                    key=lambda item: int(item[0].split(".")[1])))
+    tensors = dict(model_tensors)
+    trees["opt_state"] = _spec.encode_tree(opt_state, tensors, "opt_state")
     header = {
         "format": FORMAT, "version": VERSION,
         "model": _spec.encode_spec(model),
         "optimizer": None if optimizer is None else _spec.encode_spec(optimizer),
-        "trees": {name: _spec.encode_tree(tree, tensors)
-                  for name, tree in (("params", params), ("state", state),
-                                     ("opt_state", opt_state))},
-        "extra": {str(name): _spec.encode_tree(tree, tensors)
+        "trees": trees,
+        "extra": {str(name): _spec.encode_tree(tree, tensors, f"extra.{name}")
                   for name, tree in (extra or {}).items()},
         "dtype": str(like.dtype), "device": str(like.device),
         "versions": {"fnmlp": _fnmlp_version(), "torch": torch.__version__},
@@ -116,11 +138,39 @@ def save(path, model: ModelKind, params, *, state=None, opt_state=None, optimize
     }
     tensors = {name: t.detach().contiguous() for name, t in tensors.items()}
     header["checksum"] = _checksum(header, tensors)
-    _write_atomically(path, {"header": json.dumps(header), "tensors": tensors})
+    text = json.dumps(header)
+    if file_format == "safetensors":
+        write_atomically(path, lambda file, temporary: _safetensors.write(
+            file, temporary, tensors, text))
+        return
+    payload = {"header": text,
+               "state_dict": {name: tensors[name] for name in model_tensors},
+               "tensors": {name: t for name, t in tensors.items() if name not in model_tensors}}
+    write_atomically(path, lambda file, temporary: torch.save(payload, file))
+
+
+def _file_format(path: str, format: str | None) -> str:
+    """The file format to write (``save``'s ``format``), checked; safetensors' import too."""
+    if format is None:
+        format = "safetensors" if path.endswith(_safetensors.SUFFIX) else "torch"
+    if format not in FILE_FORMATS:
+        raise ValueError(f"format must be one of {FILE_FORMATS} (or None: from the path's "
+                         f"suffix), got {format!r}")
+    if format == "safetensors":
+        _safetensors.require()
+    return format
+
+
+def _members(model) -> int | None:
+    """The number of stacked members of a model kind that has them (``Ensemble``), else None."""
+    size = getattr(model, "size", None)
+    stacked = callable(getattr(model, "stack", None)) and callable(getattr(model, "member", None))
+    return size if stacked and isinstance(size, int) else None
 
 
 def load(path, *, map_location=None) -> Checkpoint:
-    """Read a checkpoint written by ``save``, verifying its checksum.
+    """Read a checkpoint written by ``save`` (either file format, any format version this
+    fnmlp knows), verifying its checksum.
 
     Arguments:
         path: the file.
@@ -151,10 +201,32 @@ def load(path, *, map_location=None) -> Checkpoint:
 
 
 def _read(path: str) -> tuple[dict, dict]:
-    """The header and tensors of the checkpoint at ``path``, read safely (nothing in the file
-    runs) and not yet verified. A file that does not read as a checkpoint of a format this
-    fnmlp knows raises ``CheckpointError``: "truncated" or "corrupted" when the file is
-    damaged, else what it is (foreign, newer)."""
+    """The header and tensors (every one, by name) of the checkpoint at ``path``, read safely
+    (nothing in the file runs) and not yet verified. A file that does not read as a checkpoint
+    of a format this fnmlp knows raises ``CheckpointError``: "truncated" or "corrupted" when
+    the file is damaged, else what it is (foreign, newer)."""
+    try:
+        with open(path, "rb") as file:
+            start = file.read(9)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: a directory, not a checkpoint file") from None
+    except OSError as error:
+        raise CheckpointError(f"{path}: cannot be read ({summary(error)})") from None
+    if not ZIP_START.startswith(start[:4]) and _safetensors.looks_like(start, path):
+        header, tensors = _read_safetensors(path)
+    else:
+        header, tensors = _read_torch(path)
+    if header["version"] > VERSION:
+        raise _unreadable(path, f"written in checkpoint format {header['version']} by a newer "
+                                f"fnmlp; this one reads format {VERSION} and older: upgrade fnmlp")
+    return header, tensors
+
+
+def _read_torch(path: str) -> tuple[dict, dict]:
+    """``_read`` for a file of ``torch.save``: format 2's ``{"header", "state_dict",
+    "tensors"}`` or format 1's ``{"header", "tensors"}``."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -165,26 +237,53 @@ def _read(path: str) -> tuple[dict, dict]:
         raise _unreadable(path, "not a readable fnmlp checkpoint", error) from None
     try:
         header, tensors = json.loads(payload["header"]), payload["tensors"]
+        model_tensors = payload.get("state_dict", {}) if header["version"] >= 2 else {}
         ours = (isinstance(header, dict) and header.get("format") == FORMAT
-                and isinstance(header.get("version"), int) and isinstance(tensors, dict))
-    except (TypeError, KeyError, IndexError, ValueError):
+                and isinstance(header.get("version"), int) and isinstance(tensors, dict)
+                and isinstance(model_tensors, dict))
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
         ours = False
     if not ours:
         raise _unreadable(path, "not an fnmlp checkpoint")
-    if header["version"] > VERSION:
-        raise _unreadable(path, f"written in checkpoint format {header['version']} by a newer "
-                                f"fnmlp; this one reads format {VERSION} and older: upgrade fnmlp")
+    if set(model_tensors) & set(tensors):
+        raise CheckpointError(f"{path}: corrupted: tensor names repeat in its state_dict and "
+                              "tensors")
+    return header, {**model_tensors, **tensors}
+
+
+def _read_safetensors(path: str) -> tuple[dict, dict]:
+    """``_read`` for a safetensors file: its tensors, the header from its metadata."""
+    try:
+        metadata, tensors = _safetensors.read(path)
+    except ImportError:
+        raise
+    except Exception as error:  # the reader's refusal of a damaged or foreign file
+        damage = _safetensors.damage(path)
+        if damage is not None:
+            raise CheckpointError(f"{path}: {damage}") from None
+        raise CheckpointError(f"{path}: not a readable fnmlp checkpoint "
+                              f"({summary(error)})") from None
+    try:
+        header = json.loads((metadata or {})["fnmlp"])
+        ours = (isinstance(header, dict) and header.get("format") == FORMAT
+                and isinstance(header.get("version"), int))
+    except (TypeError, KeyError, ValueError):
+        ours = False
+    if not ours:
+        raise CheckpointError(f"{path}: a safetensors file, but not an fnmlp checkpoint (no "
+                              "fnmlp header in its metadata): read it with "
+                              "safetensors.torch.load_file")
     return header, tensors
 
 
 def _unreadable(path: str, problem: str, error: BaseException | None = None) -> CheckpointError:
     """The error for a file that did not read as a checkpoint: its damage when it is damaged
-    (``_damage``), else ``problem``; ``error``: what the reader raised, summarized after."""
-    damage = _damage(path, error)
+    (``zip_damage``), else ``problem``; ``error``: what the reader raised, summarized after."""
+    damage = zip_damage(path, error)
     if damage is not None:
         return CheckpointError(f"{path}: {damage}")
     return CheckpointError(f"{path}: {problem}" + ("" if error is None else
-                                                   f" ({_summary(error)})"))
+                                                   f" ({summary(error)})"))
 
 
 def _rebuild(header: dict, tensors: dict, map_location) -> Checkpoint:
@@ -211,90 +310,13 @@ def _rebuild(header: dict, tensors: dict, map_location) -> Checkpoint:
                       metadata=header["metadata"], extra=extra)
 
 
-def _damage(path: str, error: BaseException | None = None) -> str | None:
-    """What is wrong with a checkpoint file that did not load, in plain words ("truncated: ...",
-    "corrupted (checksum mismatch in ...): ..."), from its zip structure and the CRC-32 of every
-    entry (``torch.save`` writes them; ``torch.load`` does not check them); None when it is no
-    zip archive or an intact one (then it is foreign, not damaged). ``error``: what torch's
-    reader raised; a failure of its zip reader on an archive that Python's reads is damage too
-    (every file ``torch.save`` writes reads back)."""
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as file:
-            start = file.read(len(_ZIP_START))
-        whole = _has_end_record(path, size)
-    except OSError:
-        return None
-    if size < len(_ZIP_START):
-        return (f"truncated: the file has {size} bytes, too few for a checkpoint"
-                if _ZIP_START.startswith(start) else None)
-    if not whole:
-        return None if start != _ZIP_START else (
-            f"truncated: the file ends after {size} bytes, before the end of its zip archive "
-            "(an interrupted write or copy); use an intact copy")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = _bad_entry(archive)
-            names = archive.namelist()
-    except zipfile.BadZipFile as zip_error:
-        return f"corrupted: its zip archive is damaged ({zip_error})"
-    except Exception as zip_error:  # odd lengths or names: struct, Unicode, overflow errors
-        return f"corrupted: its zip archive is damaged ({_summary(zip_error)})"
-    if bad is not None:
-        return (f"corrupted (checksum mismatch in {bad}): its contents are not what was "
-                "written; use an intact copy")
-    if (error is not None and any(name.endswith("/data.pkl") for name in names)
-            and any(word in str(error) for word in ("PytorchStreamReader", "inline_container"))):
-        return "corrupted: its zip archive is damaged"
-    return None
-
-
-_ZIP_START = b"PK\x03\x04"  # a local file header: what every torch.save file starts with
-_ZIP_END = b"PK\x05\x06"  # the end of central directory record, the last thing in a zip
-_ZIP_END_SIZE = 22  # its length without a comment
-
-
-def _has_end_record(path: str, size: int) -> bool:
-    """Whether the file ends in a whole zip end record (22 bytes, then a comment, which
-    ``torch.save`` never writes), looked for in the last 64 KiB + 22 bytes: a file cut short
-    loses it, or part of it, whatever else it kept."""
-    with open(path, "rb") as file:
-        file.seek(max(0, size - (1 << 16) - _ZIP_END_SIZE))
-        tail = file.read()
-    found = tail.rfind(_ZIP_END)
-    return found >= 0 and len(tail) - found >= _ZIP_END_SIZE
-
-
-def _bad_entry(archive: zipfile.ZipFile) -> str | None:
-    """The first entry whose bytes fail their CRC-32 (None if all pass); entries written
-    without one (CRC 0: ``torch.serialization.set_crc32_options(False)``) are only opened."""
-    for info in archive.infolist():
-        try:
-            with archive.open(info) as entry:
-                while info.CRC and entry.read(1 << 20):
-                    pass
-        except zipfile.BadZipFile as error:
-            if "CRC" in str(error):
-                return info.filename
-            raise
-    return None
-
-
-def _summary(error: BaseException) -> str:
-    """``Type: message``, the message cut to its first sentence or line (at most ~160
-    characters, cut between words): library messages can run to paragraphs."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    sentence = text.split(". ")[0]
-    if len(sentence) > 160:
-        sentence = sentence[:160].rsplit(" ", 1)[0] + " ..."
-    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
-
-
 def _check_kind(model, name: str) -> None:
     entry = _registry.entry(type(model))
     if entry is None or entry.kind != "model":
         kinds = ", ".join(e.name for e in _registry.entries("model"))
-        raise TypeError(f"{name} must be a model ({kinds}), got {type(model).__name__}")
+        hint = ("; a torch.nn module converts with fnmlp.from_torch(module)"
+                if isinstance(model, torch.nn.Module) else "")
+        raise TypeError(f"{name} must be a model ({kinds}), got {type(model).__name__}{hint}")
 
 
 def _check_plain(value, name: str) -> None:
@@ -323,66 +345,6 @@ def _checksum(header: dict, tensors: dict[str, Tensor]) -> str:
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return digest.hexdigest()
-
-
-def check_writable(path) -> str:
-    """``path`` as a string; an ``OSError`` naming it, before any work, when no checkpoint can
-    be written there: it is a directory, or its folder is missing or not writable by this
-    process (root may write anywhere: then the write is tried, and its failure named too)."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise IsADirectoryError(errno.EISDIR, f"cannot write the checkpoint {path}: it is a "
-                                f"directory; name a file in it, such as "
-                                f"{os.path.join(path, 'run.fnmlp')}")
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(errno.ENOENT, f"cannot write the checkpoint {path}: its folder "
-                                f"{folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(errno.EACCES, f"cannot write the checkpoint {path}: its folder "
-                              f"{folder} is not writable")
-    return path
-
-
-def _write_error(path: str, error: OSError) -> OSError:
-    """``error`` (its type and errno kept) with a message that names the checkpoint ``path``
-    rather than the temporary file the error was about."""
-    message = f"cannot write the checkpoint {path}: {error.strerror or error}"
-    return type(error)(message) if error.errno is None else type(error)(error.errno, message)
-
-
-def _write_atomically(path: str, payload: dict) -> None:
-    """Write ``payload`` (``torch.save``) to ``path`` through a temporary file in the same
-    folder, flushed, fsynced and renamed over it: ``path`` holds the old file or the new one,
-    never part of one. An ``OSError`` names ``path``; the temporary file is removed."""
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        handle, temporary = tempfile.mkstemp(prefix=".fnmlp-", suffix=".tmp", dir=folder)
-    except OSError as error:
-        raise _write_error(path, error) from error
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(handle, 0o666 & ~umask)  # as an ordinary new file, not mkstemp's 0600
-        with os.fdopen(handle, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException as error:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        if isinstance(error, OSError):
-            raise _write_error(path, error) from error
-        raise
-    try:  # the rename itself, on disk
-        directory = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-    except OSError:  # pragma: no cover - file systems without directory fsync
-        pass
 
 
 def _fnmlp_version() -> str:

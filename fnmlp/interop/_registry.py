@@ -91,7 +91,8 @@ def _kind(cls) -> str:
     if kind is None:
         raise TypeError(f"{cls.__name__} cannot be registered: it must subclass fnmlp.Primitive,"
                         " fnmlp.nn.Loss, fnmlp.optim.Optimizer or fnmlp.optim.schedules.Schedule")
-    if "__dataclass_params__" not in cls.__dict__ or not cls.__dataclass_params__.frozen:
+    params = cls.__dict__.get("__dataclass_params__")  # this class's own, not a base's
+    if params is None or not params.frozen:
         raise TypeError(f"{cls.__name__} must be a frozen dataclass (a hashable spec): decorate "
                         "it with @dataclasses.dataclass(frozen=True), below @fnmlp.register")
     return kind
@@ -237,7 +238,7 @@ def _batch_norm_to_torch(primitive: BatchNorm, params, state, n_in):
                           affine=primitive.affine,
                           track_running_stats=primitive.track_running_stats,
                           **(_factory(tensors[0]) if tensors else {}))
-    values = {}
+    values: dict[str, torch.Tensor] = {}
     if primitive.affine:
         values.update(weight=params.weight, bias=params.bias)
     if primitive.track_running_stats:
@@ -252,11 +253,13 @@ def _batch_norm_from_torch(module: nn.BatchNorm1d):
                          "supported: fnmlp's affine BatchNorm has both")
     primitive = BatchNorm(module.momentum, module.eps, module.affine,
                           module.track_running_stats)
-    params = NormParams(_copy(module.weight), _copy(module.bias)) if module.affine else ()
-    state = ()
-    if module.track_running_stats:
-        state = BatchNormState(_copy(module.running_mean), _copy(module.running_var),
-                               _copy(module.num_batches_tracked))
+    weight, bias = module.weight, module.bias
+    params = NormParams(_copy(weight), _copy(bias)) if weight is not None and bias is not None \
+        else ()
+    mean, var, count = module.running_mean, module.running_var, module.num_batches_tracked
+    state: BatchNormState | tuple[()] = ()
+    if mean is not None and var is not None and count is not None:  # track_running_stats
+        state = BatchNormState(_copy(mean), _copy(var), _copy(count))
     return primitive, params, state
 
 
@@ -321,8 +324,8 @@ class LossTwin(NamedTuple):
     the loss options a module gives (``from_args(module)``)."""
 
     modules: tuple[type, ...]
-    to_args: Callable[[Loss, dict], dict]
-    from_args: Callable[[nn.Module], dict]
+    to_args: Callable[[Any, dict], dict]  # (the loss, its options) -> the module's
+    from_args: Callable[[Any], dict]
 
 
 def _no_options(*args) -> dict:
@@ -433,7 +436,7 @@ def loss_from_torch(module: nn.Module) -> Loss:
 
 
 def _checked_loss(loss_type: type, loss) -> Loss:
-    if type(loss) is not loss_type:
+    if type(loss) is not loss_type or not isinstance(loss, Loss):
         raise TypeError(f"the from_torch registered for {loss_type.__name__} returned "
                         f"{loss!r}, not a {loss_type.__name__}")
     return loss
@@ -460,7 +463,7 @@ class OptimizerTwin(NamedTuple):
 
     modules: tuple[type, ...]
     fields: tuple[str, ...]
-    torch_class: Callable[[Optimizer], type]
+    torch_class: Callable[[Any], type]
     build: Callable[[type, float, dict, dict], Optimizer]
 
 
@@ -495,11 +498,69 @@ def _optimizer_twin(optimizer: Optimizer) -> OptimizerTwin:
 class ScheduleTwin(NamedTuple):
     """A schedule's ``torch.optim.lr_scheduler`` twin: the scheduler class (``modules[0]``),
     its options for a schedule (``to_args(schedule)``) and the schedule a scheduler becomes
-    (``from_scheduler(scheduler, base_lr)``)."""
+    (``from_scheduler(scheduler, base_lr)``); a composite's ``to_torch(schedule, optimizer)``
+    builds its scheduler itself (then ``to_args`` is unused)."""
 
     modules: tuple[type, ...]
-    to_args: Callable[[sched.Schedule], dict]
+    to_args: Callable[[Any], dict]
     from_scheduler: Callable[[Any, float], sched.Schedule]
+    to_torch: Callable[[Any, torch.optim.Optimizer], Any] | None = None
+
+
+def schedule_to_torch(schedule: sched.Schedule, optimizer: torch.optim.Optimizer):
+    """The ``lr_scheduler`` of ``optimizer`` (whose rate is the schedule's base) doing what
+    ``schedule`` does, stepped once after every ``optimizer.step()``."""
+    rule = _twins("schedule").get(type(schedule))
+    if rule is None:
+        raise TypeError(f"{type(schedule).__name__} has no torch scheduler registered")
+    if rule.to_torch is not None:
+        return rule.to_torch(schedule, optimizer)
+    return rule.modules[0](optimizer, **rule.to_args(schedule))
+
+
+def schedule_from_torch(scheduler, base: float) -> sched.Schedule:
+    """The fnmlp schedule doing what ``scheduler`` does from the base rate ``base``."""
+    rules = _twins("schedule").values()
+    rule = next((r for r in rules if type(scheduler) in r.modules), None)
+    if rule is None:
+        raise TypeError(f"{type(scheduler).__name__} has no fnmlp schedule; supported: "
+                        + ", ".join(r.modules[0].__name__ for r in rules))
+    return rule.from_scheduler(scheduler, base)
+
+
+def _sequential_to_torch(schedule: sched.Sequential, optimizer) -> Any:
+    """``SequentialLR`` over the parts' schedulers, each from its own base rate (torch's
+    parts all start from the optimizer's rate: ``base_lrs`` is set after building)."""
+    parts = []
+    for part in schedule.parts:
+        scheduler = schedule_to_torch(part, optimizer)
+        scheduler.base_lrs = [float(part.base)] * len(optimizer.param_groups)
+        parts.append(scheduler)
+    return torch.optim.lr_scheduler.SequentialLR(optimizer, parts, list(schedule.boundaries))
+
+
+def _sequential_from_torch(scheduler, base: float) -> sched.Sequential:
+    parts = tuple(schedule_from_torch(part, float(getattr(part, "base_lrs", [base])[0]))
+                  for part in scheduler._schedulers)
+    return sched.sequence(parts, tuple(scheduler._milestones))
+
+
+class _TorchStepFunction:
+    """A ``Lambda`` schedule's function as ``LambdaLR``'s ``lr_lambda``: torch's int epoch
+    given as fnmlp's float64 0-d step, the factor returned as a float."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, epoch: int) -> float:
+        return float(self.fn(torch.tensor(float(epoch), dtype=torch.float64)))
+
+
+def _lambda_from_torch(scheduler, base: float) -> sched.Lambda:
+    """``LambdaLR``'s function, unwrapped if fnmlp made it; another is called with fnmlp's
+    floating 0-d step in place of torch's int epoch (arithmetic and torch ops take both)."""
+    fn = scheduler.lr_lambdas[0]
+    return sched.Lambda(base, fn.fn if isinstance(fn, _TorchStepFunction) else fn)
 
 
 _registry.set_twin(sched.Constant, ScheduleTwin(
@@ -520,6 +581,12 @@ _registry.set_twin(sched.LinearWarmup, ScheduleTwin(
     lambda s: {"start_factor": s.start_factor, "end_factor": 1.0,
                "total_iters": s.warmup_steps},
     lambda s, base: _linear_warmup_from_torch(s, base)))
+_registry.set_twin(sched.Sequential, ScheduleTwin(
+    (torch.optim.lr_scheduler.SequentialLR,), _no_options, _sequential_from_torch,
+    _sequential_to_torch))
+_registry.set_twin(sched.Lambda, ScheduleTwin(
+    (torch.optim.lr_scheduler.LambdaLR,), lambda s: {"lr_lambda": _TorchStepFunction(s.fn)},
+    _lambda_from_torch))
 
 
 def _constant_from_torch(scheduler, base: float) -> sched.Constant:
@@ -551,11 +618,7 @@ def optimizer_to_torch(optimizer, parameters) -> TorchOptimizer:
     torch_optimizer = twin.torch_class(optimizer)(parameters, lr=lr, **options)
     scheduler = None
     if optimizer.schedule is not None:
-        rule = _twins("schedule").get(type(optimizer.schedule))
-        if rule is None:
-            raise TypeError(f"{type(optimizer.schedule).__name__} has no torch scheduler "
-                            "registered")
-        scheduler = rule.modules[0](torch_optimizer, **rule.to_args(optimizer.schedule))
+        scheduler = schedule_to_torch(optimizer.schedule, torch_optimizer)
     return TorchOptimizer(torch_optimizer, scheduler, tuple(clip_norms))
 
 
@@ -581,12 +644,7 @@ def optimizer_from_torch(optimizer: torch.optim.Optimizer, scheduler=None,
     if "betas" in options:
         options["betas"] = tuple(float(beta) for beta in options["betas"])
     if scheduler is not None:
-        schedules = _twins("schedule").values()
-        schedule_rule = next((r for r in schedules if type(scheduler) in r.modules), None)
-        if schedule_rule is None:
-            raise TypeError(f"{type(scheduler).__name__} has no fnmlp schedule; supported: "
-                            + ", ".join(r.modules[0].__name__ for r in schedules))
-        lr = schedule_rule.from_scheduler(scheduler, lr)
+        lr = schedule_from_torch(scheduler, lr)
     result = rule.build(type(optimizer), lr, options, group)
     for max_norm in reversed(tuple(clip_norms)):
         result = ClipByGlobalNorm(result, float(max_norm))
@@ -596,4 +654,5 @@ def optimizer_from_torch(optimizer: torch.optim.Optimizer, scheduler=None,
 __all__ = ["register", "SharedMaskDropout", "rule_for_primitive", "rule_for_module",
            "module_for", "supported_modules", "loss_to_torch", "loss_from_torch",
            "TorchOptimizer", "optimizer_to_torch", "optimizer_from_torch", "LossTwin",
-           "OptimizerTwin", "ScheduleTwin", "CustomLossTwin"]
+           "OptimizerTwin", "ScheduleTwin", "CustomLossTwin", "schedule_to_torch",
+           "schedule_from_torch"]

@@ -2,15 +2,23 @@
 
 Only registered classes are rebuilt: specs by their registry name (``fnmlp._registry``: fnmlp's
 own classes and those given to ``fnmlp.register``), and pytree dataclasses made with
-``fnmlp.pytree_dataclass``, by ``module.qualname``; nothing is imported or called by name from
-the data, so reading a spec runs no code from it.
+``fnmlp.pytree_dataclass``, fnmlp's own by their public path (``fnmlp.nn.LinearParams``), one's
+own by ``module.qualname``; nothing is imported or called by name from the data, so reading a
+spec runs no code from it.
+
+A tree's tensors are named by their path in it, as torch's ``state_dict`` names a module's:
+``0.weight`` is the ``weight`` of the tuple's item 0.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import numbers
+import sys
+from typing import cast
 
+import torch
 from torch import Tensor
 
 from fnmlp import _registry, _tree
@@ -60,6 +68,13 @@ def _encode_option(value, spec, field: str):
         return {"tuple": [_encode_option(v, spec, field) for v in value]}
     if value is None or isinstance(value, (bool, str)) or isinstance(value, numbers.Real):
         return value
+    if callable(value) and not dataclasses.is_dataclass(value):  # a function, a lambda
+        # the cast: spec's class is registered (encode_spec checked it)
+        kind = cast(_registry.Entry, _registry.entry(type(spec))).kind
+        raise TypeError(f"a {kind} made from a Python function cannot be saved; "
+                        f"{type(spec).__name__}.{field} holds {value!r}: express it with "
+                        f"fnmlp's own {kind}s, or a class of your own registered with "
+                        "fnmlp.register, or save (or fit) without a checkpoint")
     if _registry.entry(type(value)) is None and not dataclasses.is_dataclass(value):
         raise TypeError(f"{type(spec).__name__}.{field} holds a {type(value).__name__}, which a "
                         "spec cannot store: options are numbers, strings, booleans, None, "
@@ -108,37 +123,101 @@ def _decode_option(value):
     return value
 
 
-def encode_tree(tree, tensors: dict[str, Tensor]):
-    """A JSON-able description of a pytree; its tensors are added to ``tensors`` by name."""
+def encode_tree(tree, tensors: dict[str, Tensor], name: str = "", *,
+                members: int | None = None):
+    """A JSON-able description of a pytree; its tensors are added to ``tensors``.
+
+    Arguments:
+        tree: tensors, None, tuples, lists, dicts with string keys and
+            ``fnmlp.pytree_dataclass`` instances.
+        tensors: where the tensors go, by name: ``name``, then the tuple and list indices,
+            dataclass fields and dict keys down to the tensor, joined by dots (``opt_state`` and
+            ``exp_avg``, 0, ``weight``: ``opt_state.exp_avg.0.weight``); a name taken already
+            gets ``~1``, ``~2``, ... (a dict key holding a dot can meet another path).
+        name: the tree's own name ("" for none).
+        members: for a tree stacked over that many members (an ensemble's: leaves (K, ...)),
+            store member k's slice of every tensor under ``members.k.`` and its path; the
+            description then holds ``{"stack": [the K names]}`` where a tensor was.
+    """
     if isinstance(tree, Tensor):
-        name = f"t{len(tensors)}"
-        tensors[name] = tree.detach()
-        return {"tensor": name}
+        if members is None:
+            return {"tensor": _add(tensors, name or "tensor", tree.detach())}
+        return {"stack": [_add(tensors, _join(f"members.{k}", name or "tensor"),
+                               tree.detach()[k]) for k in range(members)]}
     if tree is None:
         return None
     if isinstance(tree, (tuple, list)):
         return {"tuple" if isinstance(tree, tuple) else "list":
-                [encode_tree(child, tensors) for child in tree]}
+                [encode_tree(child, tensors, _join(name, i), members=members)
+                 for i, child in enumerate(tree)]}
     if isinstance(tree, dict) and all(isinstance(key, str) for key in tree):
-        return {"dict": {key: encode_tree(child, tensors) for key, child in tree.items()}}
+        return {"dict": {key: encode_tree(child, tensors, _join(name, key), members=members)
+                         for key, child in tree.items()}}
     fields = _tree.dataclass_fields(type(tree))
     if fields is not None:
-        return {"dataclass": _tree.dataclass_name(type(tree)),
-                "fields": {name: encode_tree(getattr(tree, name), tensors) for name in fields}}
+        return {"dataclass": dataclass_name(type(tree)),
+                "fields": {field: encode_tree(getattr(tree, field), tensors,
+                                              _join(name, field), members=members)
+                           for field in fields}}
     raise TypeError(f"a {type(tree).__name__} cannot be saved: trees hold tensors, tuples, "
                     "lists, dicts with string keys and fnmlp.pytree_dataclass instances")
 
 
+def _join(name: str, key) -> str:
+    return f"{name}.{key}" if name else str(key)
+
+
+def _add(tensors: dict[str, Tensor], name: str, tensor: Tensor) -> str:
+    """Put ``tensor`` in ``tensors`` under ``name``, or ``name~1``, ... if that is taken."""
+    unique = name
+    for count in itertools.count(1):
+        if unique not in tensors:
+            break
+        unique = f"{name}~{count}"
+    tensors[unique] = tensor
+    return unique
+
+
+def dataclass_name(cls: type) -> str:
+    """The name a file stores for the ``pytree_dataclass`` ``cls``: fnmlp's own by its public
+    path (``fnmlp.nn.LinearParams``, ``fnmlp.optim.AdamState``: where ``fnmlp`` exports it),
+    a class of one's own by ``module.qualname``, as ``fnmlp.pytree_dataclass`` registered it."""
+    if _is_own(cls):
+        parts = cls.__module__.split(".")
+        public = ".".join(itertools.takewhile(lambda part: not part.startswith("_"), parts))
+        if getattr(sys.modules.get(public), cls.__qualname__, None) is cls:
+            return f"{public}.{cls.__qualname__}"
+    return _tree.dataclass_name(cls)
+
+
+def dataclass_named(name: str) -> type | None:
+    """The ``pytree_dataclass`` a file names (``dataclass_name``'s, or ``module.qualname``,
+    which older files store for fnmlp's own too), or None; only modules loaded already are
+    looked in: nothing is imported."""
+    if not isinstance(name, str):
+        return None
+    module, _, attribute = name.rpartition(".")
+    if module.partition(".")[0] == "fnmlp":
+        found = getattr(sys.modules.get(module), attribute, None)
+        if isinstance(found, type) and _tree.dataclass_fields(found) is not None:
+            return found
+    return _tree.dataclass_named(name)
+
+
 def decode_tree(data, tensors: dict[str, Tensor]):
-    """The pytree ``encode_tree`` described, with its tensors taken from ``tensors``."""
+    """The pytree ``encode_tree`` described, with its tensors taken from ``tensors`` (a
+    ``stack`` of member tensors stacked again)."""
     if data is None:
         return None
     if not isinstance(data, dict) or len(data) not in (1, 2):
         raise SpecError(f"not a tree: {data!r}")
     if "tensor" in data:
-        if data["tensor"] not in tensors:
-            raise SpecError(f"tensor {data['tensor']!r} is missing")
-        return tensors[data["tensor"]]
+        return _tensor(data["tensor"], tensors)
+    if "stack" in data:
+        names = data["stack"]
+        if not isinstance(names, list) or not names:
+            raise SpecError(f"not a tree: {data!r}")
+        return torch.stack([_tensor(name, tensors) for name in names])
     if "tuple" in data:
         return tuple(decode_tree(child, tensors) for child in data["tuple"])
     if "list" in data:
@@ -146,10 +225,16 @@ def decode_tree(data, tensors: dict[str, Tensor]):
     if "dict" in data:
         return {key: decode_tree(child, tensors) for key, child in data["dict"].items()}
     if "dataclass" in data:
-        cls = _tree.dataclass_named(data["dataclass"])
+        cls = dataclass_named(data["dataclass"])
         if cls is None:
             raise SpecError(f"unknown pytree dataclass {data['dataclass']!r} (define it with "
                             "fnmlp.pytree_dataclass before loading)")
         return cls(**{name: decode_tree(child, tensors) for name, child in
                       data["fields"].items()})
     raise SpecError(f"not a tree: {data!r}")
+
+
+def _tensor(name, tensors: dict[str, Tensor]) -> Tensor:
+    if not isinstance(name, str) or name not in tensors:
+        raise SpecError(f"tensor {name!r} is missing")
+    return tensors[name]

@@ -29,6 +29,12 @@ def to_torch(model: MLP, params: Params, state: State | None = None, *,
         shared_dropout: use ``SharedMaskDropout`` instead of ``nn.Dropout``, so that the twin
             drops the same units as fnmlp given the same key (for parity runs).
     """
+    if not isinstance(model, MLP):
+        hint = ("; it is torch already (fnmlp.from_torch(module) makes an fnmlp model of it)"
+                if isinstance(model, nn.Module) else
+                "; an ensemble's member k is to_torch(ensemble.model, ensemble.member(params, k))"
+                if hasattr(model, "member") else "")
+        raise TypeError(f"to_torch takes an fnmlp.MLP, got {type(model).__name__}{hint}")
     like = model.check_params(params)
     state = model.init_state(dtype=like.dtype, device=like.device) if state is None else state
     model.check_state(state, like)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -255,7 +255,8 @@ def _build_table(generation: int) -> tuple[dict[str, Activation], dict[str, str]
     aliases: dict[str, str] = {}
     for entry in _registry.entries("primitive"):
         by_name.update(named_instances(entry.cls))
-        aliases.update(dict.fromkeys(_own_aliases(entry.cls), entry.cls.__dict__.get("name")))
+        if _names_itself(entry.cls):  # only such a class has aliases of its own
+            aliases.update(dict.fromkeys(_own_aliases(entry.cls), entry.cls.name))
     return by_name, aliases
 
 
@@ -270,7 +271,7 @@ def named_instances(cls: type) -> dict[str, Activation]:
     return found
 
 
-def _names_itself(cls: type) -> bool:
+def _names_itself(cls: type) -> TypeGuard[type[Activation]]:
     """Whether ``cls`` is an activation with a ``name`` of its own (not inherited)."""
     return isinstance(cls, type) and issubclass(cls, Activation) and "name" in cls.__dict__
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple, Sequence
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ from fnmlp.nn._activations import Activation, Identity, get_activation
 from fnmlp.nn._dropout import Dropout
 from fnmlp.nn._init import get_initializer
 from fnmlp.nn._linear import Linear
-from fnmlp.nn._losses import Loss, mse
+from fnmlp.nn._losses import BinaryCrossEntropyWithLogits, CrossEntropy, Loss, mse
 from fnmlp.nn._norm import LayerNorm, check_eps
 from fnmlp.nn._primitive import EVAL, Context, Primitive
 
@@ -71,8 +72,10 @@ class Dense:
         sequence: list[Primitive] = [Linear(self.units, self.init)]
         if self.layer_norm:
             sequence.append(LayerNorm(self.norm_eps))
-        if self.activation.name != "identity":
-            sequence.append(self.activation)
+        # the cast: __post_init__ made the field an Activation (it accepts names and None)
+        activation = cast(Activation, self.activation)
+        if activation.name != "identity":
+            sequence.append(activation)
         if self.dropout:
             sequence.append(Dropout(self.dropout))
         return sequence
@@ -113,6 +116,11 @@ class MLP:
 
     in_features: int
     layers: tuple[Primitive, ...]
+    if TYPE_CHECKING:  # set by __init__ and has_state, derived from the fields (not fields)
+        _widths: tuple[int, ...]
+        _has_dropout: bool
+        _min_training_rows: int
+        _no_state: State | None  # the stateless model's state (None when it keeps state)
 
     def __init__(self, in_features: int, layers: Sequence[Primitive | Dense | str]):
         _validate.check_positive_int(in_features, "in_features")
@@ -193,8 +201,8 @@ class MLP:
         device = torch.device(device) if device is not None else generator.device
         params = []
         for layer, n_in in zip(self.layers, self.widths):
-            if getattr(layer, "initializer", "") is None:
-                layer = dataclasses.replace(layer, initializer=init)
+            if getattr(layer, "initializer", "") is None:  # Linear's field (or a user's)
+                layer = dataclasses.replace(cast(Any, layer), initializer=init)
             params.append(layer.init(generator, n_in, dtype, device)[1])
         return tuple(params)
 
@@ -211,20 +219,31 @@ class MLP:
         """Raise unless ``params`` fits this spec; return one leaf (for dtype and device)."""
         return _check_tree(params, "params", self)
 
-    def check_state(self, state: State, like: Tensor) -> None:
-        """Raise unless ``state`` fits this spec, on ``like``'s dtype and device."""
+    def check_state(self, state: State, like: Tensor | None) -> None:
+        """Raise unless ``state`` fits this spec, on ``like``'s dtype and device (None: on
+        one dtype and device, its first leaf's)."""
         _check_tree(state, "state", self, like=like)
 
     def check_data(self, params: Params, x, y=None, *, loss: Loss = mse, finite: bool = True,
-                   like: Tensor | None = None, names: tuple[str, str] = ("x", "y")
-                   ) -> tuple[Tensor, Tensor | None]:
+                   like: Tensor | None = None, names: tuple[str, str] = ("x", "y"),
+                   sparse: bool = False) -> tuple[Tensor, Tensor | None]:
         """Validated (x, y) as tensors on the parameters' device (x in their dtype, y as
-        ``loss`` wants it); with ``finite``, also checked value by value (NaN, inf, label
-        ranges). ``like``: a leaf of known-good params, which are then not checked again."""
+        ``loss`` wants it), by the input rule of ``fnmlp._validate.as_data``.
+
+        Arguments:
+            params: the parameters (checked unless ``like`` is given).
+            x, y: the data; y None for inference.
+            loss: the loss y is checked for.
+            finite: also check value by value (NaN, inf, label ranges).
+            like: a leaf of known-good params, which are then not checked again.
+            names: x's and y's names in error messages.
+            sparse: keep a SciPy sparse x as CSR rows (``_validate.as_rows``), for a caller
+                that densifies it a block of rows at a time; else it is refused.
+        """
         if like is None:
             like = self.check_params(params)
         x_name, y_name = names
-        x = _validate.as_data(x, x_name, like)
+        x = (_validate.as_rows if sparse else _validate.as_data)(x, x_name, like)
         _validate.check_matrix(x, x_name, self.in_features, "features")
         if y is not None:
             y = loss.check_target(y, self.out_features, like, y_name)
@@ -271,7 +290,7 @@ class MLP:
             if self.has_state:
                 raise ValueError("this model keeps running statistics (BatchNorm): pass "
                                  "state=model.init_state(...) and keep the state it returns")
-            return self._no_state
+            return cast(State, self._no_state)  # a tuple: the model keeps no state
         self.check_state(state, like)
         return state
 
@@ -283,8 +302,10 @@ class MLP:
 
         Arguments:
             params: from ``init`` (or training).
-            x: (m, in_features) inputs, a tensor on the parameters' dtype and device or an
-                array.
+            x: (m, in_features) inputs: a tensor on the parameters' device, a NumPy array,
+                a DataFrame or a list, of any real dtype (taken in the parameters' dtype:
+                ``fnmlp._validate.as_data``); in evaluation mode also a SciPy sparse matrix,
+                densified a block of rows at a time (bounded memory, the same result).
             state: the running statistics, required in evaluation when the model has
                 ``BatchNorm``.
             train: training-mode behaviour (batch statistics; dropout with ``key``); by
@@ -292,8 +313,27 @@ class MLP:
         """
         like = self.check_params(params)
         _validate.check_no_autocast(like.device, "MLP.apply")
-        x, _ = self.check_data(params, x, like=like)
-        return self.unchecked_apply(params, x, like, state, train, key)
+        x, _ = self.check_data(params, x, like=like, sparse=not train)
+        return self.predict_rows(params, x, like, state) if _validate.is_sparse(x) else \
+            self.unchecked_apply(params, x, like, state, train, key)
+
+    def predict_rows(self, params: Params, rows, like: Tensor, state,
+                     block: int | None = None) -> Tensor:
+        """Evaluation-mode predictions for checked CSR rows (``_validate.as_rows``), densified
+        ``block`` rows at a time (default: 64 MiB of dense rows, ``_validate.block_rows``).
+
+        Arguments:
+            params, state: as ``apply`` (checked).
+            rows: the CSR rows.
+            like: a parameter leaf (dtype and device).
+            block: rows densified at a time.
+        """
+        block = block or _validate.block_rows(self.in_features, like)
+        parts = [self.unchecked_apply(params, _validate.dense_rows(rows[start:start + block],
+                                                                   "x", like),
+                                      like, state, False, None)
+                 for start in range(0, rows.shape[0], block)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def unchecked_apply(self, params: Params, x: Tensor, like: Tensor, state, train: bool,
                  key) -> Tensor:
@@ -346,41 +386,113 @@ class MLP:
 
     def evaluate(self, params: Params, x, y, loss: Loss = mse, *, state: State | None = None,
                  sample_weight=None) -> float:
-        """The loss of the evaluation-mode predictions on (x, y), as a Python float."""
+        """The loss of the evaluation-mode predictions on (x, y), as a Python float; x as
+        ``apply`` takes it (a SciPy sparse matrix too, densified a block of rows at a
+        time)."""
         check_loss(loss)  # a float: "none" has no single value
         like = self.check_params(params)
         _validate.check_no_autocast(like.device, "MLP.evaluate")
-        x, y = self.check_data(params, x, y, loss=loss, like=like)
+        x, y = self.check_data(params, x, y, loss=loss, like=like, sparse=True)
         weight = _validate.as_weights(sample_weight, x.shape[0], like)
-        prediction = self.unchecked_apply(params, x, like, state, train=False, key=None)
+        prediction = (self.predict_rows(params, x, like, state) if _validate.is_sparse(x)
+                      else self.unchecked_apply(params, x, like, state, train=False, key=None))
         with torch.no_grad():
             return loss(prediction, y, weight).item()
 
-    def predict_proba(self, params: Params, x, *, state: State | None = None) -> Tensor:
-        """Class probabilities (m, classes): softmax of the outputs, which are taken as logits
-        unless the last primitive is already a softmax (or log-softmax).
+    def predict_proba(self, params: Params, x, *, loss: Loss | None = None,
+                      state: State | None = None) -> Tensor:
+        """Class probabilities, where the outputs are probabilities or ``loss`` says that they
+        are a classifier's logits.
 
-        A single output is a binary classifier (``binary_cross_entropy_with_logits``): its
-        sigmoid (unless the last primitive is a sigmoid already) is P(class 1), and the result
-        is (m, 2), columns P(class 0) and P(class 1), as scikit-learn's ``predict_proba``.
+        The last primitive (past ``Dropout`` and ``Identity``) decides first: the outputs of
+        a softmax are the probabilities, of a log-softmax their logs (exponentiated), of a
+        sigmoid one probability per output. Otherwise the outputs are taken as logits only
+        when ``loss`` is the classifier's training loss: a ``CrossEntropy``
+        (``fnmlp.cross_entropy``) gives their softmax, a ``BinaryCrossEntropyWithLogits``
+        their sigmoid; for any other network (a regression, a ``Linear`` head without
+        ``loss``) this raises ``ValueError`` before any work.
+
+        One sigmoid output is a binary classifier: the result is (m, 2), columns P(class 0)
+        and P(class 1), as scikit-learn's ``predict_proba``; several sigmoid outputs are
+        independent labels (multilabel): (m, outputs). A softmax gives (m, classes).
+
+        Arguments:
+            params, x, state: as ``apply`` (evaluation mode; x may be SciPy sparse).
+            loss: the loss the classifier was trained with, when its outputs are logits.
         """
+        kind, link = self.probability_head(loss)
         out = self.apply(params, x, state=state)
-        last = next((getattr(layer, "name", None) for layer in reversed(self.layers)
-                     if not isinstance(layer, (Dropout, Identity))), None)  # past dropout
-        if self.out_features == 1:
-            positive = out if last == "sigmoid" else torch.sigmoid(out)
-            return torch.cat([1 - positive, positive], dim=1)
-        if last == "softmax":
-            return out
-        if last == "log_softmax":
-            return torch.exp(out)
-        return torch.softmax(out, dim=1)
+        probabilities = out if link is None else link(out)
+        if kind == "sigmoid" and self.out_features == 1:
+            return torch.cat([1 - probabilities, probabilities], dim=1)
+        return probabilities
 
-    def predict_classes(self, params: Params, x, *, state: State | None = None) -> Tensor:
-        """The most probable class of each row (m,), int64 (for one output: P(class 1) > 1/2)."""
-        if self.out_features == 1:
-            return (self.predict_proba(params, x, state=state)[:, 1] > 0.5).long()
-        return self.apply(params, x, state=state).argmax(dim=1)
+    def predict_classes(self, params: Params, x, *, loss: Loss | None = None,
+                        state: State | None = None) -> Tensor:
+        """The predicted classes, int64: for a softmax (or softmax logits) the most probable
+        class of each row (m,); for one sigmoid output P(class 1) > 1/2, (m,); for several
+        sigmoid outputs (multilabel) an (m, outputs) indicator of P > 1/2. Which outputs are
+        probabilities or logits, and ``loss``: as ``predict_proba`` (a ``ValueError`` for a
+        network whose outputs are neither).
+
+        Arguments:
+            params, x, state: as ``apply`` (evaluation mode; x may be SciPy sparse).
+            loss: the loss the classifier was trained with, when its outputs are logits.
+        """
+        kind, _ = self.probability_head(loss)
+        if kind == "softmax":  # the largest output is the most probable class
+            return self.apply(params, x, state=state).argmax(dim=1)
+        probabilities = self.predict_proba(params, x, loss=loss, state=state)
+        positive = probabilities[:, 1] if self.out_features == 1 else probabilities
+        return (positive > 0.5).long()
+
+    def probability_head(self, loss: Loss | None = None) -> tuple[str, Callable | None]:
+        """How the outputs become class probabilities (the rule of ``predict_proba``):
+        ``(kind, link)``, ``kind`` "softmax" (one distribution over the outputs) or "sigmoid"
+        (each output a probability), ``link`` the function of the outputs that gives them
+        (None: the outputs are the probabilities).
+
+        Arguments:
+            loss: the classifier's training loss, or None; consulted only when the last
+                primitive is not a softmax, log-softmax or sigmoid.
+
+        Raises ``ValueError`` when neither the last primitive nor ``loss`` makes the outputs
+        probabilities, ``TypeError`` when ``loss`` is not an fnmlp loss.
+        """
+        head = self._last_primitive()
+        found = _PROBABILITY_HEADS.get(getattr(head, "name", ""))
+        if found is not None:
+            return found
+        if loss is not None and not isinstance(loss, Loss):
+            raise TypeError(f"loss must be an fnmlp loss such as fnmlp.cross_entropy, got "
+                            f"{loss!r}")
+        if isinstance(loss, CrossEntropy):
+            return "softmax", _softmax
+        if isinstance(loss, BinaryCrossEntropyWithLogits):
+            return "sigmoid", torch.sigmoid
+        what = f"the network's outputs are not probabilities: its last primitive is " \
+               f"{type(head).__name__}"
+        if loss is None:
+            raise ValueError(f"{what}; pass loss=fnmlp.cross_entropy if they are logits of a "
+                             "classifier trained with it (loss=fnmlp."
+                             "BinaryCrossEntropyWithLogits() for a binary or multilabel one)")
+        raise ValueError(f"{what}, and loss={loss!r} is not a classifier's: pass the loss it "
+                         "was trained with, fnmlp.cross_entropy or "
+                         "fnmlp.BinaryCrossEntropyWithLogits(), if they are logits")
+
+    def _last_primitive(self) -> Primitive:
+        """The last primitive past ``Dropout`` and ``Identity`` (the last one if all are)."""
+        return next((layer for layer in reversed(self.layers)
+                     if not isinstance(layer, (Dropout, Identity))), self.layers[-1])
+
+
+def _softmax(logits: Tensor) -> Tensor:
+    return torch.softmax(logits, dim=1)
+
+
+# the heads whose outputs are probabilities: (kind, link) as ``MLP.probability_head`` gives
+_PROBABILITY_HEADS = {"softmax": ("softmax", None), "log_softmax": ("softmax", torch.exp),
+                      "sigmoid": ("sigmoid", None)}
 
 
 # --- the two loops, without checks ----------------------------------------------------------
@@ -402,8 +514,9 @@ def backward(model: MLP, params: Params, residuals: list, dy: Tensor) -> Params:
     primitive's backward in reverse order (the first needs no input gradient)."""
     grads: list[Any] = [None] * len(params)
     for i in reversed(range(len(params))):
-        dy, grads[i] = model.layers[i].backward(params[i], residuals[i], dy,
-                                                need_input_grad=i > 0)
+        # the cast: dx is None only where need_input_grad is false, the loop's last pass
+        dy, grads[i] = cast("tuple[Tensor, Any]", model.layers[i].backward(
+            params[i], residuals[i], dy, need_input_grad=i > 0))
     return tuple(grads)
 
 
@@ -429,24 +542,26 @@ def l2_penalty(model: MLP, params: Params, grads: Params, value: Tensor, l2: flo
     """scikit-learn's ``alpha``: adds l2/(2N)·sum ||W||² over the penalized leaves (``Linear``
     weights, not biases) to the loss and l2/N·W to their gradients, N the batch's rows (its
     weight sum with row weights; 1 for a summed loss) — the penalty per unit of data."""
+    scale: Tensor | float
     if loss.reduction == "sum":
         scale = l2
     else:
         scale = l2 / (weight.sum() if weight is not None else rows)
-    grads, total = list(grads), None
+    updated: list[Any] = list(grads)
+    total: Tensor | None = None
     for i, layer in enumerate(model.layers):
         for name in layer.penalized:
             w = getattr(params[i], name)
-            gradient = getattr(grads[i], name)
+            gradient = getattr(updated[i], name)
             gradient = gradient.add(w, alpha=scale) if isinstance(scale, float) else \
                 gradient + scale * w
-            grads[i] = dataclasses.replace(grads[i], **{name: gradient})
+            updated[i] = dataclasses.replace(updated[i], **{name: gradient})
             flat = w.reshape(-1)
             square = torch.dot(flat, flat)
             total = square if total is None else total + square
     if total is not None:
         value = value + (0.5 * scale) * total
-    return value, tuple(grads)
+    return value, tuple(updated)
 
 
 # --- checks -----------------------------------------------------------------------------------
@@ -470,20 +585,21 @@ class _Template(NamedTuple):
 def _templates(model: MLP) -> _Template:
     """Parameters and state of ``model`` on the meta device, with their structure."""
     generator = torch.Generator()
-    params, state = [], []
+    param_list: list[Any] = []
+    state_list: list[Any] = []
     for layer, n_in in zip(model.layers, model.widths):
-        if getattr(layer, "initializer", "") is None:
-            layer = dataclasses.replace(layer, initializer="zeros")
+        if getattr(layer, "initializer", "") is None:  # Linear's field (or a user's)
+            layer = dataclasses.replace(cast(Any, layer), initializer="zeros")
         _, p = layer.init(generator, n_in, torch.float32, torch.device("cpu"))
-        params.append(tree_map(lambda t: t.to("meta"), p))
-        state.append(layer.init_state(n_in, torch.float32, torch.device("meta")))
-    params, state = tuple(params), tuple(state)
+        param_list.append(tree_map(lambda t: t.to("meta"), p))
+        state_list.append(layer.init_state(n_in, torch.float32, torch.device("meta")))
+    params, state = tuple(param_list), tuple(state_list)
     (param_leaves, param_spec), (state_leaves, state_spec) = flatten(params), flatten(state)
     return _Template(params, state, param_spec, state_spec, param_leaves, state_leaves,
                      _leaf_paths(params, "params"), _leaf_paths(state, "state"))
 
 
-def _check_tree(tree, name: str, model: MLP, like: Tensor | None = None) -> Tensor | None:
+def _check_tree(tree, name: str, model: MLP, like: Tensor | None = None) -> Tensor:
     """Raise unless ``tree`` (``name``: "params" or "state") has the template's structure and
     shapes, every float leaf one dtype and device (``like``'s if given); return a leaf."""
     template = _templates(model)

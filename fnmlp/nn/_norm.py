@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -47,7 +48,8 @@ def _affine_params(n: int, dtype, device) -> NormParams:
 def check_eps(eps, name: str = "eps") -> None:
     """Raise unless ``eps`` is a real number > 0; the message calls it ``name`` (the option the
     user wrote: ``Dense``'s ``norm_eps``)."""
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+    # the cast: typeshed's numbers.Real declares __lt__ and __le__ but no __gt__
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not cast(float, eps) > 0:
         raise ValueError(f"{name} must be a number > 0, got {eps!r}")
 
 
@@ -179,6 +181,7 @@ class BatchNorm(Primitive):
 
     def _update_running_stats(self, state: BatchNormState, mean, var, count) -> BatchNormState:
         tracked = state.num_batches_tracked + 1
+        alpha: Tensor | float
         if self.momentum is None:
             alpha = 1 / tracked.to(mean.dtype)
         else:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 import torch.utils._pytree as pytree
@@ -30,7 +30,7 @@ from fnmlp import _registry
 from fnmlp._tree import flatten, pytree_dataclass, tree_builder, unflatten_traced
 from fnmlp._validate import check_learning_rate
 from fnmlp.optim import _fused
-from fnmlp.optim.schedules import Schedule
+from fnmlp.optim.schedules import Schedule, as_lr
 
 
 def _leafwise(fn, params, *trees):
@@ -100,6 +100,16 @@ def _check_like(tree, name: str, leaves: list, spec, params) -> None:
                              f"params{path} is {tuple(p.shape)} {p.dtype} on {p.device}")
 
 
+class OptimizerState(Protocol):
+    """What every optimizer's state holds besides its per-parameter buffers."""
+
+    @property
+    def step(self) -> Tensor: ...
+
+    @property
+    def learning_rate(self) -> Tensor: ...
+
+
 def steps_taken(state) -> Tensor:
     """The state's count of updates made, as a 0-d tensor in its learning rate's dtype."""
     return state.step.to(state.learning_rate.dtype)
@@ -107,7 +117,8 @@ def steps_taken(state) -> Tensor:
 
 @dataclasses.dataclass(frozen=True)
 class Optimizer:
-    """Base class. ``lr``: a positive float, a 0-d tensor or an ``fnmlp.schedules`` schedule."""
+    """Base class. ``lr``: a positive float, a 0-d tensor, an ``fnmlp.schedules`` schedule, or
+    a function of the step returning the rate (kept as ``schedules.lambda_lr(1.0, fn)``)."""
 
     lr: float | Tensor | Schedule
 
@@ -117,6 +128,7 @@ class Optimizer:
         _registry.add_own(cls, "optimizer")
 
     def __post_init__(self):
+        object.__setattr__(self, "lr", as_lr(self.lr))  # a function of the step: a schedule
         if not isinstance(self.lr, Schedule):
             check_learning_rate(self.lr)
 
@@ -153,13 +165,14 @@ class Optimizer:
         return {"step": torch.zeros((), dtype=torch.int64, device=like.device),
                 "learning_rate": _scalar(self.base_lr, like)}
 
-    state_type: ClassVar[type]
+    state_type: ClassVar[type[OptimizerState]]
 
     def buffers(self) -> dict[str, bool]:
         """The state's per-parameter buffers: name -> whether these options keep it."""
         raise NotImplementedError
 
-    def update(self, params, grads, state, *, fused: bool = False):
+    def update(self: Optimizer | ClipByGlobalNorm, params, grads, state, *,
+               fused: bool = False):
         """``(new_params, new_state)`` after one update with ``grads``.
 
         Arguments:
@@ -200,7 +213,7 @@ class Optimizer:
         """
         raise NotImplementedError
 
-    def check(self, params, grads, state) -> None:
+    def check(self: Optimizer | ClipByGlobalNorm, params, grads, state) -> None:
         """Raise unless ``params``, ``grads`` (None: not checked) and ``state`` fit together."""
         if torch.compiler.is_compiling():
             return
@@ -537,7 +550,7 @@ class ClipByGlobalNorm:
         return self.inner.init(params)
 
     @property
-    def state_type(self) -> type:
+    def state_type(self) -> type[OptimizerState]:
         return self.inner.state_type
 
     def buffers(self):

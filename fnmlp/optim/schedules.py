@@ -6,13 +6,22 @@ a compiled step never recompiles as the rate changes.
 ``step`` counts the updates already made: the first update uses ``factor(0)``, as a
 ``torch.optim.lr_scheduler`` stepped once after every ``optimizer.step()``.
 
+Schedules compose: ``linear_warmup(schedule, warmup_steps)`` warms up into any schedule,
+``sequence(parts, boundaries)`` runs schedules one after another (``SequentialLR``), and
+``lambda_lr(lr, fn)`` is ``lr·fn(step)`` (``LambdaLR``; an optimizer's ``lr`` may be such a
+function of the step itself). Every one scales with the optimizer state's base rate
+(``with_learning_rate``).
+
     optimizer = fnmlp.adam(fnmlp.schedules.cosine(1e-3, total_steps=1000))
+    optimizer = fnmlp.adam(fnmlp.schedules.linear_warmup(
+        fnmlp.schedules.cosine(1e-3, total_steps=900), warmup_steps=100))
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -121,6 +130,126 @@ class LinearWarmup(Schedule):
         return self.start_factor + (1 - self.start_factor) * progress
 
 
+@dataclasses.dataclass(frozen=True)
+class Sequential(Schedule):
+    """Schedules one after another (``SequentialLR``, optax ``join_schedules``): ``parts[i]``
+    runs from step ``boundaries[i - 1]`` (``parts[0]`` from 0), its step counted from there.
+
+    For the state's base rate b, part i runs with base b·parts[i].base/parts[0].base: at the
+    initial rate every part has its own base, and scaling the state's rate
+    (``with_learning_rate``) scales every part alike. A part that is itself a ``Sequential``
+    is spliced in (same rates, one flat list). Take ``parts`` and ``boundaries`` by keyword;
+    ``base`` is ``parts[0].base`` (given, it must equal it).
+    """
+
+    base: float = math.nan  # parts[0].base (NaN: not given)
+    parts: tuple[Schedule, ...] = ()
+    boundaries: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if isinstance(self.base, (list, tuple)):
+            raise TypeError("Sequential takes parts= and boundaries= by keyword (or use "
+                            "fnmlp.schedules.sequence(parts, boundaries))")
+        parts, boundaries = _spliced(*_checked_parts(self.parts, self.boundaries))
+        if isinstance(self.base, float) and math.isnan(self.base):
+            object.__setattr__(self, "base", parts[0].base)
+        elif isinstance(self.base, (int, float, Tensor)) and float(self.base) != float(
+                parts[0].base):
+            raise ValueError(f"base must be parts[0].base ({float(parts[0].base)}), got "
+                             f"{self.base}")
+        object.__setattr__(self, "parts", parts)
+        object.__setattr__(self, "boundaries", boundaries)
+        super().__post_init__()
+
+    def rate(self, base, step):
+        result = self.parts[0].rate(base, step)
+        for start, part in zip(self.boundaries, self.parts[1:]):
+            ratio = float(part.base) / float(self.base)
+            scaled = base if ratio == 1 else base * ratio
+            later = part.rate(scaled, torch.clamp(step - start, min=0))
+            result = torch.where(step >= start, later, result)
+        return result
+
+
+def _checked_parts(parts, boundaries) -> tuple[tuple, tuple]:
+    """``parts`` and ``boundaries`` as tuples, or a clear error naming the argument."""
+    if not isinstance(parts, (list, tuple)):
+        raise TypeError(f"parts must be a list of schedules, got {type(parts).__name__}")
+    if not parts:
+        raise ValueError("parts must hold at least one schedule")
+    for i, part in enumerate(parts):
+        if not isinstance(part, Schedule):
+            raise TypeError(f"parts[{i}] must be a schedule, got {type(part).__name__} (a "
+                            "function of the step becomes one with lambda_lr(lr, fn))")
+    if not isinstance(boundaries, (list, tuple)):
+        raise TypeError(f"boundaries must be a list of steps, got {type(boundaries).__name__}")
+    if len(boundaries) != len(parts) - 1:
+        raise ValueError(f"boundaries must hold one step per part after the first: "
+                         f"{len(parts) - 1} for {len(parts)} parts, got {len(boundaries)}")
+    for i, boundary in enumerate(boundaries):
+        check_positive_int(boundary, f"boundaries[{i}]")
+    boundaries = tuple(int(b) for b in boundaries)
+    if any(b <= a for a, b in zip(boundaries, boundaries[1:])):
+        raise ValueError(f"boundaries must be strictly increasing, got {list(boundaries)}")
+    return tuple(parts), boundaries
+
+
+def _spliced(parts: tuple, boundaries: tuple) -> tuple[tuple, tuple]:
+    """The parts of nested ``Sequential`` parts spliced in, with their absolute starts (those
+    starting after the part's end dropped)."""
+    starts, ends = (0, *boundaries), (*boundaries, math.inf)
+    flat, flat_starts = [], []
+    for part, start, end in zip(parts, starts, ends):
+        inner = part.parts if isinstance(part, Sequential) else (part,)
+        inner_starts = (0, *part.boundaries) if isinstance(part, Sequential) else (0,)
+        for piece, offset in zip(inner, inner_starts):
+            if start + offset < end:
+                flat.append(piece)
+                flat_starts.append(start + offset)
+    return tuple(flat), tuple(flat_starts[1:])
+
+
+@dataclasses.dataclass(frozen=True)
+class Lambda(Schedule):
+    """lr = base·fn(step) (``LambdaLR``). ``fn`` takes the step as a floating 0-d tensor
+    (the state's rate dtype) and returns a number or a 0-d tensor; written with arithmetic and
+    torch ops it traces into a compiled step. A Python function cannot be saved in a
+    checkpoint."""
+
+    fn: Callable[[Tensor], Tensor | float]
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not callable(self.fn) or isinstance(self.fn, (Schedule, type)):
+            raise TypeError(f"fn must be a function of the step, got {self.fn!r}")
+        self._check_first_rate()
+
+    def _check_first_rate(self) -> None:
+        """Calls ``fn`` at step 0 now, so that a function that cannot give a rate (a schedule
+        factory such as ``fnmlp.schedules.cosine`` passed uncalled) fails here, not in a fit."""
+        step = torch.zeros((), dtype=torch.float64)
+        try:
+            value = self.fn(step)
+        except Exception as error:
+            raise TypeError(f"the learning-rate function {self.fn!r} failed at step 0 "
+                            f"({type(error).__name__}: {error}); it must take the step (a "
+                            "0-d float tensor) and return the rate") from error
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                or isinstance(value, Tensor) and value.dim() == 0
+                and value.dtype != torch.bool and not value.is_complex()):
+            shown = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor)
+                     else type(value).__name__)
+            raise TypeError(f"the learning-rate function {self.fn!r} must return a number or "
+                            f"a 0-d tensor, got {shown} at step 0")
+
+    def factor(self, step):
+        value = torch.as_tensor(self.fn(step), dtype=step.dtype, device=step.device)
+        if torch.broadcast_shapes(value.shape, step.shape) != step.shape:
+            raise ValueError(f"fn must return a number or a 0-d tensor, got shape "
+                             f"{tuple(value.shape)}")
+        return value
+
+
 def constant(lr: float) -> Constant:
     """lr at every step (``ConstantLR(factor=1)``). Arguments: lr: the rate, > 0."""
     return Constant(lr)
@@ -154,13 +283,50 @@ def cosine(lr: float, total_steps: int, eta_min: float = 0.0) -> Cosine:
     return Cosine(lr, total_steps, eta_min)
 
 
-def linear_warmup(lr: float, warmup_steps: int, start_factor: float = 1 / 3) -> LinearWarmup:
-    """lr·factor, the factor rising linearly from ``start_factor`` to 1 over ``warmup_steps``
-    (``LinearLR`` with end_factor 1).
+def linear_warmup(lr: float | Schedule, warmup_steps: int, start_factor: float = 1 / 3
+                  ) -> LinearWarmup | Sequential:
+    """A linear warm-up over ``warmup_steps``, from ``start_factor`` times the base rate to it
+    (``LinearLR`` with end_factor 1); then the rate ``lr``, or the schedule ``lr`` with its
+    step counted from the warm-up's end (``SequentialLR([LinearLR, ...], [warmup_steps])``).
 
     Arguments:
-        lr: the base rate, > 0.
-        warmup_steps: steps to reach lr, >= 1.
+        lr: the base rate, > 0; or a schedule to warm up into (to its base rate, its
+            starting rate for every decay here): a ``Sequential`` is returned.
+        warmup_steps: steps to reach the base rate, >= 1.
         start_factor: in (0, 1], the first step's factor.
     """
+    if isinstance(lr, Schedule):
+        return sequence([LinearWarmup(lr.base, warmup_steps, start_factor), lr], [warmup_steps])
     return LinearWarmup(lr, warmup_steps, start_factor)
+
+
+def sequence(parts, boundaries) -> Sequential:
+    """Schedules one after another (optax ``join_schedules``, ``SequentialLR``): ``parts[i]``
+    from step ``boundaries[i - 1]`` on, its step counted from there; every part scales with
+    the optimizer state's base rate (see ``Sequential``).
+
+    Arguments:
+        parts: a list of k >= 1 schedules.
+        boundaries: k - 1 strictly increasing steps >= 1, where parts 1 .. k-1 start.
+    """
+    return Sequential(parts=parts, boundaries=boundaries)
+
+
+def lambda_lr(lr: float, fn: Callable[[Tensor], Tensor | float]) -> Lambda:
+    """lr·fn(step) (``LambdaLR``).
+
+    Arguments:
+        lr: the base rate, > 0 (the optimizer state's, which ``with_learning_rate`` scales).
+        fn: ``fn(step) -> factor``, ``step`` a floating 0-d tensor; use arithmetic and torch
+            ops (not ``math`` or ``int(step)``) so that it traces into a compiled step.
+            Cannot be saved in a checkpoint.
+    """
+    return Lambda(lr, fn)
+
+
+def as_lr(lr):
+    """An optimizer's ``lr`` as it keeps it: a plain function of the step (optax style,
+    returning the rate) becomes ``lambda_lr(1.0, lr)``; anything else is returned as is."""
+    if callable(lr) and not isinstance(lr, (Schedule, type)):
+        return Lambda(1.0, lr)
+    return lr

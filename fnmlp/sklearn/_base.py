@@ -8,6 +8,7 @@ import dataclasses
 import math
 import numbers
 import warnings
+from typing import Any, cast
 
 import numpy as np
 import scipy.sparse as sp
@@ -23,9 +24,10 @@ from fnmlp import _validate
 from fnmlp._tree import tree_leaves, tree_map
 from fnmlp.nn import MLP, Dense
 from fnmlp.sklearn._lbfgs import check_lbfgs_model, fit_lbfgs
+from fnmlp.sklearn._state import plain_state, restore_state
 from fnmlp.train import NonFiniteLossError
-from fnmlp.train.engine import (BatchSource, Callback, Carry, Checkpointer, Policy, Reporter,
-                                Run, TrainStep, check_run_options, checkpoint_settings,
+from fnmlp.train.engine import (BatchSource, Carry, Checkpointer, EpochFunction, Policy,
+                                Reporter, Run, TrainStep, check_run_options, checkpoint_settings,
                                 choose_compile, choose_steps_per_call, compiled_before,
                                 describe_threads,
                                 network_identity, restore_run, train_loop)
@@ -43,6 +45,13 @@ _SKLEARN_NON_FINITE = ("Solver produced non-finite parameter weights. The input 
 class BaseMLP(BaseEstimator):
     """The shared machinery; ``MLPRegressor`` and ``MLPClassifier`` add targets and outputs."""
 
+    # set by fit (annotations only: no class attributes, so hasattr still tells what was fit)
+    _opt_state: Any  # the optimizer's state; None until a stochastic solver steps
+    loss_curve_: list[float]  # the stochastic solvers' record (``_start_record``)
+    validation_scores_: list[float] | None  # None without early_stopping
+    best_validation_score_: float | None
+    best_loss_: float | None  # None with early_stopping
+
     # --- hyperparameters ---------------------------------------------------------------------
 
     def _check_hyperparameters(self) -> None:
@@ -50,8 +59,10 @@ class BaseMLP(BaseEstimator):
         if self.layers is None:
             sizes = self.hidden_layer_sizes
             sizes = list(sizes) if hasattr(sizes, "__iter__") else [sizes]
-            if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0
-                       for s in sizes):
+            # the casts: typeshed's numbers.Integral and numbers.Real declare __lt__ and
+            # __le__ but no __gt__ or __ge__
+            if not all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                       and cast(int, s) > 0 for s in sizes):
                 raise ValueError(f"hidden_layer_sizes must be positive integers, got "
                                  f"{self.hidden_layer_sizes!r}")
         if self.activation not in ACTIVATIONS:
@@ -277,7 +288,7 @@ class BaseMLP(BaseEstimator):
             rules.restore(run)
         policies = [rules, Reporter(False, bool(self.progress), range(run.epoch, epochs))]
         if self.on_epoch_end is not None:
-            policies.append(Callback(self.on_epoch_end))
+            policies.append(EpochFunction(self.on_epoch_end))
         saver = None if self.checkpoint is None else Checkpointer(
             self.checkpoint, step, source.generator, settings)
         diverged = None
@@ -304,13 +315,13 @@ class BaseMLP(BaseEstimator):
         """How scikit-learn ends a diverged fit with ``early_stopping``: no error, the last
         validation score NaN and the best weights kept (by ``_run``). scikit-learn trains on to
         ``max_iter``, NaN after NaN; this fit stops at once, and a ConvergenceWarning says so."""
+        scores = cast("list[float]", self.validation_scores_)  # kept with early_stopping
         if epoch >= self.n_iter_:  # the diverged iteration, not recorded by the rules yet
             self.n_iter_ += 1
             self.t_ += rows
             self.loss_ = math.nan
             self.loss_curve_.append(math.nan)
-            self.validation_scores_.append(math.nan)
-        scores = self.validation_scores_
+            scores.append(math.nan)
         best = next((i + 1 for i, s in enumerate(scores) if s == self.best_validation_score_),
                     None)
         kept = "the initial weights" if best is None else f"the weights of iteration {best}"
@@ -330,22 +341,25 @@ class BaseMLP(BaseEstimator):
     def _update_no_improvement_count(self, valid) -> None:
         if valid is not None:
             score = self._validation_score(valid[0], self._labels(valid[1]), valid[2])
-            self.validation_scores_.append(score)
+            # the casts: a validation split means early_stopping, which keeps the scores
+            cast("list[float]", self.validation_scores_).append(score)
+            best_score = cast(float, self.best_validation_score_)
             if self.verbose:
                 print("Validation score: %f" % score)
-            if score < self.best_validation_score_ + self.tol:
+            if score < best_score + self.tol:
                 self._no_improvement_count += 1
             else:
                 self._no_improvement_count = 0
-            if score > self.best_validation_score_:
+            if score > best_score:
                 self.best_validation_score_ = score
                 self._best = (self.params_, self.state_)
         else:
-            if self.loss_curve_[-1] > self.best_loss_ - self.tol:
+            best_loss = cast(float, self.best_loss_)  # a float without early_stopping
+            if self.loss_curve_[-1] > best_loss - self.tol:
                 self._no_improvement_count += 1
             else:
                 self._no_improvement_count = 0
-            self.best_loss_ = min(self.best_loss_, self.loss_curve_[-1])
+            self.best_loss_ = min(best_loss, self.loss_curve_[-1])
 
     # --- prediction --------------------------------------------------------------------------
 
@@ -434,6 +448,17 @@ class BaseMLP(BaseEstimator):
             tensor = _layer_tensor(array, current, name == "weight", f"{attribute}[{layer}]")
             params[i] = dataclasses.replace(params[i], **{name: tensor})
         self.params_ = tuple(params)
+
+    def __getstate__(self) -> dict:
+        """The estimator as plain data (``_state.plain_state``): the network and specs as JSON
+        text, the tensors as NumPy arrays. pickle and ``skops.io`` (``save_pipeline``) both
+        store this, so that a file holds no torch object and skops needs no type beyond
+        NumPy's, scikit-learn's and the estimator's class."""
+        return plain_state(super().__getstate__())
+
+    def __setstate__(self, state: dict) -> None:
+        """The estimator from ``__getstate__``'s data (or an older pickle's state)."""
+        super().__setstate__(restore_state(state))
 
     def __sklearn_is_fitted__(self) -> bool:
         return hasattr(self, "params_")
@@ -552,16 +577,18 @@ def _seed(random_state) -> int:
 
 def _number(value, name: str, low: float, high: float = math.inf, *, strict: bool = False,
             strict_high: bool = False) -> None:
+    number = cast(float, value)  # for typeshed's numbers.Real, which has no __gt__ or __ge__
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and \
-        math.isfinite(value) and (value > low if strict else value >= low) and \
-        (value < high if strict_high else value <= high)
+        math.isfinite(number) and (number > low if strict else number >= low) and \
+        (number < high if strict_high else number <= high)
     if not ok:
         interval = f"{'(' if strict else '['}{low}, {high}{')' if strict_high else ']'}"
         raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
 
 
 def _integer(value, name: str) -> None:
-    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1):
+    if not (isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            and cast(int, value) >= 1):  # the cast: typeshed's Integral has no __ge__
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
@@ -585,7 +612,7 @@ class _SolverRules(Policy):
         est = self.estimator
         logs["train_losses"] = [est.loss_]  # scikit-learn's loss_ for the callbacks
         if est.early_stopping:
-            logs["valid_score"] = est.validation_scores_[-1]
+            logs["valid_score"] = cast("list[float]", est.validation_scores_)[-1]
             run.best = est._best
         if est.checkpoint is not None:  # the solver's own state: a checkpoint resumes it
             run.extras["sklearn"] = {"lr": self.lr, "stopped": self.stopped, **{

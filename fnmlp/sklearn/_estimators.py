@@ -46,8 +46,9 @@ _SHARED_DOC = """
             bit-identical to an uninterrupted fit (``partial_fit`` takes neither).
         progress: a progress bar over the iterations (tqdm).
         on_epoch_end: ``f(iteration, logs) -> stop?`` after every iteration, ``logs`` holding
-            ``train_loss`` (``loss_``; for lbfgs the objective) and, with ``early_stopping``,
-            ``valid_score``; a true result stops the fit.
+            ``epoch``, ``train_loss`` (``loss_``), ``lr``, ``epoch_time``, ``samples_per_s``
+            (as ``fnmlp.fit``'s logs) and, with ``early_stopping``, ``valid_score``; for lbfgs
+            ``epoch`` and ``train_loss`` (the objective). A true result stops the fit.
 
     Fitted attributes as scikit-learn's (``n_iter_``, ``loss_``, ``loss_curve_``,
     ``best_loss_``, ``validation_scores_``, ``best_validation_score_``, ``t_``,
@@ -150,8 +151,8 @@ class MLPRegressor(RegressorMixin, BaseMLP):
         """``predict`` from the network's outputs."""
         if self.out_activation_ == "exp":
             out = out.exp()
-        out = out.cpu().numpy()
-        return out.ravel() if self.n_outputs_ == 1 else out
+        values = out.cpu().numpy()
+        return values.ravel() if self.n_outputs_ == 1 else values
 
     _score_function = staticmethod(r2_score)  # RegressorMixin.score's
 

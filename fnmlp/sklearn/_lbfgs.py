@@ -131,8 +131,8 @@ class _Watch:
         if self.estimator.verbose:
             print("Iteration %d, loss = %.8f" % (self.iteration, loss))
         self.bar.on_epoch_end(None, {"epoch": self.iteration - 1, "train_losses": [loss]})
-        callback = self.estimator.on_epoch_end
-        if callback is not None and callback(self.iteration - 1, {"train_loss": loss}):
+        callback, epoch = self.estimator.on_epoch_end, self.iteration - 1
+        if callback is not None and callback(epoch, {"epoch": epoch, "train_loss": loss}):
             self.stopped = True
             raise StopIteration
 

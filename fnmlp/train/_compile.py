@@ -27,6 +27,8 @@ import itertools
 import math
 import types
 import warnings
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -131,7 +133,7 @@ def cpu_inductor_options(dtype: torch.dtype | None = None, threads: int | None =
     within ~1e-16 of it (the seed step ~5% faster on a 2-core AMD EPYC)."""
     import torch._inductor.config
 
-    options = {"cpp_wrapper": True}
+    options: dict[str, bool | int] = {"cpp_wrapper": True}
     if threads is not None:
         options["cpp.threads"] = int(threads)
     if hasattr(torch._inductor.config, "cpp_wrapper_build_separate"):
@@ -148,7 +150,7 @@ class BatchPadding:
     """Per (dtype, device), the sorted batch sizes compiled so far; a batch runs at the smallest
     that holds it, unless padding would cost more than a graph of its own."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._sizes: dict[tuple, list[int]] = {}
 
     def size_for(self, rows: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -174,14 +176,18 @@ def pad_rows(values: Tensor, rows: int, axis: int = 0) -> Tensor:
 # --- the one graph cache ----------------------------------------------------------------------
 
 
+Graph = Callable[..., Any]  # a compiled step or chunk: (*leaves, *data) -> (*leaves, loss)
+
+
 class Graphs:
     """The compiled graphs of one step identity (its kind, model, loss, optimizer structure and
     options): by what a graph is specialized on (tree structure, shapes, dtypes, thread count,
     device) — fnmlp's own guards — and the batch sizes compiled so far."""
 
-    def __init__(self):
-        self.by_specialization: dict[tuple, object] = {}
-        self.by_data: dict[tuple, object] = {}  # (spec, data signature) -> the graph last used
+    def __init__(self) -> None:
+        # a graph, or for the data-parallel step's own keys its pair (gradient, update)
+        self.by_specialization: dict[tuple, Any] = {}
+        self.by_data: dict[tuple, Graph] = {}  # (spec, data signature) -> the graph last used
         self.padding = BatchPadding()
 
     def count(self, chunked: bool = False) -> int:

@@ -20,6 +20,8 @@ host does the same few launches per call.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
@@ -90,7 +92,7 @@ class CapturedStep:
         torch.cuda.current_stream().wait_stream(stream)
         return outputs
 
-    def _copy_in(self, leaves: list[Tensor], data: list[Tensor]) -> None:
+    def _copy_in(self, leaves: Sequence[Tensor], data: Sequence[Tensor]) -> None:
         views = self.slots.views
         known = self._returned
         if not (len(leaves) == len(known) and all(a is b for a, b in zip(leaves, known))):

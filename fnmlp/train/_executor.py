@@ -20,7 +20,7 @@ function ``f(carry, *data) -> (carry, loss)`` over trees, made by the kind for a
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -49,11 +49,12 @@ TRACED = Kernels(lane_order_sums=False, fused_optimizer=False)  # what a compile
 
 
 class Carry(NamedTuple):
-    """What a step carries to the next: parameters, optimizer state, model state."""
+    """What a step carries to the next: parameters, optimizer state, model state (pytrees,
+    each of the kind the step kind's own functions take)."""
 
-    params: object
-    opt_state: object
-    state: object
+    params: Any
+    opt_state: Any
+    state: Any
 
 
 StepFunction = Callable[..., tuple]  # (carry, *data) -> (carry, loss)
@@ -79,6 +80,14 @@ class Executor:
         stateless: the model keeps no state (no tensors in it): the caller's state object
             is passed back as it is, so that the carry returned is known by identity.
     """
+
+    # what was returned last (``forget``): the carry, its leaves, their spec and the builder
+    # of the spec's tree (set together; None once forgotten), and the data's first tensor
+    _last_carry: tuple
+    _last_leaves: list | None
+    _last_spec: object
+    _last_build: Any
+    last_like: Tensor | None
 
     def __init__(self, identity: tuple, make: Callable[[Kernels, tuple], StepFunction],
                  row_axes: Callable[[tuple], tuple], *, compile: bool, compiler: str = "auto",
@@ -158,8 +167,9 @@ class Executor:
         """The compiled step (or chunk) on ``threads`` intra-op threads: the count the block
         around it set, which its graph is specialized on (never read from torch here, so that
         nothing another thread does picks another graph)."""
+        graphs = cast(_compile.Graphs, self.graphs)  # a compiled executor's: never None
         x = steps[0][0]
-        target = self.graphs.padding.size_for(max(max(rows), pad_to or 0), x.dtype, device)
+        target = graphs.padding.size_for(max(max(rows), pad_to or 0), x.dtype, device)
         prepared = [self._graph_data(data, count, target) for data, count in zip(steps, rows)]
         form, data = None, prepared[0]
         if chunk:  # items that differ between the steps are stacked, the others passed once
@@ -181,17 +191,17 @@ class Executor:
         if own:  # the last graph by identity first: hashing a spec costs ~8 µs
             last_spec, last_signature, last_graph = self._last_graph
             hit = last_spec is spec and last_signature == signature
-            graph = last_graph if hit else self.graphs.by_data.get((spec, signature))
+            graph = last_graph if hit else graphs.by_data.get((spec, signature))
         if graph is None:
             if not all(leaf.is_contiguous() for leaf in leaves):
                 leaves = [leaf.contiguous() for leaf in leaves]
             specialization = (spec, *signature, *[(leaf.shape, leaf.dtype) for leaf in leaves])
-            graph = self.graphs.by_specialization.get(specialization)
+            graph = graphs.by_specialization.get(specialization)
             if graph is None:
                 graph = self._compile(spec, leaves, data, _layout(prepared[0]), form,
                                       specialization, threads)
         if not hit:
-            self.graphs.by_data[(spec, signature)] = graph
+            graphs.by_data[(spec, signature)] = graph
             self._last_graph = (spec, signature, graph)
         args = [*leaves, *[t for t in data if t is not None]]
         flush = self.flush_denormals and device.type == "cpu" and threads == 1
@@ -255,7 +265,7 @@ class Executor:
                 flat, args, compiler=self.compiler,
                 cuda_graphs=device.type == "cuda" and self.cuda_graphs is not False,
                 carried=len(leaves), threads=threads)
-        self.graphs.by_specialization[specialization] = graph
+        cast(_compile.Graphs, self.graphs).by_specialization[specialization] = graph
         return graph
 
     def _verify(self, carry: Carry, steps: list[list], outputs: list, chunk: bool) -> None:

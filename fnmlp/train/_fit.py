@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -13,10 +14,12 @@ from fnmlp import _validate
 from fnmlp.interop import check_writable
 from fnmlp.nn import MLP, Loss, Params, State, check_l2, check_loss, check_loss_weights, mse
 from fnmlp.train._auto import choose_compile, choose_steps_per_call, compiled_before
+from fnmlp.train._callbacks import CallbackRunner, check_callbacks
+from fnmlp.train._epoch_metrics import EpochMetrics, check_metrics
 from fnmlp.train._errors import NonFiniteLossError
 from fnmlp.train._executor import Carry
-from fnmlp.train._loop import BatchSource, EarlyStopping, Run, all_finite, train_loop
-from fnmlp.train._policies import Callback, Checkpointer, Reporter
+from fnmlp.train._loop import BatchSource, EarlyStopping, Policy, Run, all_finite, train_loop
+from fnmlp.train._policies import Checkpointer, Reporter, epoch_log_keys
 from fnmlp.train._run import restore_run
 from fnmlp.train._step import TrainStep, network_identity
 from fnmlp.train._thread_scopes import settle_thread
@@ -73,6 +76,8 @@ def fit(
     min_delta: float = 0.0,
     restore_best: bool = False,
     on_epoch_end=None,
+    callbacks=None,
+    metrics=None,
     progress: bool | None = None,
     strategy: Strategy | None = None,
 ) -> FitResult:
@@ -81,7 +86,10 @@ def fit(
     Arguments:
         model, params: the network spec and its parameters (not modified).
         x: (n, in_features) inputs; y: (n, out_features) targets, or (n,) class labels for
-            cross-entropy. Tensors on the parameters' dtype and device, or arrays.
+            cross-entropy. Tensors on the parameters' device, NumPy arrays, DataFrames or
+            lists; data of any real dtype takes the parameters' (class labels stay
+            integers; ``fnmlp._validate.as_data`` has the rule). x may be a SciPy sparse
+            matrix, densified batch by batch (a sparse ``x_valid`` is densified once).
         epochs, batch_size: passes over the data and rows per step (the last batch may be
             smaller).
         optimizer: an fnmlp optimizer; ``opt_state`` continues from an earlier result.
@@ -120,8 +128,15 @@ def fit(
         patience, min_delta: stop after ``patience`` epochs without the validation loss
             improving by more than ``min_delta`` (needs ``valid``).
         restore_best: return the parameters and state of the best validation loss.
-        on_epoch_end: ``f(epoch, logs) -> stop?``, ``logs`` a dict with ``train_loss`` (and
-            ``valid_loss``); a true result stops the fit.
+        on_epoch_end: ``f(epoch, logs) -> stop?`` after every epoch (a callback: ``logs`` as
+            ``callbacks`` get them); a true result stops the fit.
+        callbacks: a list of ``fnmlp.callbacks.Callback`` (``CSVLogger``, ``TensorBoard``,
+            ``ReduceLROnPlateau``, your own); epoch logs hold ``epoch``, ``train_loss``,
+            ``valid_loss``, the metrics, ``lr`` (the rate of the next update, read before
+            the callbacks run), ``epoch_time`` (s) and ``samples_per_s``.
+        metrics: ``{"name": f(prediction, target) -> float}`` (``fnmlp.metrics``), each
+            evaluated every epoch in evaluation mode on (x, y) (logs ``name``) and on
+            ``valid`` (``valid_name``); a forward pass over each.
         progress: a progress bar over the epochs (tqdm); default: when stderr is a terminal.
         strategy: where the steps run: this process (the default) or data-parallel ranks
             (``fnmlp.fit(..., distributed=True)`` passes ``fnmlp.distributed``'s).
@@ -140,6 +155,10 @@ def fit(
     _validate.check_positive_int(batch_size, "batch_size")
     check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
                       on_epoch_end, progress, valid, generator)
+    metrics = check_metrics(metrics)
+    log_keys = epoch_log_keys(valid is not None, metrics)
+    callbacks = check_callbacks(callbacks, on_epoch_end, log_keys=log_keys,
+                                members=1)  # each callback's check: before any work
     strategy = strategy or Strategy()
     like = model.check_params(params)
     _validate.check_no_autocast(like.device, "fnmlp.fit")
@@ -147,7 +166,8 @@ def fit(
     choose_steps_per_call(steps_per_call, compiled=False, device=like.device, batches=1)
     check_threads(threads)
     strategy.setup(like, verify=verify, compiler=compiler)
-    x, y = model.check_data(params, x, y, loss=loss, like=like)
+    x, y = model.check_data(params, x, y, loss=loss, like=like,  # ranks compare dense x
+                            sparse=type(strategy) is Strategy)
     l2 = check_l2(l2)
     compile, reason = choose_compile(
         compile, model, -(-x.shape[0] // batch_size) * epochs,
@@ -195,22 +215,30 @@ def fit(
         else:
             optimizer.check(params, None, opt_state)
         run = Run(Carry(params, opt_state, state))
-        if model.has_dropout:
+        if model.has_dropout:  # the cast: a model with dropout got a generator above
             run.dropout_seed = int(torch.randint(0, 2**32, (), generator=generator,
-                                                 device=generator.device))
+                                                 device=cast(torch.Generator, generator).device))
     generator = strategy.start(run, generator)
     source = BatchSource(
         x, y, weight, batch_size=batch_size, shuffle=shuffle, generator=generator,
         pad_to=batch_size if compile and x.shape[0] > batch_size else None,
+        densify=(lambda rows: _validate.dense_rows(rows, "x", like))
+        if _validate.is_sparse(x) else None,
         steps_per_call=choose_steps_per_call(steps_per_call, compiled=compile,
                                              device=like.device,
                                              batches=-(-x.shape[0] // batch_size)),
         check_rows=(lambda w, where: model.check_training_rows(w.shape[0], w, where))
         if model.has_batch_statistics else None)
-    policies = [EarlyStopping(step, patience, min_delta),
-                Reporter(verbose, progress, range(run.epoch, epochs), step.lead)]
-    if on_epoch_end is not None:
-        policies.append(Callback(on_epoch_end))
+    policies: list[Policy] = [EarlyStopping(step, patience, min_delta)]
+    if metrics:
+        policies.append(EpochMetrics(
+            metrics, lambda carry, inputs: [model.apply(carry.params, inputs, state=carry.state)],
+            (x, y), valid))
+    policies.append(Reporter(verbose, progress, range(run.epoch, epochs), step.lead))
+    if callbacks:
+        policies.append(CallbackRunner(
+            callbacks, lead=step.lead, optimizer=optimizer, epochs=epochs,
+            log_keys=log_keys))
     saver = None if checkpoint is None else Checkpointer(checkpoint, step, generator, settings,
                                                           checkpoint_every)
     try:
@@ -265,7 +293,11 @@ def check_valid(model, params, valid, loss, like: Tensor):
         return None
     if not (isinstance(valid, (tuple, list)) and len(valid) == 2):
         raise TypeError("valid must be a pair (x_valid, y_valid)")
-    return model.check_data(params, *valid, loss=loss, like=like, names=("x_valid", "y_valid"))
+    x, y = model.check_data(params, *valid, loss=loss, like=like, names=("x_valid", "y_valid"),
+                            sparse=True)
+    if _validate.is_sparse(x):  # its loss is computed on every row each epoch: densified once
+        x = _validate.dense_rows(x, "x_valid", like)
+    return x, y
 
 
 def checkpoint_settings(model, optimizer, loss, **settings) -> dict:

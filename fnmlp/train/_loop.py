@@ -10,9 +10,12 @@ True)``, the scikit-learn estimators) runs ``train_loop``:
 - a ``StepKind``: one network (``fnmlp.train.TrainStep``), an ensemble (``EnsembleStep``:
   vmapped members, an ``active`` mask) or data-parallel shards (``DistributedStep``);
 - policies, called after every epoch in order: early stopping (one value, or one per
-  member), the estimators' rules, progress and logging, callbacks, checkpoints.
+  member), the estimators' rules, metrics, progress and logging, callbacks, checkpoints; and
+  around the fit (``on_train_begin``, ``on_train_end``), before each checkpoint
+  (``on_checkpoint``) and, for a policy that asks (``batch_logs``), after every batch.
 
-A step's losses stay on the device and are read once per epoch. A loss that became NaN or inf
+A step's losses stay on the device and are read once per epoch (after every chunk of steps
+only when a policy asks for each batch's loss). A loss that became NaN or inf
 is found then; one network's fit replays the epoch up to that batch (steps are deterministic)
 and raises ``NonFiniteLossError`` with the last finite parameters, while an ensemble puts the
 diverged members back to the epoch's start and trains them no more.
@@ -23,8 +26,9 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -32,6 +36,11 @@ from torch import Tensor
 from fnmlp._tree import flatten
 from fnmlp.train._errors import NonFiniteLossError
 from fnmlp.train._executor import Carry
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+    from fnmlp.train._policies import Checkpointer
 
 
 class Batch(NamedTuple):
@@ -93,6 +102,11 @@ class StepKind:
         """``flag`` as every process sees it (true if any process's is)."""
         return flag
 
+    def agree_rate(self, carry: Carry) -> Carry:
+        """``carry`` with the lead process's base learning rate on every process (after the
+        policies, which may set it from what one process saw: its metrics, its times)."""
+        return carry
+
     def forget(self) -> None:
         """Drop references kept between steps."""
 
@@ -135,8 +149,9 @@ class BatchSource:
         and one gather of the rows, then slices made as they are iterated."""
         x, y, weight = self.x, self.y, self.weight
         if self.shuffle:
-            order = torch.randperm(self.rows, generator=self.generator,
-                                   device=self.generator.device).to(y.device)
+            generator = cast(torch.Generator, self.generator)  # a shuffling fit passes one
+            order = torch.randperm(self.rows, generator=generator,
+                                   device=generator.device).to(y.device)
             x = (x.index_select(0, order) if isinstance(x, Tensor)
                  else x[order.cpu().numpy()])
             y = y.index_select(0, order)
@@ -208,11 +223,12 @@ class Run:
     train_loss: list = dataclasses.field(default_factory=list)  # per epoch, per member
     valid_loss: list = dataclasses.field(default_factory=list)
     dropout_seed: int | None = None
-    best_loss: list = None
-    best_epoch: list = None
-    waited: list = None
-    stopped_epoch: list = None  # early stopping, per member (final)
-    diverged_epoch: list = None
+    # per member; left empty, each is filled in by __post_init__
+    best_loss: list[float] = dataclasses.field(default_factory=list)
+    best_epoch: list[int | None] = dataclasses.field(default_factory=list)
+    waited: list[int] = dataclasses.field(default_factory=list)
+    stopped_epoch: list[int | None] = dataclasses.field(default_factory=list)  # (final)
+    diverged_epoch: list[int | None] = dataclasses.field(default_factory=list)
     best: tuple | None = None  # (params, state) at each member's best validation loss
     extras: dict = dataclasses.field(default_factory=dict)  # the policies' own state (JSON)
     tensors: dict = dataclasses.field(default_factory=dict)  # and tensors (bagging counts)
@@ -231,10 +247,34 @@ class Run:
 
 
 class Policy:
-    """Something done after every epoch; ``on_epoch_end`` returns True to stop the fit."""
+    """Something done after every epoch; ``on_epoch_end`` returns True to stop the fit.
+
+    ``logs`` of an epoch: ``epoch``, ``train_losses`` and ``valid_losses`` (per member),
+    ``batch_losses`` and ``batch_rows`` (per step), ``rows`` (trained), ``lrs`` (per member,
+    the rate of the next update as ``rate_values`` gives it; absent for a step without an
+    optimizer), ``epoch_time`` (s) and ``samples_per_s``; a policy may add to them for the
+    policies after it."""
+
+    batch_logs: bool = False  # on_batch_end wanted: each chunk's losses read after it runs
+
+    def on_train_begin(self, run: Run) -> None:
+        """Called before the first step (``run`` as made or restored)."""
+
+    def on_batch_end(self, run: Run, logs: dict) -> None:
+        """After each step, when ``batch_logs``: ``logs`` hold ``epoch``, ``batch`` (the
+        step's position in the epoch), ``losses`` and ``lrs`` (per member; the rate that
+        update used) and ``rows``. With chunks, called for each batch after the chunk runs."""
 
     def on_epoch_end(self, run: Run, logs: dict) -> bool:
         return False
+
+    def on_checkpoint(self, run: Run) -> None:
+        """Called before ``run`` is checkpointed (the ``.nonfinite`` checkpoint too): state
+        that must survive a resume goes into ``run.extras`` (JSON) or ``run.tensors``."""
+
+    def on_train_end(self, run: Run, error: BaseException | None) -> None:
+        """Called when the loop ends, however it ends (``error``: the exception leaving it),
+        before ``close``."""
 
     def on_non_finite(self, run: Run, error: NonFiniteLossError) -> None:
         """Called before a ``NonFiniteLossError`` leaves the loop (``run`` at the last finite
@@ -292,7 +332,7 @@ _FOREACH_MAX = hasattr(torch, "_foreach_max")
 
 def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
                valid: tuple | None = None, policies: Sequence[Policy] = (),
-               checkpoint: Policy | None = None, on_non_finite: str = "raise") -> Run:
+               checkpoint: Checkpointer | None = None, on_non_finite: str = "raise") -> Run:
     """Train ``run`` to ``epochs`` (or until a policy stops it); returns ``run``.
 
     ``valid``: (x, y) whose loss each member gets per epoch (``logs["valid_losses"]``);
@@ -300,29 +340,42 @@ def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
     ``on_non_finite``: "raise" (``NonFiniteLossError``) or "freeze" (an ensemble's diverged
     members go back to the epoch's start and train no more).
     """
-    members, previous = run.members, None
-    raisers = [*policies, checkpoint]
+    members, previous, error = run.members, None, None
+    raisers = _Raisers(policies, checkpoint)
+    watchers = [policy for policy in policies if policy.batch_logs]
+    optimizer = getattr(step, "optimizer", None)
     step.pin_threads(run.extras, source.batch_size, source.y.device)
     try:
         with torch.no_grad():
+            for policy in policies:
+                policy.on_train_begin(run)
             for epoch in range(run.epoch, epochs):
                 if not any(run.active):
                     break
                 run.epoch = epoch
+                began = time.perf_counter()
                 start, start_steps = run.carry, run.steps_done
                 active = _active_mask(run, source)
                 batches = source.epoch(step, run)
-                losses, stepped, rows = [], [], []
+                losses: list[Tensor] = []
+                stepped: list[tuple] = []
+                rows: list[int] = []
                 for chunk in batches.chunks():
+                    rates = None if not watchers else _chunk_rates(optimizer, run.carry,
+                                                                   len(chunk))
                     if len(chunk) == 1:
                         run.carry, loss = step.run(run.carry, chunk[0], active)
                     else:
                         run.carry, loss = step.run_chunk(run.carry, chunk, active)
                     run.steps_done += len(chunk)
                     losses.append(loss.reshape(-1, members))
+                    if watchers:
+                        _batches_end(watchers, run, epoch, len(stepped), losses[-1], chunk,
+                                     rates)
                     stepped.extend(batch.stepped for batch in chunk)
                     rows.extend(batch.rows for batch in chunk)
                 values = torch.cat(losses).tolist() if losses else []
+                trained = time.perf_counter()
                 epoch_losses = _epoch_means(values, stepped, members)
                 record = _EpochRecord(epoch, start, start_steps, batches, len(run.train_loss),
                                       len(run.valid_loss))
@@ -332,30 +385,114 @@ def train_loop(step: StepKind, source: BatchSource, run: Run, *, epochs: int,
                     _freeze_diverged(step, run, epoch_losses, stepped, start)
                 run.train_loss.append(epoch_losses)
                 logs = {"epoch": epoch, "train_losses": epoch_losses, "batch_losses": values,
-                        "batch_rows": rows}
+                        "batch_rows": rows, "rows": sum(rows)}
+                if optimizer is not None:
+                    logs["lrs"] = rate_values(optimizer.learning_rate(run.carry.opt_state)
+                                              .reshape(-1))
                 if valid is not None:
                     logs["valid_losses"] = step.valid_losses(run.carry, *valid)
                     run.valid_loss.append(logs["valid_losses"])
+                logs["epoch_time"] = time.perf_counter() - began
+                logs["samples_per_s"] = sum(rows) / max(trained - began, 1e-9)
                 run.epoch = epoch + 1
                 stop = False
                 for policy in policies:
                     stop = policy.on_epoch_end(run, logs) or stop
                 stop = step.agree(stop)
+                if optimizer is not None:
+                    run.carry = step.agree_rate(run.carry)
                 final = stop or run.epoch == epochs
                 due = checkpoint is not None and checkpoint.due(run, final)
                 if on_non_finite == "raise" and (final or due):
                     _raise_on_overflow(step, run, record, raisers)  # saved or returned: finite
-                if due:
+                if checkpoint is not None and due:
+                    for policy in policies:
+                        policy.on_checkpoint(run)
                     checkpoint.save(run)
                 previous = record
                 if stop:
                     break
+    except BaseException as caught:
+        error = caught
+        raise
     finally:
         step.forget()
-        for policy in [*policies, checkpoint]:
-            if policy is not None:
-                policy.close()
+        _end(run, policies, checkpoint, error)
     return run
+
+
+def _end(run: Run, policies: Sequence[Policy], checkpoint: Policy | None,
+         error: BaseException | None) -> None:
+    """Every policy's ``on_train_end``, then every ``close``, each called even when one before
+    it raised: the first such exception is raised after them (noted on ``error`` instead when
+    an exception already leaves the loop)."""
+    failure = None
+    for call in ([lambda p=p: p.on_train_end(run, error) for p in policies]
+                 + [p.close for p in [*policies, checkpoint] if p is not None]):
+        try:
+            call()
+        except Exception as caught:  # noqa: BLE001 (raised after the others ran)
+            failure = failure or caught
+    if failure is None:
+        return
+    if error is None:
+        raise failure
+    if hasattr(error, "add_note"):
+        error.add_note(f"ending the fit raised too: {failure!r}")
+
+
+def rate_values(rates: Tensor) -> list:
+    """``rates.tolist()`` (one read), each value the shortest decimal that reads back to the
+    same value in the rates' dtype: a float32 rate of 0.01 is 0.01, not 0.009999999776482582
+    (float64 values as they are). Logs, writers and ``Trainer.learning_rate`` show rates so."""
+    if rates.dtype == torch.float64 or not rates.is_floating_point():
+        return rates.tolist()
+    flat = rates.detach().reshape(-1).cpu()
+    if flat.dtype in (torch.float32, torch.float16):  # NumPy's str: the shortest round trip
+        values = [float(str(value)) for value in flat.numpy()]
+    else:
+        values = [_shortest(value, flat.dtype) for value in flat.tolist()]
+    return torch.tensor(values, dtype=torch.float64).reshape(rates.shape).tolist()
+
+
+def _shortest(value: float, dtype: torch.dtype) -> float:
+    """The shortest decimal that ``dtype`` rounds to ``value`` (a value of that dtype)."""
+    if not math.isfinite(value):
+        return value
+    for digits in range(1, 18):
+        candidate = float(f"{value:.{digits}g}")
+        if torch.tensor(candidate, dtype=dtype).item() == value:
+            return candidate
+    return value
+
+
+def _chunk_rates(optimizer, carry: Carry, count: int) -> Tensor | None:
+    """(count, K) rates that the chunk's updates use, from its first step's state (the schedule
+    at each step count), or None without an optimizer."""
+    if optimizer is None:
+        return None
+    state = carry.opt_state
+    first = optimizer.learning_rate(state).reshape(1, -1)
+    if count == 1 or not (dataclasses.is_dataclass(state) and hasattr(state, "step")):
+        return first.expand(count, -1)
+    # the cast: is_dataclass admits a dataclass type too; an optimizer state is an instance
+    return torch.stack([optimizer.learning_rate(dataclasses.replace(
+        cast("DataclassInstance", state), step=state.step + i)).reshape(-1)
+        for i in range(count)])
+
+
+def _batches_end(watchers: Sequence[Policy], run: Run, epoch: int, first: int, losses: Tensor,
+                 chunk: Sequence[Batch], rates: Tensor | None) -> None:
+    """``on_batch_end`` of each watcher for each batch of a chunk that ran: one read."""
+    values = losses.tolist()
+    batch_rates = None if rates is None else rate_values(rates)
+    for offset, batch in enumerate(chunk):
+        logs = {"epoch": epoch, "batch": first + offset, "losses": values[offset],
+                "rows": batch.rows}
+        if batch_rates is not None:
+            logs["lrs"] = batch_rates[offset]
+        for policy in watchers:
+            policy.on_batch_end(run, logs)
 
 
 def _active_mask(run: Run, source: BatchSource) -> Tensor | None:
@@ -393,7 +530,7 @@ def _replay(step: StepKind, record: _EpochRecord, steps: int) -> list[Carry]:
 
 
 def _raise_on_non_finite_loss(step: StepKind, run: Run, record: _EpochRecord, values: list,
-                              previous: _EpochRecord | None, raisers) -> None:
+                              previous: _EpochRecord | None, raisers: _Raisers) -> None:
     """For one network: if a loss of the epoch became NaN or inf, put ``run`` back to the last
     finite step (replaying the epoch to it; steps are deterministic) and raise.
 
@@ -416,7 +553,7 @@ def _raise_on_non_finite_loss(step: StepKind, run: Run, record: _EpochRecord, va
            raisers)
 
 
-def _raise_on_overflow(step: StepKind, run: Run, record: _EpochRecord, raisers, *,
+def _raise_on_overflow(step: StepKind, run: Run, record: _EpochRecord, raisers: _Raisers, *,
                        checked: bool = True) -> None:
     """If the epoch's last update made the parameters NaN or inf (``checked=False``: known
     already), put ``run`` back to the step before it, that epoch's history undone, and
@@ -431,15 +568,29 @@ def _raise_on_overflow(step: StepKind, run: Run, record: _EpochRecord, raisers, 
            None, raisers)
 
 
-def _raise(run: Run, what: str, batch: int | None, raisers) -> None:
+class _Raisers(NamedTuple):
+    """Who hears of a ``NonFiniteLossError`` before it leaves the loop: the policies, then the
+    checkpointer (which saves the last finite state)."""
+
+    policies: Sequence[Policy]
+    checkpoint: Checkpointer | None
+
+
+def _raise(run: Run, what: str, batch: int | None, raisers: _Raisers) -> None:
+    """Raise ``NonFiniteLossError`` for ``run`` (at its last finite step) after each policy's
+    ``on_non_finite`` and, when checkpointing, their ``on_checkpoint`` (their state as of now
+    goes into the ``.nonfinite`` checkpoint) and the checkpointer's ``on_non_finite``."""
     error = NonFiniteLossError(
         f"{what}; the error carries the last finite parameters (.params) and the history so "
         "far; try a smaller learning rate",
         epoch=run.epoch, batch=batch, params=run.carry.params, opt_state=run.carry.opt_state,
         history=None, state=run.carry.state)
-    for policy in raisers:
-        if policy is not None:
-            policy.on_non_finite(run, error)
+    for policy in raisers.policies:
+        policy.on_non_finite(run, error)
+    if raisers.checkpoint is not None:
+        for policy in raisers.policies:
+            policy.on_checkpoint(run)
+        raisers.checkpoint.on_non_finite(run, error)
     raise error
 
 

@@ -22,12 +22,69 @@ def summary(values: list[float]) -> str:
             f"max {ordered[-1]:.6g}")
 
 
+def rate_summary(values: list[float]) -> str:
+    """A learning rate: one value when every member has it, else as ``summary``."""
+    return f"{values[0]:.4g}" if len(set(values)) == 1 else summary(values)
+
+
+_LOOP_LOGS = {"epoch", "train_losses", "valid_losses", "batch_losses", "batch_rows", "rows",
+              "lrs", "epoch_time", "samples_per_s", "metrics"}
+
+
+def epoch_log_keys(valid: bool, metrics=()) -> list[str]:
+    """The keys of ``epoch_logs`` for a fit (with an optimizer) with (or without) ``valid``
+    and these metric names, in their order."""
+    keys = ["epoch", "train_loss", *(["valid_loss"] if valid else []), *metrics,
+            *([f"valid_{name}" for name in metrics] if valid else [])]
+    return keys + ["lr", "epoch_time", "samples_per_s"]
+
+
+def epoch_logs(logs: dict, ensemble: bool = False) -> dict:
+    """The logs a user sees of an epoch (callbacks, writers, an ``on_epoch_end`` function,
+    the estimators' too): ``epoch``, ``train_loss``, ``valid_loss``, the metrics (``r2``,
+    ``valid_r2``), ``lr``, ``epoch_time``, ``samples_per_s``, then what policies added (the
+    estimators' ``valid_score``). Per-member values are a float for one network, a list for
+    an ensemble (``ensemble``; of one member too)."""
+
+    def shown(values):
+        return list(values) if ensemble else values[0]
+
+    user = {"epoch": logs["epoch"], "train_loss": shown(logs["train_losses"])}
+    if "valid_losses" in logs:
+        user["valid_loss"] = shown(logs["valid_losses"])
+    for name, values in logs.get("metrics", {}).items():
+        user[name] = shown(values)
+    if "lrs" in logs:
+        user["lr"] = shown(logs["lrs"])
+    for name in ("epoch_time", "samples_per_s"):
+        if name in logs:
+            user[name] = logs[name]
+    user.update({name: value for name, value in logs.items() if name not in _LOOP_LOGS})
+    return user
+
+
+def verbose_line(logs: dict, epochs: int) -> str:
+    """``epoch 3/32  loss 0.1234  valid_loss 0.2345  r2 0.9100  lr 0.01  0.12 s  8,312
+    samples/s`` (an ensemble's values as ``summary``: min / median / max)."""
+    parts = [f"epoch {logs['epoch'] + 1}/{epochs}", f"loss {summary(logs['train_losses'])}"]
+    if "valid_losses" in logs:
+        parts.append(f"valid_loss {summary(logs['valid_losses'])}")
+    parts += [f"{name} {summary(values)}" for name, values in logs.get("metrics", {}).items()]
+    if "lrs" in logs:
+        parts.append(f"lr {rate_summary(logs['lrs'])}")
+    if "epoch_time" in logs:
+        parts.append(f"{logs['epoch_time']:.2f} s")
+    if "samples_per_s" in logs:
+        parts.append(f"{logs['samples_per_s']:,.0f} samples/s")
+    return "  ".join(parts)
+
+
 class Reporter(Policy):
-    """A line per epoch (``verbose``) and a tqdm bar over the epochs (``progress``; default:
-    when stderr is a terminal), on the lead process only."""
+    """A line per epoch (``verbose``: ``verbose_line``) and a tqdm bar over the epochs
+    (``progress``; default: when stderr is a terminal), on the lead process only."""
 
     def __init__(self, verbose: bool, progress: bool | None, epochs: range, lead: bool = True):
-        self.verbose = verbose and lead
+        self.verbose, self.epochs = verbose and lead, epochs.stop
         shown = (progress if progress is not None else sys.stderr.isatty()) and lead
         self.bar = None
         if shown and len(epochs):
@@ -35,13 +92,11 @@ class Reporter(Policy):
 
             self.bar = tqdm(total=len(epochs), unit="epoch", initial=0)
 
-    def on_epoch_end(self, run: Run, logs: dict) -> bool:
+    def on_epoch_end(self, run: Run | None, logs: dict) -> bool:
+        """Reads ``logs`` only: ``run`` may be None (the lbfgs solver, which has no loop)."""
         train, valid = logs["train_losses"], logs.get("valid_losses")
         if self.verbose:
-            line = f"Epoch: {logs['epoch']} - L: {summary(train)}"
-            if valid is not None:
-                line += f" - L_v {summary(valid)}"
-            print(line)
+            print(verbose_line(logs, self.epochs))
         if self.bar is not None:
             postfix = {"loss": summary(train)}
             if valid is not None:
@@ -55,27 +110,17 @@ class Reporter(Policy):
             self.bar.close()
 
 
-class Callback(Policy):
-    """``on_epoch_end(epoch, logs) -> stop?`` with ``logs`` holding ``train_loss`` (and
-    ``valid_loss``): a float for one network, a list of floats for an ensemble; and what the
-    policies before it added (the estimators' ``valid_score``)."""
+class EpochFunction(Policy):
+    """``on_epoch_end(epoch, logs) -> stop?`` as a policy (the estimators'), ``logs`` those
+    ``epoch_logs`` builds, as a fit's callbacks get them, with what the policies before it
+    added (the estimators' ``valid_score``). (``fnmlp.fit``'s ``on_epoch_end=`` runs among its
+    callbacks, through ``CallbackRunner``, with the same logs.)"""
 
-    def __init__(self, function):
-        self.function = function
+    def __init__(self, function, ensemble: bool = False):
+        self.function, self.ensemble = function, ensemble
 
     def on_epoch_end(self, run: Run, logs: dict) -> bool:
-        def shown(values):
-            return values[0] if run.members == 1 else list(values)
-
-        user_logs = {"train_loss": shown(logs["train_losses"])}
-        if "valid_losses" in logs:
-            user_logs["valid_loss"] = shown(logs["valid_losses"])
-        user_logs.update({name: value for name, value in logs.items()
-                          if name not in _LOOP_LOGS})  # what policies added (valid_score)
-        return bool(self.function(logs["epoch"], user_logs))
-
-
-_LOOP_LOGS = {"epoch", "train_losses", "valid_losses", "batch_losses", "batch_rows"}
+        return bool(self.function(logs["epoch"], epoch_logs(logs, self.ensemble)))
 
 
 class Checkpointer(Policy):

@@ -32,9 +32,8 @@ def save_run(path, run, model, optimizer, generator: torch.Generator | None,
     extra.update({f"tensor_{name}": value for name, value in run.tensors.items()})
     fit_state = {key: getattr(run, key) for key in _KEYS}
     fit_state["settings"] = settings
-    fit_state["best_loss"] = [_json_float(v) for v in run.best_loss]
-    fit_state["train_loss"] = [[_json_float(v) for v in epoch] for epoch in run.train_loss]
-    fit_state["valid_loss"] = [[_json_float(v) for v in epoch] for epoch in run.valid_loss]
+    for key in ("best_loss", "train_loss", "valid_loss"):
+        fit_state[key] = json_floats(fit_state[key])
     carry = run.carry
     save(path, model, carry.params, state=carry.state, opt_state=carry.opt_state,
          optimizer=optimizer, metadata={"fnmlp_fit": fit_state}, extra=extra)
@@ -87,5 +86,32 @@ def restore_run(path, model, optimizer, like: torch.Tensor, generator: torch.Gen
     return run
 
 
-def _json_float(value: float):
-    return value if math.isfinite(value) else str(value)  # JSON has no NaN or inf
+_NON_FINITE = ("inf", "-inf", "nan")
+
+
+def json_floats(value):
+    """``value`` (JSON data) with each non-finite float as its string, "inf", "-inf" or "nan"
+    (JSON has no NaN or inf): how a checkpoint keeps the fit's losses and its callbacks'
+    states; other values as they are (tuples as lists)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {key: json_floats(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_floats(item) for item in value]
+    return value
+
+
+def json_floats_back(value):
+    """``json_floats``'s inverse for data of unknown shape (a callback's state): the strings
+    "inf", "-inf" and "nan" as floats; ``{"__float__": "inf"}``, how checkpoints of fnmlp's
+    first callbacks spelled them, too."""
+    if isinstance(value, str):
+        return float(value) if value in _NON_FINITE else value
+    if isinstance(value, dict):
+        if set(value) == {"__float__"} and value["__float__"] in _NON_FINITE:
+            return float(value["__float__"])
+        return {key: json_floats_back(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_floats_back(item) for item in value]
+    return value

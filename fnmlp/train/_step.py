@@ -8,6 +8,8 @@ loop calls (the step kind of one network).
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -65,12 +67,16 @@ def _row_axes(layout: tuple) -> tuple:
 class TrainStep(StepKind):
     """``step(params, opt_state, x, y) -> (params, opt_state, loss)``; see ``train_step``."""
 
+    model: MLP
+    optimizer: Optimizer | ClipByGlobalNorm
+
     def __init__(self, model: MLP, loss: Loss, optimizer, *, compile: bool = True,
                  verify: bool = False, cuda_graphs: bool | None = None, compiler: str = "auto",
                  l2: float = 0.0, threads: int | str | None = "auto",
                  flush_denormals: bool = True):
         if not isinstance(model, MLP):
-            raise TypeError(f"model must be an fnmlp.MLP, got {type(model).__name__}")
+            raise TypeError(f"model must be an fnmlp.MLP, got {type(model).__name__}; a "
+                            "torch.nn module converts with fnmlp.from_torch(module)")
         check_step_options(loss, optimizer, compiler, compile)
         self.model, self.loss, self.optimizer = model, loss, optimizer
         self.l2 = check_l2(l2)
@@ -96,14 +102,16 @@ class TrainStep(StepKind):
             key: the dropout key (``fnmlp.dropout_key``, a new one every step), required with
                 dropout.
 
-        Checks shapes, dtypes and devices (not values: NaN checks would sync every step;
-        ``fit`` checks the data once).
+        Checks shapes and devices, and takes data of any real dtype in the parameters'
+        (``fnmlp._validate.as_data``'s rule; SciPy sparse x is refused: ``x.toarray()``);
+        not values: NaN checks would sync every step (``fit`` checks the data once).
         """
         settle_thread()  # ~0.1 µs once this thread is known
         model_state = self.model.state_or_default(None, None) if state is None else state
         carry = Carry(params, opt_state, model_state)
         known = self.executor.knows(carry)
-        like = self.executor.last_like if known else self.model.check_params(params)
+        # a known carry was returned with data: the executor's last_like is a tensor
+        like = cast(Tensor, self.executor.last_like) if known else self.model.check_params(params)
         _validate.check_no_autocast(like.device, "the training step (fnmlp.train_step)")
         x, y = self.model.check_data(params, x, y, loss=self.loss, finite=False, like=like)
         self.loss.check_labels(y, self.model.out_features)  # a compiled graph cannot raise

@@ -6,8 +6,10 @@ data-parallel ranks, the scikit-learn estimators) and for a user's own.
   ``Kernels`` (``EAGER``, ``BATCHED``, ``TRACED``) is how the function computes;
 - ``StepKind``: what the loop needs of a step (``TrainStep`` is one network's);
 - ``BatchSource``, ``Batch``, ``Run``, ``Carry``, ``train_loop``: the one loop;
-- policies: ``EarlyStopping``, ``Reporter``, ``Callback``, ``Checkpointer`` (``Policy`` is
-  their base), ``restore_run`` to resume;
+- policies: ``EarlyStopping``, ``Reporter``, ``Checkpointer``, ``CallbackRunner`` (a fit's
+  ``fnmlp.callbacks``), ``EpochMetrics`` (its ``metrics=``), ``EpochFunction`` (an
+  ``on_epoch_end`` function with the estimators' logs); ``Policy`` is their base;
+  ``restore_run`` to resume;
 - ``Strategy``: where one network's steps run (this process, or data-parallel ranks);
 - checks shared by every fit: ``check_run_options``, ``check_valid``, ``checkpoint_settings``,
   ``check_step_options``, ``check_threads``; ``settle_thread`` at an entry point (a new
@@ -27,7 +29,9 @@ from fnmlp.train._executor import BATCHED, EAGER, TRACED, Carry, Executor, Kerne
 from fnmlp.train._fit import Strategy, check_run_options, check_valid, checkpoint_settings
 from fnmlp.train._loop import (Batch, BatchSource, EarlyStopping, Policy, Run, StepKind,
                                all_finite, train_loop)
-from fnmlp.train._policies import Callback, Checkpointer, Reporter, summary
+from fnmlp.train._callbacks import CallbackRunner, check_callbacks
+from fnmlp.train._epoch_metrics import EpochMetrics, check_metrics
+from fnmlp.train._policies import Checkpointer, EpochFunction, Reporter, epoch_log_keys, summary
 from fnmlp.train._run import restore_run
 from fnmlp.train._step import TrainStep, check_step_options, network_identity
 from fnmlp.train._thread_scopes import settle_thread
@@ -37,7 +41,8 @@ from fnmlp.train._threads import (SERIAL_WORK, StepThreads, check_threads, choos
 __all__ = [
     "Executor", "Kernels", "EAGER", "BATCHED", "TRACED", "Carry", "StepKind", "TrainStep",
     "Batch", "BatchSource", "Run", "train_loop", "all_finite", "Policy", "EarlyStopping",
-    "Reporter", "Callback", "Checkpointer", "restore_run", "summary", "Strategy",
+    "Reporter", "EpochFunction", "Checkpointer", "CallbackRunner", "check_callbacks",
+    "EpochMetrics", "check_metrics", "epoch_log_keys", "restore_run", "summary", "Strategy",
     "check_run_options", "check_valid", "checkpoint_settings", "check_step_options",
     "check_threads", "describe_threads", "choose_compile", "choose_steps_per_call",
     "compiled_before", "network_identity",

@@ -6,7 +6,8 @@ without them).
 
 MODE "steps": DistributedStep directly on the seed workload's global batches, the parameters
 after every step saved; "fit": fnmlp.fit(distributed=...) with the options (checkpoint, resume,
-faults injected: raise, hang or die on a rank at an epoch's end).
+faults injected: raise, hang or die on a rank at an epoch's end; "rank_rate": a callback that
+sets a rank-dependent learning rate after the first epoch).
 """
 
 import json
@@ -67,14 +68,24 @@ def main(out_dir: str, mode: str, options: dict) -> None:
                     os.kill(os.getpid(), signal.SIGKILL)
             return options.get("stop_on_rank_1") and rank == 1
 
+        class RankRate(fnmlp.callbacks.Callback):
+            """Sets the rate from rank-local information: rank_rate·(rank + 1)."""
+
+            def on_epoch_end(self, epoch, logs):
+                if epoch == 0:
+                    self.trainer.learning_rate = options["rank_rate"] * (rank + 1)
+
+        callbacks = [RankRate()] if "rank_rate" in options else None
         fit = fnmlp.fit(model, params, x, y, epochs=options.get("epochs", 3), batch_size=333,
                         optimizer=optimizer, shuffle=True,
                         generator=torch.Generator().manual_seed(options.get("seed", 0)),
                         l2=l2, compile=options.get("compile", False),
                         valid=(x_valid, y_valid),
                         checkpoint=options.get("checkpoint"), resume=options.get("resume", False),
-                        on_epoch_end=on_epoch_end, distributed=distributed)
+                        on_epoch_end=on_epoch_end, callbacks=callbacks,
+                        distributed=distributed)
         result["params"] = flatten(fit.params)[0]
+        result["lr"] = fit.opt_state.learning_rate.item()
         result["train_loss"] = fit.history.train_loss
         result["valid_loss"] = fit.history.valid_loss
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))

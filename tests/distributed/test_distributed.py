@@ -124,6 +124,15 @@ def test_a_failing_rank_fails_the_others_within_the_timeout(tmp_path, kind):
     assert elapsed < 45  # start-up (imports, group) plus the 5 s timeout, never torch's 30 min
 
 
+def test_every_rank_uses_the_rate_rank_0_sets(tmp_path):
+    """A callback that sets the rate from rank-local information (here: the rank) cannot make
+    the ranks drift apart: after the callbacks, rank 0's rate is every rank's."""
+    (first,) = run((tmp_path, "fit", {"epochs": 2, "rank_rate": 0.02}, 2))
+    second = torch.load(tmp_path / "rank1.pt")
+    assert first["lr"] == second["lr"] == 0.02  # rank 0's; rank 1 set 0.04
+    assert all(torch.equal(a, b) for a, b in zip(first["params"], second["params"]))
+
+
 @pytest.mark.slow
 def test_ranks_must_agree_and_one_stop_request_stops_all(tmp_path):
     other_data = launch(tmp_path / "data", "fit", {"epochs": 2, "other_data_on_rank_1": True},

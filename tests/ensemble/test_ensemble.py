@@ -11,7 +11,7 @@ from fnmlp.ensemble._fit import _bootstrap_counts
 from fnmlp.workloads import seed_data, seed_model
 
 F64 = torch.float64
-TOLERANCE = 1e-13  # relative, float64: the bar; eager CPU runs are bit-identical here
+TOLERANCE = 1e-13  # relative, float64; eager CPU runs are bit-identical here
 
 
 def relative(a, b) -> float:

@@ -70,9 +70,10 @@ def test_classifier_learns_and_compiles_into_one_graph(digits):
                                               eager.history.valid_loss)) <= 1e-9
     step = fnmlp.train_step(model, fnmlp.cross_entropy, optimizer)
     assert step.executor.graphs.count() == 1
-    accuracy = fnmlp.metrics.accuracy(model.predict_classes(compiled.params, x_test), y_test)
+    accuracy = fnmlp.metrics.accuracy(
+        model.predict_classes(compiled.params, x_test, loss=fnmlp.cross_entropy), y_test)
     assert accuracy > 0.8
-    probabilities = model.predict_proba(compiled.params, x_test)
+    probabilities = model.predict_proba(compiled.params, x_test, loss=fnmlp.cross_entropy)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(len(x_test), dtype=F64))
 
 

@@ -93,7 +93,7 @@ CORRUPTIONS = {
     "x features": (lambda x, y, w: (x[:, :-1], y, w), "x has"),
     "x rows": (lambda x, y, w: (x[:-1], y, w), "x has .* rows but y has"),
     "y columns": (lambda x, y, w: (x, torch.cat([y, y], 1), w), "y has"),
-    "x dtype": (lambda x, y, w: (x.float(), y, w), "x has dtype"),
+    "x dtype": (lambda x, y, w: (x.to(torch.complex128), y, w), "x must hold real numbers"),
     "y NaN": (lambda x, y, w: (x, y.index_fill(0, torch.tensor([0]), float("nan")), w),
               "y contains NaN"),
     "x inf": (lambda x, y, w: (x.index_fill(0, torch.tensor([1]), float("inf")), y, w),

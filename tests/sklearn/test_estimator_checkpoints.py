@@ -62,6 +62,10 @@ def test_estimator_callbacks_see_the_loss_and_can_stop(capsys):
     assert [i for i, _ in seen] == [0, 1, 2] and clf.n_iter_ == 3
     assert seen[-1][1]["train_loss"] == clf.loss_curve_[-1]
     assert seen[-1][1]["valid_score"] == clf.validation_scores_[-1]
+    # the logs of fnmlp.fit's callbacks (epoch_logs), with the estimator's valid_score
+    assert list(seen[-1][1]) == ["epoch", "train_loss", "lr", "epoch_time", "samples_per_s",
+                                 "valid_score"]
+    assert seen[-1][1]["epoch"] == 2 and seen[-1][1]["lr"] == clf.learning_rate_init
     assert "epoch" in capsys.readouterr().err  # tqdm's bar
 
 

@@ -101,7 +101,7 @@ def test_ensemble_fit_calls_back_reports_progress_and_stops(capsys):
     assert [epoch for epoch, _ in seen] == [0, 1]
     assert len(seen[0][1]) == 3 and len(result.history.train_loss) == 2
     captured = capsys.readouterr()
-    assert "Epoch: 1" in captured.out and "median" in captured.out
+    assert "epoch 2/5  loss min " in captured.out and "median" in captured.out
     assert "epoch" in captured.err  # tqdm's bar
 
 
