@@ -70,3 +70,25 @@ def test_bench_ensemble_and_sweep_workloads_quick(tmp_path):
     for name in ("fnmlp eager", "fnmlp compiled"):
         assert figures["results"][name]["total_s"] > 0
     assert "sweep" in printed
+
+
+def test_the_benchmark_charts_read_their_tables():
+    """``docs/scripts/plot_benchmarks.py`` draws each chart from a table of the benchmark
+    pages, found by its header: every table it reads is there, with numbers in its cells
+    (drawing needs matplotlib, which only the chart script itself uses)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "plot_benchmarks", ROOT / "docs" / "scripts" / "plot_benchmarks.py")
+    charts = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(charts)
+    drawn = []
+    charts.bars = lambda path, title, labels, values, *rest: drawn.append((path.name, values))
+    charts.grouped = lambda path, title, groups, series, *rest: drawn.append(
+        (path.name, [v for values in series.values() for v in values]))
+    charts.main()
+    assert sorted(name for name, _ in drawn) == ["cpu-ensembles.svg", "cpu-jax.svg",
+                                                 "gpu-ensembles.svg", "gpu-seed.svg"]
+    for name, values in drawn:
+        assert values and all(v > 0 for v in values), name
+        assert (ROOT / "docs" / "benchmarks" / "img" / name).is_file(), name
