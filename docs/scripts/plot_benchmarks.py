@@ -1,5 +1,6 @@
-"""Draw the benchmark pages' charts from their own tables: ``python docs/scripts/plot_benchmarks.py``
-(needs matplotlib) writes ``docs/benchmarks/img/*.svg``.
+"""Draw the benchmark pages' charts from their own tables:
+``python docs/scripts/plot_benchmarks.py`` (needs matplotlib) writes
+``docs/benchmarks/img/*.svg``.
 
 Each chart reads one table of ``docs/benchmarks/cpu.md`` or ``gpu.md`` (found by the start of
 its header row), so a chart shows exactly the numbers of the table beside it; re-run this after
@@ -33,13 +34,22 @@ def number(cell: str) -> float:
     return float(re.search(r"[\d.]+", cell.replace(",", "")).group())
 
 
-def bars(path: Path, title: str, labels: list[str], values: list[float], unit: str,
-         highlight: set[str]) -> None:
-    """A horizontal bar chart, fnmlp's bars in colour."""
+def _pyplot():
+    """matplotlib's pyplot, drawing off screen, with SVG ids fixed (the same chart is the same
+    file)."""
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "fnmlp"
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bars(path: Path, title: str, labels: list[str], values: list[float], unit: str,
+         highlight: set[str]) -> None:
+    """A horizontal bar chart, fnmlp's bars in colour."""
+    plt = _pyplot()
 
     figure, axes = plt.subplots(figsize=(8, 0.42 * len(labels) + 1.2))
     colours = ["#d9480f" if label in highlight else "#868e96" for label in labels]
@@ -57,10 +67,7 @@ def bars(path: Path, title: str, labels: list[str], values: list[float], unit: s
 def grouped(path: Path, title: str, groups: list[str], series: dict[str, list[float]],
             unit: str) -> None:
     """Grouped vertical bars: one group per row, one bar per series."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     figure, axes = plt.subplots(figsize=(10, 4))
     width = 0.8 / len(series)
@@ -88,9 +95,9 @@ def _short(setting: str) -> str:
 def main() -> None:
     OUT.mkdir(exist_ok=True)
     rows = table("gpu.md", "| seed (float64, batch 333)")
-    bars(OUT / "gpu-seed.svg", "Seed step, NVIDIA H200, float64 (lower is better)", [r[0].replace("`", "") for r in rows], [number(r[2]) for r in rows],
-         "µs per step", {"fnmlp compiled (train_step, one call)", "fnmlp fit (chunked)",
-                         "fnmlp eager"})
+    bars(OUT / "gpu-seed.svg", "Seed step, NVIDIA H200, float64 (lower is better)",
+         [r[0].replace("`", "") for r in rows], [number(r[2]) for r in rows], "µs per step",
+         {"fnmlp compiled (train_step, one call)", "fnmlp fit (chunked)", "fnmlp eager"})
     rows = table("gpu.md", "| K | fnmlp ensemble |")
     grouped(OUT / "gpu-ensembles.svg", "Ensembles of K seed networks on an H200 (float32): µs "
             "per step for all K", [f"K = {r[0]}" for r in rows],
