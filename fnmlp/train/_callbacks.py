@@ -186,7 +186,7 @@ class CallbackRunner(Policy):
         self.optimizer, self.epochs, self.log_keys, self.member = (optimizer, epochs, log_keys,
                                                                    member)
         self.ensemble = member is not None
-        self.trainer: Trainer = None  # type: ignore[assignment]  # made by on_train_begin
+        self.trainer: Trainer  # made by on_train_begin
         self.begun: list[Callback] = []
         self.last_logs: dict = {}
 
