@@ -89,6 +89,8 @@ def main(out_dir: str, mode: str, options: dict) -> None:
         result["train_loss"] = fit.history.train_loss
         result["valid_loss"] = fit.history.valid_loss
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    if distributed:  # leave the group before exiting: gloo's threads stopped, not killed
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
