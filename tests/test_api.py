@@ -166,7 +166,9 @@ def test_learning_rate_as_a_tensor(setup):
 
 def test_non_finite_loss_stops_fit_with_the_last_finite_parameters(setup):
     model, params, x, y = setup
-    with pytest.raises(fnmlp.NonFiniteLossError, match=r"epoch \d+, batch \d+") as info:
+    with pytest.raises(fnmlp.NonFiniteLossError,
+                       match=r"epoch \d+ \(counted from 0; the verbose line's epoch \d+\), "
+                       r"batch \d+") as info:
         fnmlp.fit(model, params, x * 1e3, y * 1e6, epochs=50, batch_size=10,
                   optimizer=fnmlp.sgd(1e3), valid=(x, y))
     error = info.value

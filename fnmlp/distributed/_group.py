@@ -138,9 +138,12 @@ def check_same(fields: dict[str, float], what: str, *, sums: tuple[str, ...] = (
 
 
 def check_same_run(x: Tensor, y: Tensor, weight: Tensor | None, valid, *, epochs: int,
-                   batch_size: int, shuffle: bool, resume: bool) -> None:
+                   batch_size: int, shuffle: bool, resume: bool,
+                   fingerprint: str | None = None) -> None:
     """Every rank of a data-parallel fit must have the same data and loop: compared by size,
-    settings and checksums (sums of the values) before any work."""
+    settings and checksums (sums of the values) before any work; a checkpointed fit's data
+    fingerprint too (each rank hashes its own copy of the data: alike here, so every rank
+    agrees whether a checkpoint holds a fit on this data)."""
     def checksum(values: Tensor | None) -> float:
         return 0.0 if values is None else float(values.double().sum())
 
@@ -150,7 +153,10 @@ def check_same_run(x: Tensor, y: Tensor, weight: Tensor | None, valid, *, epochs
             checksum(valid[0]) + checksum(valid[1])}
     check_same({"rows": x.shape[0], "batch_size": batch_size, "epochs": epochs,
                 "shuffle": shuffle, "resume": resume, "sample_weight given": weight is not None,
-                "validation rows": -1 if valid is None else valid[0].shape[0], **sums},
+                "validation rows": -1 if valid is None else valid[0].shape[0],
+                # 48 bits of the SHA-256: exact in the float64 the ranks compare
+                "the data's fingerprint": -1 if fingerprint is None else int(fingerprint[:12], 16),
+                **sums},
                "their data or fit settings", sums=tuple(sums))
 
 

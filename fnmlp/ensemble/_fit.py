@@ -13,12 +13,11 @@ from torch import Tensor
 from fnmlp import _validate
 from fnmlp.ensemble._ensemble import Ensemble, per_member_targets
 from fnmlp.nn import Loss, check_loss_weights, mse
-from fnmlp.train.engine import (BatchSource, CallbackRunner, Carry, Checkpointer,
-                                EarlyStopping, EpochMetrics, Policy, Reporter, Run,
-                                check_callbacks, check_metrics, check_run_options, check_threads,
-                                check_valid, checkpoint_settings, choose_compile,
-                                choose_steps_per_call, epoch_log_keys, restore_run,
-                                settle_thread, train_loop)
+from fnmlp.train.engine import (BatchSource, CallbackRunner, Carry, Checkpointer, EarlyStopping,
+                                EpochMetrics, Policy, Reporter, Run, check_callbacks, check_metrics,
+                                check_metrics_run, check_run_options, check_threads, check_valid,
+                                checkpoint_settings, choose_compile, choose_steps_per_call,
+                                epoch_log_keys, restore_run, settle_thread, train_loop)
 
 
 @dataclasses.dataclass
@@ -91,7 +90,8 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")
     check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
-                      on_epoch_end, progress, valid, generator)
+                      on_epoch_end, progress, valid, generator, shuffle=shuffle,
+                      verbose=verbose, verify=verify, bagging=bagging)
     metrics = check_metrics(metrics)
     log_keys = epoch_log_keys(valid is not None, metrics)
     callbacks = check_callbacks(callbacks, on_epoch_end, log_keys=log_keys,
@@ -134,7 +134,7 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
         settings = checkpoint_settings(
             ensemble, optimizer, loss, batch_size=batch_size, shuffle=shuffle,
             bagging=bagging, weighted=weight is not None, rows=n, l2=step.l2,
-            weight_decay=step.weight_decay)
+            weight_decay=step.weight_decay, data=(x, y, weight, valid))
     if (shuffle or bagging or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
@@ -161,12 +161,14 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
         if _validate.is_sparse(x) else None,
         check_rows=(lambda w, where: ensemble.check_training_rows(w.shape[-1], w, where))
         if model.has_batch_statistics else None)
+
+    def predict(carry, inputs):
+        return list(ensemble.apply(carry.params, inputs, state=carry.state))
+
+    check_metrics_run(metrics, predict, run.carry, (x, y), valid)  # before any work
     policies: list[Policy] = [EarlyStopping(step, patience, min_delta)]
     if metrics:
-        policies.append(EpochMetrics(
-            metrics, lambda carry, inputs: list(ensemble.apply(carry.params, inputs,
-                                                               state=carry.state)),
-            (x, y), valid))
+        policies.append(EpochMetrics(metrics, predict, (x, y), valid))
     policies.append(Reporter(verbose, progress, range(run.epoch, epochs)))
     if callbacks:
         policies.append(CallbackRunner(

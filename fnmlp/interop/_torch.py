@@ -22,10 +22,12 @@ def set_dropout_key(module: nn.Module, key) -> None:
 def to_torch(model: MLP, params: Params, state: State | None = None, *,
              shared_dropout: bool = False) -> nn.Sequential:
     """An ``nn.Sequential`` with one module per primitive, holding copies of ``params`` and
-    ``state`` (``BatchNorm``'s running statistics; the initial ones if None).
+    ``state`` (``BatchNorm``'s running statistics).
 
     Arguments:
-        model, params, state: the network, its parameters and its state.
+        model, params, state: the network, its parameters and its state; a model that keeps
+            running statistics (``BatchNorm``) needs ``state``, as ``model.apply`` does: the
+            one from training, or ``model.init_state(...)`` for fresh statistics.
         shared_dropout: use ``SharedMaskDropout`` instead of ``nn.Dropout``, so that the twin
             drops the same units as fnmlp given the same key (for parity runs).
     """
@@ -36,6 +38,9 @@ def to_torch(model: MLP, params: Params, state: State | None = None, *,
                 if hasattr(model, "member") else "")
         raise TypeError(f"to_torch takes an fnmlp.MLP, got {type(model).__name__}{hint}")
     like = model.check_params(params)
+    if state is None and model.has_state:  # fresh statistics would predict unlike the fit
+        raise ValueError("this model keeps running statistics (BatchNorm): pass state=... "
+                         "from training, or state=model.init_state(...) for fresh ones")
     state = model.init_state(dtype=like.dtype, device=like.device) if state is None else state
     model.check_state(state, like)
     modules = [module_for(layer, p, s, n_in, shared_dropout)
@@ -97,13 +102,17 @@ class TorchTwin:
         twin.step(x, y, key)          # one autograd + torch.optim step, same masks as fnmlp
 
     Arguments:
-        model, params, state: the network to copy (``state``: ``BatchNorm``'s statistics).
+        model, params, state: the network to copy (``state``: ``BatchNorm``'s statistics;
+            fresh ones, ``model.init_state``, if None, as ``fnmlp.fit`` starts).
         optimizer: an fnmlp optimizer; loss: an fnmlp loss.
         shared_dropout: draw fnmlp's dropout masks (default) instead of ``nn.Dropout``'s.
     """
 
     def __init__(self, model: MLP, params: Params, *, optimizer, loss=mse,
                  state: State | None = None, shared_dropout: bool = True):
+        if state is None and isinstance(model, MLP):  # fresh statistics, as fnmlp.fit starts
+            like = model.check_params(params)
+            state = model.init_state(dtype=like.dtype, device=like.device)
         self.module = to_torch(model, params, state, shared_dropout=shared_dropout)
         self.optimizer, self.scheduler, self.clip_norms = optimizer_to_torch(
             optimizer, self.module.parameters())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Callable
 
 import torch
@@ -28,6 +29,10 @@ from torch import Tensor
 
 from fnmlp import _registry
 from fnmlp._validate import check_learning_rate, check_positive_int
+
+__all__ = ["Schedule", "Constant", "StepDecay", "Exponential", "Cosine", "LinearWarmup",
+           "Sequential", "Lambda", "constant", "step_decay", "exponential", "cosine",
+           "linear_warmup", "sequence", "lambda_lr", "as_lr"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +81,7 @@ class StepDecay(Schedule):
     def __post_init__(self):
         super().__post_init__()
         check_positive_int(self.step_size, "step_size")
+        _check_gamma(self.gamma)
 
     def factor(self, step):
         return self.gamma ** torch.floor(step / self.step_size)
@@ -86,6 +92,10 @@ class Exponential(Schedule):
     """factor = gamma ** step (``ExponentialLR``)."""
 
     gamma: float = 0.99
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_gamma(self.gamma)
 
     def factor(self, step):
         return self.gamma ** step
@@ -102,6 +112,10 @@ class Cosine(Schedule):
     def __post_init__(self):
         super().__post_init__()
         check_positive_int(self.total_steps, "total_steps")
+        eta_min = _real(self.eta_min, "eta_min")
+        if not 0 <= eta_min <= float(self.base):
+            raise ValueError(f"eta_min must be in [0, lr] (a floor between 0 and the base rate "
+                             f"lr={float(self.base)}), got eta_min={eta_min}")
 
     def factor(self, step):
         """(1 + cos(π·step/total_steps))/2, falling from 1 to 0."""
@@ -171,6 +185,22 @@ class Sequential(Schedule):
         return result
 
 
+def _real(value, name: str) -> float:
+    """``value`` (a real number or a 0-d real tensor) as a float, or a TypeError naming it."""
+    if isinstance(value, Tensor) and value.dim() == 0 and not value.is_complex() \
+            and value.dtype != torch.bool:
+        return float(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+
+def _check_gamma(gamma) -> None:
+    value = _real(gamma, "gamma")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"gamma must be finite and > 0 (the factor of each decay), got {value}")
+
+
 def _checked_parts(parts, boundaries) -> tuple[tuple, tuple]:
     """``parts`` and ``boundaries`` as tuples, or a clear error naming the argument."""
     if not isinstance(parts, (list, tuple)):
@@ -225,22 +255,51 @@ class Lambda(Schedule):
         self._check_first_rate()
 
     def _check_first_rate(self) -> None:
-        """Calls ``fn`` at step 0 now, so that a function that cannot give a rate (a schedule
-        factory such as ``fnmlp.schedules.cosine`` passed uncalled) fails here, not in a fit."""
-        step = torch.zeros((), dtype=torch.float64)
+        """Calls ``fn`` at steps 0 and 1000 now, so that a function that cannot give a rate
+        fails here, not in a fit: one that raises (a schedule factory such as
+        ``fnmlp.schedules.cosine`` passed uncalled), returns no number, gives a negative rate,
+        or computes the rate outside torch (``math.exp(step)``, ``float(step)``,
+        ``int(step)``: a Python number that changes with the step), which runs eagerly but
+        cannot be traced into a compiled step."""
+        values = [self._rate_at(step) for step in (0.0, 1000.0)]
+        for step, value in zip((0, 1000), values):
+            rate = float(self.base) * float(value)
+            # a rate overflowing by step 1000 may be meant for fewer steps: only step 0's
+            # must be finite
+            if math.isnan(rate) or rate < 0 or step == 0 and math.isinf(rate):
+                raise ValueError(f"lr must be finite and >= 0, but the learning-rate function "
+                                 f"{self.fn!r} gives {rate} at step {step}")
+        if any(not isinstance(v, Tensor) for v in values) and float(values[0]) != float(
+                values[1]):
+            shown = [repr(v) if isinstance(v, Tensor) else f"the Python number {v!r}"
+                     for v in values]
+            raise TypeError(
+                f"the learning-rate function {self.fn!r} returns a Python number, not a tensor, "
+                f"for the step tensor, and the rate changes with the step ({shown[0]} at step "
+                f"0, {shown[1]} at step 1000): it "
+                "computes the rate outside torch (math.exp, float(step), int(step), or min, "
+                "max and if on the step), which "
+                "fails once the step is compiled; write it with torch operations on the step "
+                "tensor, e.g. torch.exp instead of math.exp, so that it works in a compiled "
+                "step")
+
+    def _rate_at(self, step: float) -> Tensor | float:
+        """``fn`` at ``step`` (given as the 0-d float64 tensor a fit gives it), checked to be
+        a number or a 0-d real tensor."""
         try:
-            value = self.fn(step)
+            value = self.fn(torch.tensor(step, dtype=torch.float64))
         except Exception as error:
-            raise TypeError(f"the learning-rate function {self.fn!r} failed at step 0 "
-                            f"({type(error).__name__}: {error}); it must take the step (a "
-                            "0-d float tensor) and return the rate") from error
+            raise TypeError(f"the learning-rate function {self.fn!r} failed at step "
+                            f"{step:g} ({type(error).__name__}: {error}); it must take the "
+                            "step (a 0-d float tensor) and return the rate") from error
         if not (isinstance(value, (int, float)) and not isinstance(value, bool)
                 or isinstance(value, Tensor) and value.dim() == 0
                 and value.dtype != torch.bool and not value.is_complex()):
             shown = (f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor)
                      else type(value).__name__)
             raise TypeError(f"the learning-rate function {self.fn!r} must return a number or "
-                            f"a 0-d tensor, got {shown} at step 0")
+                            f"a 0-d tensor, got {shown} at step {step:g}")
+        return value
 
     def factor(self, step):
         value = torch.as_tensor(self.fn(step), dtype=step.dtype, device=step.device)
@@ -261,14 +320,14 @@ def step_decay(lr: float, step_size: int, gamma: float = 0.1) -> StepDecay:
     Arguments:
         lr: the base rate, > 0.
         step_size: steps between decays, >= 1.
-        gamma: the factor of each decay.
+        gamma: the factor of each decay, > 0.
     """
     return StepDecay(lr, step_size, gamma)
 
 
 def exponential(lr: float, gamma: float) -> Exponential:
     """lr·gamma^step (``ExponentialLR``). Arguments: lr: the base rate; gamma: the factor per
-    step."""
+    step, > 0."""
     return Exponential(lr, gamma)
 
 
@@ -278,7 +337,9 @@ def cosine(lr: float, total_steps: int, eta_min: float = 0.0) -> Cosine:
     Arguments:
         lr: the base rate, > 0.
         total_steps: the half period T_max, >= 1.
-        eta_min: the floor, absolute.
+        eta_min: the floor, absolute, in [0, lr]. Past ``total_steps`` the rate rises again
+            (as ``CosineAnnealingLR``'s): to hold the floor, follow the cosine with
+            ``constant(eta_min)`` in a ``sequence``.
     """
     return Cosine(lr, total_steps, eta_min)
 
@@ -320,6 +381,10 @@ def lambda_lr(lr: float, fn: Callable[[Tensor], Tensor | float]) -> Lambda:
         fn: ``fn(step) -> factor``, ``step`` a floating 0-d tensor; use arithmetic and torch
             ops (not ``math`` or ``int(step)``) so that it traces into a compiled step.
             Cannot be saved in a checkpoint.
+
+    Raises ``TypeError`` when ``fn`` fails at step 0 or 1000, returns no number there, or
+    returns a Python number that differs between them (computed outside torch);
+    ``ValueError`` for a negative rate there.
     """
     return Lambda(lr, fn)
 

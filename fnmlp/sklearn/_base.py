@@ -56,6 +56,11 @@ class BaseMLP(BaseEstimator):
 
     def _check_hyperparameters(self) -> None:
         """Raise ``ValueError`` naming the first bad hyperparameter (before any work)."""
+        if isinstance(self.layers, (str, bytes)):  # else iterated: "unknown activation 'r'"
+            raise TypeError(f"layers takes a list of layers (primitives such as "
+                            f"fnmlp.Linear(64), fnmlp.Dense(64, 'relu'), or activation names "
+                            f"such as 'relu'), got the string {self.layers!r}; e.g. "
+                            f"layers=[fnmlp.Linear(64), {self.layers!r}]")
         if self.layers is None:
             sizes = self.hidden_layer_sizes
             sizes = list(sizes) if hasattr(sizes, "__iter__") else [sizes]
@@ -273,7 +278,7 @@ class BaseMLP(BaseEstimator):
             settings = checkpoint_settings(
                 self.model_, optimizer, loss, batch_size=batch_size, shuffle=bool(self.shuffle),
                 rows=n, weighted=weight is not None, l2=l2,
-                early_stopping=bool(self.early_stopping))
+                early_stopping=bool(self.early_stopping), data=(x, y, weight, valid))
             if self.resume:
                 run = restore_run(self.checkpoint, self.model_, optimizer, like,
                                   source.generator, settings, epochs)

@@ -249,11 +249,17 @@ class CallbackRunner(Policy):
 
 def _state_json(key: str, callback: Callback):
     """The callback's ``state_dict()`` as JSON data (non-finite floats as strings, as
-    ``fnmlp.train._run.json_floats`` keeps the fit's losses), or None; a clear error for a
-    state that is not JSON."""
+    ``fnmlp.train._run.json_floats`` keeps the fit's losses), or None; a clear error, naming
+    the callback and where in its state, for a state that would not come back unchanged from
+    a checkpoint (a tuple, a key that is not a string, a value that is not JSON)."""
     state = callback.state_dict()
     if state is None:
         return None
+    problem = _json_problem(state, "state_dict()")
+    if problem is not None:
+        raise TypeError(f"callback {key}'s state_dict() must be JSON data that comes back "
+                        f"unchanged from a checkpoint (dicts with str keys, lists, str, "
+                        f"numbers, bools, None): {problem}")
     encoded = json_floats(state)
     try:
         json.dumps(encoded, allow_nan=False)
@@ -261,4 +267,29 @@ def _state_json(key: str, callback: Callback):
         raise TypeError(f"callback {key}'s state_dict() must be JSON data (dicts, lists, str, "
                         f"numbers, bools, None) for the checkpoint: {error}") from None
     return encoded
+
+
+def _json_problem(value, path: str) -> str | None:
+    """What in ``value`` (at ``path``) would not come back unchanged from JSON, or None."""
+    if value is None or isinstance(value, (bool, str, int, float)):
+        return None
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if not isinstance(name, str):
+                return (f"{path} has the key {name!r} ({type(name).__name__}), which JSON "
+                        f"would turn into the string {json.dumps(str(name))}: use str keys")
+            problem = _json_problem(item, f"{path}[{name!r}]")
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            problem = _json_problem(item, f"{path}[{index}]")
+            if problem is not None:
+                return problem
+        return None
+    if isinstance(value, tuple):
+        return f"{path} is a tuple {value!r}, which would come back as a list: use a list"
+    return (f"{path} is a {type(value).__name__} ({value!r}), not JSON data (convert it, "
+            "e.g. float(value) or .tolist())")
 

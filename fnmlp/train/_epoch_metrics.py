@@ -3,6 +3,7 @@ mode, on the training data (``r2``) and the validation data (``valid_r2``)."""
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import time
 from collections.abc import Callable, Mapping
@@ -32,6 +33,63 @@ def check_metrics(metrics) -> dict[str, Callable]:
             raise TypeError(f"metrics[{name!r}] must be a function (prediction, target) -> "
                             f"float, got {type(function).__name__}")
     return dict(metrics)
+
+
+def check_metrics_run(metrics: dict[str, Callable], predict: Callable, carry, train: tuple,
+                      valid: tuple | None, rows: int = 8) -> None:
+    """Refuse, before any work and naming it, a metric that cannot run: one that does not
+    take two positional arguments (prediction, target), and one that fails or returns no
+    number on the predictions ``predict(carry, x)`` (evaluation mode, as ``EpochMetrics``
+    makes them) of the first ``rows`` rows of ``train`` (and of ``valid`` if given). A metric
+    that fails on those rows only (one that needs every class, say) is tried on all of them
+    before it is refused.
+
+    Arguments:
+        metrics, predict, train, valid: ``EpochMetrics``'s.
+        carry: the run's carry before its first step (``carry.params``, ``carry.state``).
+    """
+    for name, function in metrics.items():
+        try:
+            signature = inspect.signature(function)
+        except (TypeError, ValueError):  # a builtin without a signature: tried below
+            continue
+        try:
+            signature.bind(None, None)
+        except TypeError as error:
+            raise TypeError(f"metrics[{name!r}] must take two positional arguments "
+                            f"(prediction, target), but {signature}: {error}") from None
+    for what, (x, y) in [("training", train), *([("validation", valid)] if valid else [])]:
+        predictions = predict(carry, x[:rows]) if metrics else []
+        for name, function in metrics.items():
+            failure = _failure(name, function, predictions, y[:rows])
+            if failure is None or (x.shape[0] > rows and _failure(
+                    name, function, predict(carry, x), y) is None):
+                continue  # fails on the first rows only: every epoch evaluates all of them
+            if isinstance(failure, _NotANumber):
+                raise TypeError(f"metrics[{name!r}] on the first rows of the {what} data: "
+                                f"{failure}") from None
+            kind = TypeError if isinstance(failure, TypeError) else ValueError
+            raise kind(f"metrics[{name!r}] failed on the first rows of the {what} data (tried "
+                       f"before any work): {type(failure).__name__}: {failure}") from failure
+
+
+class _NotANumber(TypeError):
+    """A metric's value that is not a number."""
+
+
+def _failure(name: str, function: Callable, predictions: list, y) -> Exception | None:
+    """What ``function`` raises on one of ``predictions`` (per member) and ``y``, or returns
+    that is not a number (a ``_NotANumber``); None when it works."""
+    for prediction in predictions:
+        try:
+            value = function(prediction, y)
+        except Exception as error:  # noqa: BLE001 (named and raised by the caller)
+            return error
+        try:
+            _value(name, value)
+        except TypeError as error:
+            return _NotANumber(str(error))
+    return None
 
 
 class EpochMetrics(Policy):
@@ -69,5 +127,6 @@ def _value(name: str, value) -> float:
             raise TypeError
         return float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"metric {name!r} returned {value!r}; a metric returns a float "
-                        "(prediction, target) -> float") from None
+        raise TypeError(f"metric {name!r} returned {value!r}; metrics[{name!r}] must return "
+                        f"a number, got {type(value).__name__} (a metric is (prediction, "
+                        "target) -> float)") from None

@@ -15,12 +15,12 @@ from fnmlp.interop import check_writable
 from fnmlp.nn import MLP, Loss, Params, State, check_l2, check_loss, check_loss_weights, mse
 from fnmlp.train._auto import choose_compile, choose_steps_per_call, compiled_before
 from fnmlp.train._callbacks import CallbackRunner, check_callbacks
-from fnmlp.train._epoch_metrics import EpochMetrics, check_metrics
+from fnmlp.train._epoch_metrics import EpochMetrics, check_metrics, check_metrics_run
 from fnmlp.train._errors import NonFiniteLossError
 from fnmlp.train._executor import Carry
 from fnmlp.train._loop import BatchSource, EarlyStopping, Policy, Run, all_finite, train_loop
 from fnmlp.train._policies import Checkpointer, Reporter, epoch_log_keys
-from fnmlp.train._run import restore_run
+from fnmlp.train._run import data_fingerprint, restore_run
 from fnmlp.train._step import TrainStep, network_identity
 from fnmlp.train._thread_scopes import settle_thread
 from fnmlp.train._threads import check_threads, describe_threads
@@ -127,7 +127,9 @@ def fit(
             in are then ignored) and ends bit-identical to an uninterrupted fit.
         patience, min_delta: stop after ``patience`` epochs without the validation loss
             improving by more than ``min_delta`` (needs ``valid``).
-        restore_best: return the parameters and state of the best validation loss.
+        restore_best: return the parameters and state of the best validation loss (a
+            checkpoint keeps the last epoch's, to resume from, and the best ones in its
+            ``extra["best_params"]`` and ``extra["best_state"]``).
         on_epoch_end: ``f(epoch, logs) -> stop?`` after every epoch (a callback: ``logs`` as
             ``callbacks`` get them); a true result stops the fit.
         callbacks: a list of ``fnmlp.callbacks.Callback`` (``CSVLogger``, ``TensorBoard``,
@@ -154,7 +156,8 @@ def fit(
     _validate.check_positive_int(epochs, "epochs", allow_zero=True)
     _validate.check_positive_int(batch_size, "batch_size")
     check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
-                      on_epoch_end, progress, valid, generator)
+                      on_epoch_end, progress, valid, generator, shuffle=shuffle,
+                      verbose=verbose, verify=verify)
     metrics = check_metrics(metrics)
     log_keys = epoch_log_keys(valid is not None, metrics)
     callbacks = check_callbacks(callbacks, on_epoch_end, log_keys=log_keys,
@@ -198,12 +201,12 @@ def fit(
     if checkpoint is not None:  # refused now rather than at the first checkpoint
         settings = checkpoint_settings(model, optimizer, loss, batch_size=batch_size,
                                        shuffle=shuffle, weighted=weight is not None,
-                                       rows=x.shape[0], l2=l2)
+                                       rows=x.shape[0], l2=l2, data=(x, y, weight, valid))
     if (shuffle or model.has_dropout) and generator is None:
         generator = torch.Generator()
         generator.seed()
     strategy.check_same_run(x, y, weight, valid, epochs=epochs, batch_size=batch_size,
-                            shuffle=shuffle, resume=resume)
+                            shuffle=shuffle, resume=resume, fingerprint=settings.get("data"))
     run = None
     if resume:
         run = restore_run(checkpoint, model, optimizer, like, generator, settings, epochs)
@@ -229,11 +232,14 @@ def fit(
                                              batches=-(-x.shape[0] // batch_size)),
         check_rows=(lambda w, where: model.check_training_rows(w.shape[0], w, where))
         if model.has_batch_statistics else None)
+
+    def predict(carry, inputs):
+        return [model.apply(carry.params, inputs, state=carry.state)]
+
+    check_metrics_run(metrics, predict, run.carry, (x, y), valid)  # before any work
     policies: list[Policy] = [EarlyStopping(step, patience, min_delta)]
     if metrics:
-        policies.append(EpochMetrics(
-            metrics, lambda carry, inputs: [model.apply(carry.params, inputs, state=carry.state)],
-            (x, y), valid))
+        policies.append(EpochMetrics(metrics, predict, (x, y), valid))
     policies.append(Reporter(verbose, progress, range(run.epoch, epochs), step.lead))
     if callbacks:
         policies.append(CallbackRunner(
@@ -277,7 +283,8 @@ class Strategy:
                          compiler=compiler, l2=l2, threads=threads)
 
     def check_same_run(self, x, y, weight, valid, **settings) -> None:
-        """Refuse a run that differs between processes."""
+        """Refuse a run that differs between processes (``settings``: the loop's, and
+        ``fingerprint``, the checkpointed data's ``data_fingerprint`` or None)."""
 
     def start(self, run: Run, generator):
         """The generator to shuffle with, once ``run`` is made or restored."""
@@ -300,19 +307,27 @@ def check_valid(model, params, valid, loss, like: Tensor):
     return x, y
 
 
-def checkpoint_settings(model, optimizer, loss, **settings) -> dict:
+def checkpoint_settings(model, optimizer, loss, *, data: tuple | None = None,
+                        **settings) -> dict:
     """What must be the same to resume a checkpointed fit; refuses (now rather than at the
-    first checkpoint) a model or optimizer that cannot be saved."""
+    first checkpoint) a model or optimizer that cannot be saved. ``data``: the fit's checked
+    training data (x, y, row weights, validation data or None), stored as its fingerprint
+    (``data_fingerprint``, hashed once here) so that a resume on other data is refused."""
     from fnmlp.interop import encode_spec
 
     encode_spec(model)
     encode_spec(optimizer)
+    if data is not None:
+        settings["data"] = data_fingerprint(*data)
     return {**settings, "loss": encode_spec(loss)}
 
 
 def check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta, restore_best,
-                      on_epoch_end, progress, valid, generator) -> None:
-    """Refuse a bad option of the loop, naming it (before any work)."""
+                      on_epoch_end, progress, valid, generator, **flags) -> None:
+    """Refuse a bad option of the loop, naming it (before any work). ``flags``: more options
+    that must be True or False (``shuffle=``, ``verbose=``, ``verify=``, ``bagging=``)."""
+    for name, value in {"resume": resume, "restore_best": restore_best, **flags}.items():
+        check_flag(value, name)
     if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
         raise TypeError(f"checkpoint must be a file path, got {type(checkpoint).__name__}")
     if checkpoint is not None:  # a directory, a missing or read-only folder: before any work
@@ -325,6 +340,10 @@ def check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta,
     if not (isinstance(min_delta, (int, float)) and not isinstance(min_delta, bool)
             and min_delta >= 0):
         raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}")
+    if min_delta != 0 and patience is None and not restore_best:
+        raise ValueError(f"min_delta={min_delta!r} only acts with patience= (early stopping) or "
+                         "restore_best=True (which epoch is best); pass patience= too, or drop "
+                         "min_delta")
     if (patience is not None or restore_best) and valid is None:
         raise ValueError("early stopping (patience=, restore_best=) watches the validation "
                          "loss: pass valid=(x_valid, y_valid)")
@@ -335,3 +354,8 @@ def check_run_options(checkpoint, checkpoint_every, resume, patience, min_delta,
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
 
+
+def check_flag(value, name: str) -> None:
+    """A TypeError naming option ``name`` unless ``value`` is True or False."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -549,7 +549,8 @@ def _raise_on_non_finite_loss(step: StepKind, run: Run, record: _EpochRecord, va
         if bad > 0:
             carries.pop()  # the update before the failing loss overflowed: one more step back
     run.carry, run.steps_done = carries[-1], record.start_steps + len(carries) - 1
-    _raise(run, f"the loss became {values[bad][0]} in epoch {run.epoch}, batch {bad}", bad,
+    _raise(run, f"the loss became {values[bad][0]} in epoch {run.epoch} (counted from 0; "
+           f"the verbose line's epoch {run.epoch + 1}), batch {bad} (counted from 0)", bad,
            raisers)
 
 
@@ -564,8 +565,8 @@ def _raise_on_overflow(step: StepKind, run: Run, record: _EpochRecord, raisers: 
     run.carry, run.steps_done = carries[-1], record.start_steps + len(carries) - 1
     run.epoch = record.epoch
     del run.train_loss[record.train_entries:], run.valid_loss[record.valid_entries:]
-    _raise(run, f"the parameters became NaN or inf in the last step of epoch {record.epoch}",
-           None, raisers)
+    _raise(run, f"the parameters became NaN or inf in the last step of epoch {record.epoch} "
+           f"(counted from 0; the verbose line's epoch {record.epoch + 1})", None, raisers)
 
 
 class _Raisers(NamedTuple):

@@ -5,9 +5,11 @@ bookkeeping)."""
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 
+import numpy as np
 import torch
 
 from fnmlp._tree import tree_leaves
@@ -39,6 +41,49 @@ def save_run(path, run, model, optimizer, generator: torch.Generator | None,
          optimizer=optimizer, metadata={"fnmlp_fit": fit_state}, extra=extra)
 
 
+def data_fingerprint(*arrays) -> str:
+    """A SHA-256 hex digest of ``arrays`` (tensors, NumPy arrays, SciPy sparse matrices or
+    None) over each one's dtype, shape and bytes (a sparse matrix's over its CSR data, indices
+    and indptr): what a checkpointed fit stores to refuse resuming on other data. Hashes every
+    byte (about 15 ms for 200k x 32 float32 on one CPU core); a CUDA tensor is copied to the
+    CPU first."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        _hash_array(digest, array)
+    return digest.hexdigest()
+
+
+def _hash_array(digest, array) -> None:
+    if array is None:
+        digest.update(b"none;")
+        return
+    if isinstance(array, (tuple, list)):  # validation data: (x_valid, y_valid[, weight])
+        digest.update(f"seq{len(array)};".encode())
+        for item in array:
+            _hash_array(digest, item)
+        return
+    if isinstance(array, torch.Tensor) and (array.is_sparse or array.layout != torch.strided):
+        array = array.to_dense()
+    if not isinstance(array, (torch.Tensor, np.ndarray)) and hasattr(array, "tocsr"):
+        csr = array.tocsr()  # scipy sparse: its canonical CSR arrays
+        if not csr.has_canonical_format:
+            csr = csr.copy()
+            csr.sum_duplicates()
+        digest.update(f"csr{tuple(csr.shape)};".encode())
+        for part in (csr.data, csr.indices, csr.indptr):
+            _hash_array(digest, part)
+        return
+    if isinstance(array, torch.Tensor):
+        digest.update(f"{array.dtype}{tuple(array.shape)};".encode())
+        flat = array.detach().reshape(-1).contiguous().cpu()
+        data: np.ndarray = flat.view(torch.uint8).numpy() if flat.numel() else np.empty(0)
+    else:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype.str}{array.shape};".encode())
+        data = array.reshape(-1).view(np.uint8) if array.size else np.empty(0)
+    digest.update(memoryview(data.data))  # its buffer: no copy
+
+
 def restore_run(path, model, optimizer, like: torch.Tensor, generator: torch.Generator | None,
                 settings: dict, epochs: int, members: int = 1) -> Run | None:
     """The run checkpointed at ``path`` (None if there is no file yet), checked against this
@@ -47,19 +92,28 @@ def restore_run(path, model, optimizer, like: torch.Tensor, generator: torch.Gen
     if not os.path.exists(path):
         return None
     checkpoint = load(path, map_location=like.device)
+    fit_state = checkpoint.metadata.get("fnmlp_fit")
+    if fit_state is None:
+        raise ValueError(f"{path} holds no fit to resume: it was written by fnmlp.save, not by "
+                         "a checkpointed fit (fit(..., checkpoint=path)); load it with "
+                         "fnmlp.load and fit from its params and state, or pass another "
+                         "checkpoint path / resume=False")
     if checkpoint.model != model:
         raise ValueError(f"{path} holds a fit of another model: {checkpoint.model}")
     if checkpoint.optimizer != optimizer:
-        raise ValueError(f"{path} holds a fit with another optimizer: {checkpoint.optimizer!r}; "
+        differs = _differing_field(checkpoint.optimizer, optimizer)
+        raise ValueError(f"{path} holds a fit with another optimizer: {checkpoint.optimizer!r}, "
+                         f"this fit's is {optimizer!r}{differs}; "
                          "resume with the same one (to change it, load the checkpoint and fit "
                          "from its params and state)")
-    fit_state = checkpoint.metadata.get("fnmlp_fit")
-    if fit_state is None:
-        raise ValueError(f"{path} is a checkpoint, but not of a fit (no fit state to resume)")
     if "stopped_epoch" not in fit_state:
         raise ValueError(f"{path} holds a fit written by an older fnmlp, which cannot be "
                          "resumed; load it with fnmlp.load and fit from its params and state")
-    for name, value in fit_state.get("settings", {}).items():
+    saved = fit_state.get("settings", {})
+    if "data" in saved and settings.get("data") != saved["data"]:  # none stored: not compared
+        raise ValueError(f"{path} holds a fit on other data (its fingerprint differs): pass "
+                         "the same data, or another checkpoint path / resume=False")
+    for name, value in saved.items():
         if settings.get(name) != value:
             raise ValueError(f"{path} holds a fit with {name}={value!r}, this one has "
                              f"{settings.get(name)!r}; resume with the same settings")
@@ -84,6 +138,19 @@ def restore_run(path, model, optimizer, like: torch.Tensor, generator: torch.Gen
     if "generator" in checkpoint.extra and generator is not None:
         generator.set_state(checkpoint.extra["generator"].cpu())
     return run
+
+
+def _differing_field(saved, given) -> str:
+    """" (lr differs: 0.1 there, 0.01 here)" for two optimizers of one kind that differ in
+    one field; "" otherwise."""
+    if type(saved) is not type(given) or not hasattr(given, "__dict__"):
+        return ""
+    fields = [name for name in vars(given)
+              if not name.startswith("_") and getattr(saved, name, None) != vars(given)[name]]
+    if len(fields) != 1:
+        return ""
+    name = fields[0]
+    return f" ({name} differs: {getattr(saved, name)!r} there, {getattr(given, name)!r} here)"
 
 
 _NON_FINITE = ("inf", "-inf", "nan")

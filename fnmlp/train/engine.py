@@ -30,7 +30,7 @@ from fnmlp.train._fit import Strategy, check_run_options, check_valid, checkpoin
 from fnmlp.train._loop import (Batch, BatchSource, EarlyStopping, Policy, Run, StepKind,
                                all_finite, train_loop)
 from fnmlp.train._callbacks import CallbackRunner, check_callbacks
-from fnmlp.train._epoch_metrics import EpochMetrics, check_metrics
+from fnmlp.train._epoch_metrics import EpochMetrics, check_metrics, check_metrics_run
 from fnmlp.train._policies import Checkpointer, EpochFunction, Reporter, epoch_log_keys, summary
 from fnmlp.train._run import restore_run
 from fnmlp.train._step import TrainStep, check_step_options, network_identity
@@ -42,7 +42,8 @@ __all__ = [
     "Executor", "Kernels", "EAGER", "BATCHED", "TRACED", "Carry", "StepKind", "TrainStep",
     "Batch", "BatchSource", "Run", "train_loop", "all_finite", "Policy", "EarlyStopping",
     "Reporter", "EpochFunction", "Checkpointer", "CallbackRunner", "check_callbacks",
-    "EpochMetrics", "check_metrics", "epoch_log_keys", "restore_run", "summary", "Strategy",
+    "EpochMetrics", "check_metrics", "check_metrics_run", "epoch_log_keys", "restore_run",
+    "summary", "Strategy",
     "check_run_options", "check_valid", "checkpoint_settings", "check_step_options",
     "check_threads", "describe_threads", "choose_compile", "choose_steps_per_call",
     "compiled_before", "network_identity",

@@ -376,3 +376,37 @@ def test_a_member_index_out_of_range_is_named(index):
     assert torch.equal(ensemble.member(params, -2)[0].weight, params[0].weight[0])
     with pytest.raises(TypeError):
         ensemble.member(params, 1.0)
+
+
+@pytest.mark.parametrize("option, value", [("bagging", "x"), ("shuffle", "yes"),
+                                           ("restore_best", 1), ("verbose", "yes")])
+def test_fit_refuses_an_option_that_is_not_true_or_false(seed_batch, option, value):
+    x, y = seed_batch
+    ensemble = fnmlp.Ensemble(seed_model(), size=2)
+    params = ensemble.init(torch.Generator().manual_seed(0), dtype=F64)
+    with pytest.raises(TypeError, match=f"{option} must be True or False, got {value!r}"):
+        ensemble.fit(params, x, y, epochs=1, batch_size=8, optimizer=fnmlp.sgd(0.1),
+                     valid=(x, y), **{option: value})
+    with pytest.raises(ValueError, match="min_delta=0.5 only acts with patience="):
+        ensemble.fit(params, x, y, epochs=1, batch_size=8, optimizer=fnmlp.sgd(0.1),
+                     valid=(x, y), min_delta=0.5)
+
+
+def test_a_metric_that_cannot_run_is_refused_before_any_work(seed_batch):
+    x, y = seed_batch
+    ensemble = fnmlp.Ensemble(seed_model(), size=2)
+    params = ensemble.init(torch.Generator().manual_seed(0), dtype=F64)
+    steps = []
+    with pytest.raises(TypeError, match=r"metrics\['m'\] must take two positional"):
+        ensemble.fit(params, x, y, epochs=1, batch_size=8, optimizer=fnmlp.sgd(0.1),
+                     metrics={"m": lambda p: 1.0},
+                     on_epoch_end=lambda epoch, logs: steps.append(epoch))
+    with pytest.raises(TypeError, match=r"metrics\['m'\].*must return a number, got list"):
+        ensemble.fit(params, x, y, epochs=1, batch_size=8, optimizer=fnmlp.sgd(0.1),
+                     metrics={"m": lambda p, t: [1.0]},
+                     on_epoch_end=lambda epoch, logs: steps.append(epoch))
+    assert steps == []
+    result = ensemble.fit(params, x, y, epochs=1, batch_size=8, optimizer=fnmlp.sgd(0.1),
+                          metrics={"m": lambda p, t: float(p.shape[0])}, valid=(x, y),
+                          on_epoch_end=lambda epoch, logs: steps.append(logs["m"]))
+    assert steps == [[float(x.shape[0])] * 2] and len(result.history.train_loss) == 1

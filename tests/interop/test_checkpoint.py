@@ -513,7 +513,8 @@ def test_plain_torch_loads_the_state_dict_into_the_twin_and_it_computes_the_same
     payload = torch.load(path, weights_only=True)  # what a user without fnmlp does
     assert set(payload) == {"header", "state_dict", "tensors"}
     other = model.init(torch.Generator().manual_seed(99), dtype=F64)
-    twin = fnmlp.to_torch(model, other)  # another network of the same architecture
+    twin = fnmlp.to_torch(model, other,  # another network of the same architecture
+                          model.init_state(dtype=F64))
     assert list(payload["state_dict"]) == [k for k in twin.state_dict()
                                            if "running" not in k and "batches" not in k] + [
         "4.running_mean", "4.running_var", "4.num_batches_tracked"]
@@ -548,7 +549,7 @@ def test_safetensors_reads_the_same_names_without_fnmlp(tmp_path):
                optimizer=optimizer)
     tensors = load_file(path)
     state_dict = {k: v for k, v in tensors.items() if not k.startswith(("opt_state.", "extra."))}
-    twin = fnmlp.to_torch(model, model.init(dtype=F64))
+    twin = fnmlp.to_torch(model, model.init(dtype=F64), model.init_state(dtype=F64))
     twin.load_state_dict(state_dict)
     _same_outputs(twin, model, params, state)
     with safe_open(path, framework="pt") as file:
@@ -587,7 +588,8 @@ def test_an_ensembles_members_load_into_a_module_list_of_twins(tmp_path, name):
         state_dict = {k: v for k, v in tensors.items() if k.startswith("members.")}
         others = {k: v for k, v in tensors.items() if not k.startswith("members.")}
     twins = torch.nn.ModuleDict({"members": torch.nn.ModuleList(
-        fnmlp.to_torch(model, model.init(dtype=F64)) for _ in range(3))})
+        fnmlp.to_torch(model, model.init(dtype=F64), model.init_state(dtype=F64))
+        for _ in range(3))})
     twins.load_state_dict(state_dict)
     for k, twin in enumerate(twins["members"]):
         _same_outputs(twin, model, ensemble.member(params, k), ensemble.member(state, k))

@@ -121,3 +121,23 @@ def test_the_twin_trains_a_scheduled_clipped_optimizer_like_fnmlp():
     for a, b in zip(torch.utils._pytree.tree_leaves(params),
                     torch.utils._pytree.tree_leaves(twin.params())):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_to_torch_of_a_model_with_running_statistics_needs_its_state():
+    model = fnmlp.MLP(3, [fnmlp.Linear(4), fnmlp.BatchNorm(), fnmlp.Linear(2)])
+    params = model.init(torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    trained = fnmlp.fit(model, params, x, x[:, :2], epochs=3, batch_size=8,
+                        optimizer=fnmlp.sgd(0.1))
+    with pytest.raises(ValueError, match="keeps running statistics \\(BatchNorm\\): pass "
+                                         "state=... from training"):
+        fnmlp.to_torch(model, trained.params)  # fresh statistics would predict otherwise
+    twin = fnmlp.to_torch(model, trained.params, trained.state).eval()
+    with torch.no_grad():
+        assert torch.allclose(twin(x), model.apply(trained.params, x, state=trained.state))
+    fresh = fnmlp.to_torch(model, params, model.init_state(dtype=torch.float64))
+    assert torch.equal(fresh[1].running_var, torch.ones(4, dtype=torch.float64))
+    twin = fnmlp.TorchTwin(model, params, optimizer=fnmlp.sgd(0.1))  # trains from fresh ones
+    assert torch.equal(twin.module[1].running_mean, torch.zeros(4, dtype=torch.float64))
+    plain = fnmlp.MLP(3, [fnmlp.Linear(2)])  # no running statistics: no state needed
+    fnmlp.to_torch(plain, plain.init(dtype=torch.float64))

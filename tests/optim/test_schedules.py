@@ -74,6 +74,15 @@ def _rates(schedule, steps: int) -> list[float]:
     (lambda: S.lambda_lr(-1.0, _decay), ValueError,
      "base learning rate must be finite and > 0"),
     (lambda: fnmlp.adam(S.Cosine), TypeError, "lr must be a float"),  # a class, no schedule
+    (lambda: S.exponential(0.1, gamma=-1.0), ValueError, "gamma must be finite and > 0"),
+    (lambda: S.exponential(0.1, gamma=0.0), ValueError, "gamma must be finite and > 0"),
+    (lambda: S.step_decay(0.1, 5, gamma=0.0), ValueError, "gamma must be finite and > 0"),
+    (lambda: S.step_decay(0.1, 5, gamma=-0.5), ValueError, "gamma must be finite and > 0"),
+    (lambda: S.exponential(0.1, gamma="0.9"), TypeError, "gamma must be a float"),
+    (lambda: S.cosine(0.1, 10, eta_min=0.5), ValueError,
+     r"eta_min must be in \[0, lr\] .*lr=0.1\), got eta_min=0.5"),
+    (lambda: S.cosine(0.1, 10, eta_min=-1e-3), ValueError,
+     r"eta_min must be in \[0, lr\] .*got eta_min=-0.001"),
 ])
 def test_bad_arguments_are_named_before_any_work(call, error, message):
     with pytest.raises(error, match=message):
@@ -86,6 +95,56 @@ def test_a_function_returning_no_number_is_named_when_made():
         S.lambda_lr(0.1, lambda step: torch.ones(3))
     with pytest.raises(TypeError, match="got str at step 0"):
         fnmlp.adam(lambda step: "fast")
+
+
+def test_the_edges_of_the_checked_ranges_are_taken():
+    assert S.cosine(0.1, 10, eta_min=0.1)(7).item() == pytest.approx(0.1)
+    assert S.cosine(0.1, 10, eta_min=0.0)(10).item() == pytest.approx(0.0, abs=1e-18)
+    assert S.exponential(0.1, gamma=1.5)(2).item() == pytest.approx(0.225)
+    assert S.step_decay(0.1, 2, gamma=2.0)(4).item() == pytest.approx(0.4)
+
+
+FIX = r"write it with torch operations on the step tensor, e\.g\. torch\.exp instead of math\.exp"
+
+
+@pytest.mark.parametrize("fn", [
+    lambda step: math.exp(-0.01 * step),            # math on the step
+    lambda step: 0.5 ** int(step // 10),            # int(step)
+    lambda step: 1 / (1 + 0.1 * float(step)),       # float(step)
+    lambda step: min(1.0, (step + 1) / 10),         # min: a tensor, then a Python number
+], ids=["math.exp", "int", "float", "min"])
+def test_a_function_computing_the_rate_outside_torch_is_refused_when_made(fn):
+    """It runs eagerly but fails once compiled (GuardOnDataDependentSymNode): a Python number
+    that changes with the step tensor is named when the schedule is made."""
+    with pytest.raises(TypeError, match=r"returns a Python number, not a tensor.*" + FIX):
+        S.lambda_lr(0.1, fn)
+    with pytest.raises(TypeError, match=r"the learning-rate function <function .*" + FIX):
+        fnmlp.adam(fn)
+
+
+def test_a_function_of_torch_ops_or_a_constant_number_is_taken():
+    for fn in (lambda step: 1.0, lambda step: 2, lambda step: torch.exp(-0.01 * step),
+               lambda step: 0.5 ** torch.floor(step / 10), lambda step: step / 100,
+               lambda step: torch.clamp((step + 1) / 10, max=1.0)):
+        schedule = S.lambda_lr(0.1, fn)
+        assert schedule(3).dim() == 0
+    assert S.lambda_lr(0.1, lambda step: step / 100)(0).item() == 0.0  # warm-up from 0
+
+
+@pytest.mark.parametrize("fn, step", [
+    (lambda step: -1.0, 0), (lambda step: 1 - step / 500, 1000),
+    (lambda step: torch.tensor(-0.5, dtype=step.dtype), 0),
+    (lambda step: torch.full((), math.nan, dtype=step.dtype), 0),
+])
+def test_a_function_giving_a_negative_rate_is_refused_when_made(fn, step):
+    with pytest.raises(ValueError, match=rf"lr must be finite and >= 0, but the learning-rate "
+                                         rf"function .* gives .* at step {step}$"):
+        S.lambda_lr(0.1, fn)
+
+
+def test_a_function_failing_at_step_1000_is_named():
+    with pytest.raises(TypeError, match=r"failed at step 1000 \(IndexError"):
+        S.lambda_lr(0.1, lambda step: [1.0, 0.5, 0.25][int(step // 10) if step else 0])
 
 
 def test_a_schedule_factory_passed_uncalled_fails_when_the_optimizer_is_made():
@@ -310,3 +369,23 @@ def test_a_function_schedule_compiles_once_and_never_recompiles():
             assert max(relative(a, b) for a, b in zip(leaves(new_c) + [loss_c],
                                                       leaves(params) + [loss_e])) <= 1e-13
     assert compiled.executor.graphs.count() == 1
+
+
+# --- the short module name ------------------------------------------------------------------
+
+
+def test_fnmlp_schedules_imports_as_a_module_and_is_fnmlp_optim_schedules():
+    import importlib
+
+    import fnmlp.optim.schedules as full
+    from fnmlp.schedules import cosine, lambda_lr, linear_warmup, sequence
+
+    assert (cosine, linear_warmup, sequence, lambda_lr) == (
+        full.cosine, full.linear_warmup, full.sequence, full.lambda_lr)
+    assert importlib.import_module("fnmlp.schedules") is full
+    assert fnmlp.schedules is full  # the attribute stays the one module
+    namespace: dict = {}
+    exec("from fnmlp.schedules import *", namespace)
+    public = {name for name, value in vars(full).items() if not name.startswith("_")
+              and getattr(value, "__module__", None) == full.__name__}
+    assert public <= set(namespace) and set(full.__all__) <= set(namespace)

@@ -83,3 +83,42 @@ def test_estimator_run_options_are_checked_before_any_work(tmp_path):
         MLPRegressor(hidden_layer_sizes=(4,), max_iter=4, batch_size=32, checkpoint=path,
                      resume=True).fit(x, y)
     assert torch.is_tensor(fnmlp.load(path).params[0].weight)
+
+
+def test_cross_validation_with_one_checkpoint_refuses_to_resume_another_folds_fit(tmp_path):
+    from sklearn.model_selection import KFold, cross_validate
+
+    x, y = load_iris(return_X_y=True)
+    path = tmp_path / "gs.fnmlp"
+    estimator = MLPClassifier(max_iter=15, random_state=0, checkpoint=path, resume=True)
+    with pytest.raises(ValueError, match="holds a fit on other data \\(its fingerprint "
+                                         "differs\\)"):  # fold 2 would resume fold 1's fit
+        cross_validate(estimator, x, y, cv=KFold(3, shuffle=True, random_state=0),
+                       return_estimator=True, error_score="raise")
+    again = MLPClassifier(max_iter=15, random_state=0, checkpoint=path, resume=True)
+    fold = next(KFold(3, shuffle=True, random_state=0).split(x))[0]
+    fresh = MLPClassifier(max_iter=15, random_state=0).fit(x[fold], y[fold])
+    resumed = again.fit(x[fold], y[fold])  # fold 1's own data: its finished fit
+    assert all(np.array_equal(a, b) for a, b in zip(resumed.coefs_, fresh.coefs_))
+
+
+def test_a_resume_on_other_sparse_data_or_validation_split_is_refused(tmp_path):
+    import scipy.sparse as sp
+
+    x, y = _diabetes()
+    path = tmp_path / "sparse.fnmlp"
+    kwargs = dict(hidden_layer_sizes=(8,), max_iter=3, random_state=0, checkpoint=path)
+    MLPRegressor(**kwargs).fit(sp.csr_matrix(x), y)
+    with pytest.raises(ValueError, match="fit on other data"):
+        MLPRegressor(**kwargs, resume=True).fit(sp.csr_matrix(x * 2), y)
+    MLPRegressor(**kwargs, resume=True).fit(sp.csr_matrix(x), y)  # the same: resumes
+    MLPRegressor(**kwargs, early_stopping=True).fit(x, y)
+    with pytest.raises(ValueError, match="fit on other data"):  # another validation split
+        MLPRegressor(**{**kwargs, "random_state": 1}, early_stopping=True, resume=True).fit(
+            x, y)
+
+
+def test_a_string_for_layers_is_refused_with_what_it_takes():
+    with pytest.raises(TypeError, match="layers takes a list of layers .*got the string "
+                                        "'relu'"):
+        MLPRegressor(layers="relu").fit(np.ones((4, 2)), np.ones(4))

@@ -2,6 +2,7 @@
 epoch logs and metrics, the verbose line, the writers, ``ReduceLROnPlateau`` against torch's,
 and callback state across a kill and resume."""
 
+import contextlib
 import csv
 import math
 import os
@@ -669,7 +670,8 @@ def _text(path):
 def test_a_resumed_csv_log_is_cut_back_only_when_it_is_the_checkpoints(tmp_path, change):
     """The log changed since the checkpoint (or the resumed fit logs elsewhere): a warning
     says why and the rows are appended; the file is never cut at an unrelated offset nor
-    padded with NULs."""
+    padded with NULs; under a header that is not the fit's columns, the rows start under a
+    new header line (with a warning), never losing a column."""
     path, log = tmp_path / "run.fnmlp", tmp_path / "log.csv"
     with pytest.raises(_Killed):  # checkpoints after epochs 1 and 3; killed after epoch 4
         _plateau_fit(path, [CSVLogger(log), Kill(4)], epochs=6, checkpoint_every=2)
@@ -688,15 +690,19 @@ def test_a_resumed_csv_log_is_cut_back_only_when_it_is_the_checkpoints(tmp_path,
     before = _text(target) if target.exists() else ""
     why = {"shortened": "fewer than", "another file": "not this file",
            "another header": "header", "gone": "no longer exists"}[change]
-    with pytest.warns(UserWarning, match=f"without cutting the file back.*{why}"):
+    renamed = change in ("another file", "another header")
+    with pytest.warns(UserWarning, match=f"without cutting the file back.*{why}"), (
+            pytest.warns(UserWarning, match="new header line") if renamed
+            else contextlib.nullcontext()):
         _plateau_fit(path, [CSVLogger(target)], epochs=6, checkpoint_every=2)
     after = _text(target)
     assert after.startswith(before) and "\x00" not in after
     rows = list(csv.reader(after.splitlines()[len(before.splitlines()):]))
-    if change == "gone":
-        assert rows[0][:2] == ["epoch", "train_loss"] and [r[0] for r in rows[1:]] == ["4", "5"]
+    if change in ("gone", "another file", "another header"):  # under this fit's own header
+        assert rows[0] == KEYS and [r[0] for r in rows[1:]] == ["4", "5"]
+        assert all(cell != "" for row in rows for cell in row)
     else:
-        assert len(rows) == 2  # epochs 4 and 5, under the file's own header
+        assert len(rows) == 2  # epochs 4 and 5, under the file's own header (the fit's)
 
 
 def test_a_resumed_csv_log_unchanged_since_the_checkpoint_resumes_without_a_warning(tmp_path):
@@ -773,3 +779,144 @@ def test_reduce_on_plateau_never_recompiles_a_compiled_step():
                   callbacks=[ReduceLROnPlateau(patience=0, threshold=0.5), rates])
     assert len(set(rates.rates)) > 2  # reduced more than once
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled, once
+
+
+def test_csv_logger_appending_under_another_header_is_refused_before_any_work(tmp_path):
+    """``append=True`` to a file whose header is not this fit's columns (a fit that adds
+    ``valid_loss`` or a metric, another program's file) would lose columns: refused in
+    ``check``, the file untouched; under the same columns it appends."""
+    model, params, x, y = _regression()
+    path = tmp_path / "log.csv"
+    kwargs = dict(epochs=1, batch_size=16, optimizer=fnmlp.sgd(0.1), compile=False)
+    fnmlp.fit(model, params, x, y, callbacks=[CSVLogger(path)], **kwargs)
+    before = _text(path)
+    for extra in (dict(valid=(x, y)), dict(metrics={"r2": fnmlp.metrics.r2})):
+        recorder = Recorder()
+        with pytest.raises(ValueError, match=r"append=True.*under the file's header "
+                                             r"epoch,train_loss,lr.*another path.*append=False"):
+            fnmlp.fit(model, params, x, y, callbacks=[recorder, CSVLogger(path, append=True)],
+                      **extra, **kwargs)
+        assert _text(path) == before and recorder.trainer is None
+    foreign = tmp_path / "foreign.csv"
+    foreign.write_text("a,b\n1,2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="header a,b"):
+        fnmlp.fit(model, params, x, y, callbacks=[CSVLogger(foreign, append=True)], **kwargs)
+    assert foreign.read_text(encoding="utf-8") == "a,b\n1,2\n"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fnmlp.fit(model, params, x, y, callbacks=[CSVLogger(path, append=True)], **kwargs)
+    assert [r["epoch"] for r in _rows(path)] == ["0", "0"]
+
+
+@pytest.mark.parametrize("size", [1, 2])
+def test_csv_logger_appending_checks_an_ensembles_member_columns(tmp_path, size):
+    model, _, x, y = _regression()
+    path = tmp_path / "log.csv"
+    kwargs = dict(epochs=1, batch_size=16, optimizer=fnmlp.sgd(0.1), compile=False)
+    ensemble = fnmlp.Ensemble(model, size)
+    params = ensemble.init(torch.Generator().manual_seed(0), dtype=F64)
+    fnmlp.fit(ensemble, params, x, y, callbacks=[CSVLogger(path)], **kwargs)
+    fnmlp.fit(ensemble, params, x, y, callbacks=[CSVLogger(path, append=True)], **kwargs)
+    rows = _rows(path)
+    assert len(rows) == 2 and all(value != "" for row in rows for value in row.values())
+    bigger = fnmlp.Ensemble(model, 3)
+    with pytest.raises(ValueError, match=r"columns epoch,train_loss_0,train_loss_1,"
+                                         r"train_loss_2,lr_0"):
+        fnmlp.fit(bigger, bigger.init(torch.Generator().manual_seed(0), dtype=F64), x, y,
+                  callbacks=[CSVLogger(path, append=True)], **kwargs)
+
+
+def test_a_resumed_csv_log_with_other_columns_starts_a_new_header_line(tmp_path):
+    """A resumed fit that adds a metric: the rows to the checkpoint are kept, a warning says
+    the new rows start under a new header line, and none of their columns is lost; a later
+    resume of that fit cuts the file back as usual."""
+    path, log = tmp_path / "run.fnmlp", tmp_path / "log.csv"
+    with pytest.raises(_Killed):  # checkpoints after epochs 1 and 3; killed after epoch 4
+        _plateau_fit(path, [CSVLogger(log), Kill(4)], epochs=6, checkpoint_every=2)
+    with pytest.warns(UserWarning, match="new header line"):
+        with pytest.raises(_Killed):
+            _plateau_fit(path, [CSVLogger(log), Kill(6)], epochs=8, checkpoint_every=2,
+                         metrics={"r2": fnmlp.metrics.r2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the file is the checkpoint's: cut back, no warning
+        _plateau_fit(path, [CSVLogger(log)], epochs=8, checkpoint_every=2,
+                     metrics={"r2": fnmlp.metrics.r2})
+    lines = list(csv.reader(_text(log).splitlines()))
+    assert lines[0] == KEYS and [r[0] for r in lines[1:5]] == ["0", "1", "2", "3"]
+    assert lines[5] == ["epoch", "train_loss", "valid_loss", "r2", "valid_r2", *KEYS[3:]]
+    assert [r[0] for r in lines[6:]] == ["4", "5", "6", "7"]
+    assert all(cell != "" for row in lines for cell in row)
+
+
+def test_a_row_whose_keys_are_not_the_headers_is_written_with_one_warning(tmp_path):
+    class Adds(Callback):  # before the logger: it sees the key from epoch 1 on
+        def on_epoch_end(self, epoch, logs):
+            if epoch >= 1:
+                logs["extra"] = 1.0
+
+    model, params, x, y = _regression()
+    path = tmp_path / "log.csv"
+    with pytest.warns(UserWarning, match=r"values without a column .*\['extra'\]") as caught:
+        fnmlp.fit(model, params, x, y, epochs=3, batch_size=16, optimizer=fnmlp.sgd(0.1),
+                  callbacks=[Adds(), CSVLogger(path)], compile=False)
+    assert len([w for w in caught if "CSVLogger" in str(w.message)]) == 1
+    assert len(_rows(path)) == 3
+
+
+@pytest.mark.parametrize("state, match", [
+    ({"h": (1, 2)}, r"state_dict\(\)\['h'\] is a tuple"),
+    ({1: "x"}, r"key 1 \(int\)"),
+    ({"a": [{"b": {2.0: 1}}]}, r"state_dict\(\)\['a'\]\[0\]\['b'\] has the key 2.0"),
+])
+def test_a_state_that_would_not_come_back_unchanged_is_refused_before_the_first_step(
+        tmp_path, state, match):
+    model, params, x, y = _regression()
+
+    class Keeps(BatchRecorder):
+        def state_dict(self):
+            return state
+
+    keeps = Keeps()
+    with pytest.raises(TypeError, match=f"0:Keeps's state_dict.*{match}"):
+        fnmlp.fit(model, params, x, y, epochs=1, batch_size=16, optimizer=fnmlp.sgd(0.1),
+                  callbacks=[keeps], checkpoint=tmp_path / "run.fnmlp")
+    assert keeps.batches == [] and not (tmp_path / "run.fnmlp").exists()
+
+
+@pytest.mark.parametrize("metric, error, match", [
+    (lambda p: 1.0, TypeError, r"metrics\['m'\] must take two positional arguments"),
+    (lambda p, y: [1.0], TypeError, r"metrics\['m'\].*must return a number.*got list"),
+    (lambda p, y: (p @ y).sum(), RuntimeError,
+     r"metrics\['m'\] failed on the first rows of the training data.*RuntimeError"),
+    (lambda p, y: 1 / 0 if y.max() > 500 else 1.0, ValueError,  # the validation targets
+     r"metrics\['m'\] failed on the first rows of the validation data.*ZeroDivisionError"),
+])
+def test_a_metric_that_cannot_run_is_refused_before_any_work(tmp_path, metric, error, match):
+    """Wrong arity, no number, failing on the data: named before any work, before a
+    ``CSVLogger`` truncates its file."""
+    model, params, x, y = _regression()
+    path = tmp_path / "log.csv"
+    path.write_text("kept\n", encoding="utf-8")
+    recorder = BatchRecorder()
+    with pytest.raises(ValueError if error is RuntimeError else error, match=match):
+        fnmlp.fit(model, params, x, y, epochs=1, batch_size=16, optimizer=fnmlp.sgd(0.1),
+                  valid=(x[:16], y[:16] + 1000), metrics={"m": metric},
+                  callbacks=[recorder, CSVLogger(path)])
+    assert path.read_text(encoding="utf-8") == "kept\n"
+    assert recorder.trainer is None and recorder.batches == []
+
+
+def test_a_metric_that_fails_on_the_first_rows_only_is_accepted():
+    """A metric that needs more rows than the first few (every class, say) is tried on all of
+    them before it is refused."""
+    model, params, x, y = _regression()
+
+    def needs_rows(prediction, target):
+        if prediction.shape[0] < 10:
+            raise ValueError("needs 10 rows")
+        return fnmlp.metrics.r2(prediction, target)
+
+    recorder = Recorder()
+    fnmlp.fit(model, params, x, y, epochs=1, batch_size=16, optimizer=fnmlp.sgd(0.1),
+              metrics={"m": needs_rows}, callbacks=[recorder])
+    assert "m" in recorder.epochs()[0]

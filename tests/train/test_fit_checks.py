@@ -76,3 +76,26 @@ def test_fit_skips_batches_whose_rows_all_weigh_zero():
                          sample_weight=torch.ones(15, dtype=F64))
     assert result.history.train_loss == expected.history.train_loss
     assert int(result.opt_state.step) == 6
+
+
+@pytest.mark.parametrize("option, value", [
+    ("shuffle", "yes"), ("verbose", "yes"), ("verify", "x"), ("resume", "yes"),
+    ("restore_best", "x"), ("shuffle", 1), ("verbose", None),
+])
+def test_fit_refuses_an_option_that_is_not_true_or_false(tmp_path, option, value):
+    model, params, x, y = small_regression()
+    extra = dict(checkpoint=tmp_path / "run.fnmlp") if option == "resume" else {}
+    with pytest.raises(TypeError, match=f"{option} must be True or False, got {value!r}"):
+        fnmlp.fit(model, params, x, y, epochs=1, batch_size=5, optimizer=fnmlp.sgd(0.1),
+                  valid=(x, y), **{option: value}, **extra)
+    assert not (tmp_path / "run.fnmlp").exists()
+
+
+def test_min_delta_without_patience_or_restore_best_is_refused():
+    model, params, x, y = small_regression()
+    common = dict(epochs=1, batch_size=5, optimizer=fnmlp.sgd(0.1), valid=(x, y))
+    with pytest.raises(ValueError, match="min_delta=0.01 only acts with patience="):
+        fnmlp.fit(model, params, x, y, min_delta=0.01, **common)
+    fnmlp.fit(model, params, x, y, min_delta=0.01, patience=2, **common)
+    fnmlp.fit(model, params, x, y, min_delta=0.01, restore_best=True, **common)
+    fnmlp.fit(model, params, x, y, min_delta=0.0, **common)

@@ -215,3 +215,68 @@ def test_early_stopping_and_callbacks_work_with_the_compiled_step(tmp_path):
                                                    eager.history.valid_loss)) <= 1e-12
     assert max((a - b).abs().max().item() for a, b in zip(leaves(compiled.params),
                                                           leaves(eager.params))) <= 1e-12
+
+
+def test_a_resume_on_other_data_is_refused_before_any_work(tmp_path):
+    model, params, x, y = _regression()
+    path = tmp_path / "run.fnmlp"
+    kwargs = dict(epochs=3, batch_size=16, optimizer=fnmlp.sgd(0.1), checkpoint=path)
+    fnmlp.fit(model, params, x, y, **kwargs)
+    before = path.read_bytes()
+    message = "holds a fit on other data \\(its fingerprint differs\\)"
+    for other in [(x + 1, y), (x, y * 2), (x.flip(0), y.flip(0))]:  # the same row count
+        with pytest.raises(ValueError, match=message):
+            fnmlp.fit(model, params, *other, resume=True, **kwargs)
+    with pytest.raises(ValueError, match=message):  # row weights are part of the data
+        fnmlp.fit(model, params, x, y, sample_weight=torch.rand(len(x), dtype=F64),
+                  resume=True, **{**kwargs, "epochs": 4})
+    assert path.read_bytes() == before  # nothing trained, nothing written
+    same = fnmlp.fit(model, params, x.clone(), y.clone(), resume=True, **kwargs)
+    assert same.history == fnmlp.fit(model, params, x, y, **kwargs).history
+
+
+def test_a_resume_checks_the_validation_data_and_an_ensembles_data(tmp_path):
+    model, params, x, y = _regression()
+    path = tmp_path / "run.fnmlp"
+    kwargs = dict(epochs=2, batch_size=16, optimizer=fnmlp.sgd(0.1), checkpoint=path)
+    fnmlp.fit(model, params, x, y, valid=(x[:8], y[:8]), **kwargs)
+    with pytest.raises(ValueError, match="fit on other data"):
+        fnmlp.fit(model, params, x, y, valid=(x[8:16], y[8:16]), resume=True, **kwargs)
+    ensemble = fnmlp.Ensemble(model, size=2)
+    stacked = ensemble.init(torch.Generator().manual_seed(0), dtype=F64)
+    other = tmp_path / "ensemble.fnmlp"
+    ensemble.fit(stacked, x, y, epochs=2, batch_size=16, optimizer=fnmlp.sgd(0.1),
+                 checkpoint=other)
+    with pytest.raises(ValueError, match="fit on other data"):
+        ensemble.fit(stacked, x + 1, y, epochs=3, batch_size=16, optimizer=fnmlp.sgd(0.1),
+                     checkpoint=other, resume=True)
+
+
+def test_a_checkpoint_without_a_data_fingerprint_still_resumes(tmp_path):
+    model, params, x, y = _regression()
+    path = tmp_path / "run.fnmlp"
+    kwargs = dict(batch_size=16, optimizer=fnmlp.sgd(0.1), checkpoint=path)
+    fnmlp.fit(model, params, x, y, epochs=2, **kwargs)
+    saved = fnmlp.load(path)
+    del saved.metadata["fnmlp_fit"]["settings"]["data"]  # as an older fnmlp wrote it
+    fnmlp.save(path, model, saved.params, state=saved.state, opt_state=saved.opt_state,
+               optimizer=saved.optimizer, metadata=saved.metadata, extra=saved.extra)
+    resumed = fnmlp.fit(model, params, x, y, epochs=4, resume=True, **kwargs)
+    assert len(resumed.history.train_loss) == 4
+    assert "data" in fnmlp.load(path).metadata["fnmlp_fit"]["settings"]  # stored from now on
+
+
+def test_resuming_a_file_of_fnmlp_save_or_another_optimizer_says_what_differs(tmp_path):
+    model, params, x, y = _regression()
+    path = tmp_path / "saved.fnmlp"
+    fnmlp.save(path, model, params)
+    kwargs = dict(epochs=2, batch_size=16, checkpoint=path, resume=True)
+    with pytest.raises(ValueError, match="holds no fit to resume: it was written by "
+                                         "fnmlp.save, not by a checkpointed fit"):
+        fnmlp.fit(model, params, x, y, optimizer=fnmlp.sgd(0.1), **kwargs)
+    run = tmp_path / "run.fnmlp"
+    fnmlp.fit(model, params, x, y, epochs=1, batch_size=16, optimizer=fnmlp.sgd(0.1),
+              checkpoint=run)
+    with pytest.raises(ValueError, match=r"another optimizer: SGD\(lr=0.1.*this fit's is "
+                                         r"SGD\(lr=0.2.*\(lr differs: 0.1 there, 0.2 here\)"):
+        fnmlp.fit(model, params, x, y, optimizer=fnmlp.sgd(0.2), **{**kwargs, "checkpoint": run})
