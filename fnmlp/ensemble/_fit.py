@@ -14,10 +14,11 @@ from fnmlp import _validate
 from fnmlp.ensemble._ensemble import Ensemble, per_member_targets
 from fnmlp.nn import Loss, check_loss_weights, mse
 from fnmlp.train.engine import (BatchSource, CallbackRunner, Carry, Checkpointer, EarlyStopping,
-                                EpochMetrics, Policy, Reporter, Run, check_callbacks, check_metrics,
-                                check_metrics_run, check_run_options, check_threads, check_valid,
-                                checkpoint_settings, choose_compile, choose_steps_per_call,
-                                epoch_log_keys, restore_run, settle_thread, train_loop)
+                                EpochMetrics, HistoryKeeper, Policy, Reporter, Run, check_callbacks,
+                                check_metrics, check_metrics_run, check_run_options, check_threads,
+                                check_valid, checkpoint_settings, choose_compile,
+                                choose_steps_per_call, epoch_log_keys, kept_history, restore_run,
+                                settle_thread, train_loop)
 
 
 @dataclasses.dataclass
@@ -27,13 +28,19 @@ class EnsembleHistory:
     epoch of its lowest validation loss (None without validation); ``stopped_epoch``: the
     epoch count after which it stopped early (None when it trained to the end);
     ``diverged_epoch``: the epoch whose loss became NaN or inf (the member is then put back to
-    that epoch's start and trains no more; None when it never did)."""
+    that epoch's start and trains no more; None when it never did). ``lr``: per epoch, each
+    member's learning rate as the epoch logs held it; ``metrics``: each metric of
+    ``metrics=`` (``"r2"``, ``"valid_r2"``), per epoch one float per member (``{}`` without
+    metrics). A resumed checkpointed fit's history holds every epoch, equal to an
+    uninterrupted fit's."""
 
     train_loss: list[list[float]] = dataclasses.field(default_factory=list)
     valid_loss: list[list[float]] = dataclasses.field(default_factory=list)
     best_epoch: list[int | None] = dataclasses.field(default_factory=list)
     stopped_epoch: list[int | None] = dataclasses.field(default_factory=list)
     diverged_epoch: list[int | None] = dataclasses.field(default_factory=list)
+    lr: list[list[float]] = dataclasses.field(default_factory=list)
+    metrics: dict[str, list[list[float]]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +176,7 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
     policies: list[Policy] = [EarlyStopping(step, patience, min_delta)]
     if metrics:
         policies.append(EpochMetrics(metrics, predict, (x, y), valid))
+    policies.append(HistoryKeeper())
     policies.append(Reporter(verbose, progress, range(run.epoch, epochs)))
     if callbacks:
         policies.append(CallbackRunner(
@@ -178,10 +186,12 @@ def fit_ensemble(ensemble: Ensemble, params, x, y, *, epochs: int, batch_size: i
                                                           checkpoint_every)
     train_loop(step, source, run, epochs=epochs, valid=valid, policies=policies,
                checkpoint=saver, on_non_finite="freeze")
+    lr_history, metric_history = kept_history(run)
     history = EnsembleHistory(
         train_loss=run.train_loss, valid_loss=run.valid_loss,
         best_epoch=run.best_epoch if valid is not None else [None] * size,
-        stopped_epoch=run.stopped_epoch, diverged_epoch=run.diverged_epoch)
+        stopped_epoch=run.stopped_epoch, diverged_epoch=run.diverged_epoch,
+        lr=lr_history, metrics=metric_history)
     params, model_state = (run.best if restore_best and run.best is not None
                            else (run.carry.params, run.carry.state))
     return EnsembleFitResult(params=params, opt_state=run.carry.opt_state, history=history,

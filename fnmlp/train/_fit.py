@@ -19,7 +19,8 @@ from fnmlp.train._epoch_metrics import EpochMetrics, check_metrics, check_metric
 from fnmlp.train._errors import NonFiniteLossError
 from fnmlp.train._executor import Carry
 from fnmlp.train._loop import BatchSource, EarlyStopping, Policy, Run, all_finite, train_loop
-from fnmlp.train._policies import Checkpointer, Reporter, epoch_log_keys
+from fnmlp.train._policies import (Checkpointer, HistoryKeeper, Reporter, epoch_log_keys,
+                                   kept_history)
 from fnmlp.train._run import data_fingerprint, restore_run
 from fnmlp.train._step import TrainStep, network_identity
 from fnmlp.train._thread_scopes import settle_thread
@@ -28,10 +29,16 @@ from fnmlp.train._threads import check_threads, describe_threads
 
 @dataclasses.dataclass
 class History:
-    """One float per epoch: mean of the batch losses, and the loss on ``valid`` (if given)."""
+    """One float per epoch: mean of the batch losses, the loss on ``valid`` (if given), the
+    learning rate (``lr``: the epoch logs' ``lr``, the rate of the next update) and each
+    metric of ``metrics=`` (``metrics["r2"]``, ``metrics["valid_r2"]``: the epoch logs'
+    values; ``{}`` without metrics), as Keras's ``history.history``. A resumed checkpointed
+    fit's history holds every epoch, equal to an uninterrupted fit's."""
 
     train_loss: list[float] = dataclasses.field(default_factory=list)
     valid_loss: list[float] = dataclasses.field(default_factory=list)
+    lr: list[float] = dataclasses.field(default_factory=list)
+    metrics: dict[str, list[float]] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -240,6 +247,7 @@ def fit(
     policies: list[Policy] = [EarlyStopping(step, patience, min_delta)]
     if metrics:
         policies.append(EpochMetrics(metrics, predict, (x, y), valid))
+    policies.append(HistoryKeeper())
     policies.append(Reporter(verbose, progress, range(run.epoch, epochs), step.lead))
     if callbacks:
         policies.append(CallbackRunner(
@@ -262,8 +270,11 @@ def fit(
 
 def _history(run: Run) -> History:
     """One network's history: the run's one-member lists as floats."""
+    lr, metrics = kept_history(run)
     return History([losses[0] for losses in run.train_loss],
-                   [losses[0] for losses in run.valid_loss])
+                   [losses[0] for losses in run.valid_loss],
+                   [rates[0] for rates in lr],
+                   {name: [values[0] for values in column] for name, column in metrics.items()})
 
 
 class Strategy:

@@ -6,11 +6,12 @@ lives beside the loop, the estimators' rules in ``fnmlp.sklearn``.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
 from fnmlp.train._loop import Policy, Run, StepKind
-from fnmlp.train._run import save_run
+from fnmlp.train._run import json_floats, json_floats_back, save_run
 
 
 def summary(values: list[float]) -> str:
@@ -121,6 +122,43 @@ class EpochFunction(Policy):
 
     def on_epoch_end(self, run: Run, logs: dict) -> bool:
         return bool(self.function(logs["epoch"], epoch_logs(logs, self.ensemble)))
+
+
+class HistoryKeeper(Policy):
+    """Each epoch's ``lr`` and metric values (``r2``, ``valid_r2``; per member) kept in
+    ``run.extras["history"]``: ``{"lr": [...], "metrics": {name: [...]}}``, per epoch a list
+    per member, non-finite floats as ``json_floats`` strings. So a checkpoint keeps them (JSON
+    gives every finite float back exactly) and a resumed fit's history equals an uninterrupted
+    one's; ``kept_history`` reads them back. An epoch undone by a ``NonFiniteLossError`` (the
+    parameters overflowed in its last step) is dropped, as its losses are."""
+
+    def on_epoch_end(self, run: Run, logs: dict) -> bool:
+        kept = run.extras.setdefault("history", {"lr": [], "metrics": {}})
+        epoch, members = logs["epoch"], run.members
+        columns = ([(kept["lr"], logs["lrs"])] if "lrs" in logs else []) + [
+            (kept["metrics"].setdefault(name, []), values)
+            for name, values in logs.get("metrics", {}).items()]
+        for column, values in columns:
+            # NaN for epochs without a value (resumed from a checkpoint that did not keep
+            # them, or a metric this fit added): the lists stay aligned with the epochs
+            column.extend([json_floats([math.nan] * members)] * (epoch - len(column)))
+            column.append(json_floats(list(values)))
+        return False
+
+    def on_non_finite(self, run: Run, error) -> None:
+        """``run.epoch`` epochs are kept (the failing epoch, or the one that overflowed, has
+        gone from the losses): their values only."""
+        kept = run.extras.get("history")
+        if kept is not None:
+            for column in [kept["lr"], *kept["metrics"].values()]:
+                del column[run.epoch:]
+
+
+def kept_history(run: Run) -> tuple[list[list[float]], dict[str, list[list[float]]]]:
+    """``HistoryKeeper``'s ``(lr, metrics)`` of ``run``: per epoch, one float per member."""
+    kept = run.extras.get("history", {"lr": [], "metrics": {}})
+    return (json_floats_back(kept["lr"]),
+            {name: json_floats_back(values) for name, values in kept["metrics"].items()})
 
 
 class Checkpointer(Policy):

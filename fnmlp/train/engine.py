@@ -7,7 +7,8 @@ data-parallel ranks, the scikit-learn estimators) and for a user's own.
 - ``StepKind``: what the loop needs of a step (``TrainStep`` is one network's);
 - ``BatchSource``, ``Batch``, ``Run``, ``Carry``, ``train_loop``: the one loop;
 - policies: ``EarlyStopping``, ``Reporter``, ``Checkpointer``, ``CallbackRunner`` (a fit's
-  ``fnmlp.callbacks``), ``EpochMetrics`` (its ``metrics=``), ``EpochFunction`` (an
+  ``fnmlp.callbacks``), ``EpochMetrics`` (its ``metrics=``), ``HistoryKeeper`` (the epochs'
+  rates and metrics for the history; ``kept_history`` reads them), ``EpochFunction`` (an
   ``on_epoch_end`` function with the estimators' logs); ``Policy`` is their base;
   ``restore_run`` to resume;
 - ``Strategy``: where one network's steps run (this process, or data-parallel ranks);
@@ -31,7 +32,8 @@ from fnmlp.train._loop import (Batch, BatchSource, EarlyStopping, Policy, Run, S
                                all_finite, train_loop)
 from fnmlp.train._callbacks import CallbackRunner, check_callbacks
 from fnmlp.train._epoch_metrics import EpochMetrics, check_metrics, check_metrics_run
-from fnmlp.train._policies import Checkpointer, EpochFunction, Reporter, epoch_log_keys, summary
+from fnmlp.train._policies import (Checkpointer, EpochFunction, HistoryKeeper, Reporter,
+                                   epoch_log_keys, kept_history, summary)
 from fnmlp.train._run import restore_run
 from fnmlp.train._step import TrainStep, check_step_options, network_identity
 from fnmlp.train._thread_scopes import settle_thread
@@ -42,7 +44,8 @@ __all__ = [
     "Executor", "Kernels", "EAGER", "BATCHED", "TRACED", "Carry", "StepKind", "TrainStep",
     "Batch", "BatchSource", "Run", "train_loop", "all_finite", "Policy", "EarlyStopping",
     "Reporter", "EpochFunction", "Checkpointer", "CallbackRunner", "check_callbacks",
-    "EpochMetrics", "check_metrics", "check_metrics_run", "epoch_log_keys", "restore_run",
+    "EpochMetrics", "check_metrics", "check_metrics_run", "epoch_log_keys", "HistoryKeeper",
+    "kept_history", "restore_run",
     "summary", "Strategy",
     "check_run_options", "check_valid", "checkpoint_settings", "check_step_options",
     "check_threads", "describe_threads", "choose_compile", "choose_steps_per_call",

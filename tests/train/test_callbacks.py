@@ -188,6 +188,49 @@ def test_metrics_are_evaluated_each_epoch_on_the_training_and_validation_data():
     assert logs["valid_mse"] == pytest.approx(logs["valid_loss"], rel=1e-12)
 
 
+def test_the_history_keeps_each_epochs_lr_and_metrics_as_the_logs_held_them():
+    model, params, x, y = _regression()
+    recorder = Recorder()
+    optimizer = fnmlp.adam(fnmlp.schedules.cosine(0.01, total_steps=12))  # a rate per epoch
+    result = fnmlp.fit(model, params, x, y, epochs=3, batch_size=16, optimizer=optimizer,
+                       valid=(x[:16], y[:16]), metrics={"r2": fnmlp.metrics.r2},
+                       callbacks=[recorder], compile=False)
+    logs = recorder.epochs()
+    assert result.history.lr == [epoch["lr"] for epoch in logs] and len(set(result.history.lr)) == 3
+    assert result.history.metrics == {name: [epoch[name] for epoch in logs]
+                                      for name in ("r2", "valid_r2")}
+    assert result.history.train_loss == [epoch["train_loss"] for epoch in logs]
+    plain = fnmlp.fit(model, params, x, y, epochs=2, batch_size=16, optimizer=fnmlp.sgd(0.1),
+                      compile=False)
+    assert plain.history.metrics == {} and plain.history.lr == [0.1, 0.1]
+    assert fnmlp.train.History().lr == [] and fnmlp.train.History([1.0], [2.0]).metrics == {}
+
+
+def test_an_ensembles_history_keeps_each_members_lr_and_metrics():
+    model, _, x, y = _regression()
+    ensemble = fnmlp.Ensemble(model, 3)
+
+    class Spread(Callback):
+        def on_epoch_end(self, epoch, logs):
+            if epoch == 0:
+                self.trainer.learning_rate = [0.05, 0.1, 0.2]
+
+    recorder = Recorder()
+    result = fnmlp.fit(ensemble, ensemble.init(torch.Generator().manual_seed(0), dtype=F64),
+                       x, y, epochs=3, batch_size=16, optimizer=fnmlp.sgd(0.1),
+                       valid=(x[:16], y[:16]), metrics={"r2": fnmlp.metrics.r2},
+                       callbacks=[recorder, Spread()], compile=False)
+    logs = recorder.epochs()
+    assert result.history.lr == [epoch["lr"] for epoch in logs]
+    assert result.history.lr[1] == [0.05, 0.1, 0.2]
+    assert result.history.metrics == {name: [epoch[name] for epoch in logs]
+                                      for name in ("r2", "valid_r2")}
+    assert all(len(values) == 3 for values in result.history.metrics["valid_r2"])
+    plain = fnmlp.fit(ensemble, ensemble.init(torch.Generator().manual_seed(0), dtype=F64),
+                      x, y, epochs=2, batch_size=16, optimizer=fnmlp.sgd(0.1), compile=False)
+    assert plain.history.metrics == {} and plain.history.lr == [[0.1] * 3] * 2
+
+
 @pytest.mark.parametrize("metrics, error, match", [
     ([fnmlp.metrics.r2], TypeError, "metrics must be a dict"),
     ({"r2": 3}, TypeError, r"metrics\['r2'\] must be a function"),

@@ -280,3 +280,75 @@ def test_resuming_a_file_of_fnmlp_save_or_another_optimizer_says_what_differs(tm
     with pytest.raises(ValueError, match=r"another optimizer: SGD\(lr=0.1.*this fit's is "
                                          r"SGD\(lr=0.2.*\(lr differs: 0.1 there, 0.2 here\)"):
         fnmlp.fit(model, params, x, y, optimizer=fnmlp.sgd(0.2), **{**kwargs, "checkpoint": run})
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(at):
+    """An ``on_epoch_end`` that ends the fit with an exception after epoch ``at``."""
+
+    def on_epoch_end(epoch, logs):
+        if epoch == at:
+            raise _Killed(epoch)
+
+    return on_epoch_end
+
+
+@pytest.mark.parametrize("members", [None, 3])
+def test_a_resumed_fits_lr_and_metrics_history_equals_an_uninterrupted_ones(tmp_path, members):
+    model, params, x, y = _regression()
+    fit = fnmlp.fit
+    if members is not None:
+        ensemble = fnmlp.Ensemble(model, members)
+        model, params = ensemble, ensemble.init(torch.Generator().manual_seed(0), dtype=F64)
+    path = tmp_path / "run.fnmlp"
+
+    def run(**extra):
+        return fit(model, params, x, y, epochs=6, batch_size=16, shuffle=True,
+                   generator=torch.Generator().manual_seed(3),
+                   optimizer=fnmlp.adam(fnmlp.schedules.cosine(0.02, total_steps=24)),
+                   valid=(x[:16] + 0.5, y[:16]),
+                   metrics={"r2": fnmlp.metrics.r2, "mse": fnmlp.metrics.mean_squared_error},
+                   compile=False, **extra)
+
+    whole = run()
+    with pytest.raises(_Killed):  # checkpoints after epochs 1 and 3; killed after epoch 4
+        run(checkpoint=path, checkpoint_every=2, resume=True, on_epoch_end=_kill_after(4))
+    assert fnmlp.load(path).metadata["fnmlp_fit"]["epoch"] == 4
+    resumed = run(checkpoint=path, checkpoint_every=2, resume=True)
+    assert resumed.history == whole.history
+    assert len(whole.history.lr) == 6 and len(set(map(str, whole.history.lr))) == 6
+    assert sorted(whole.history.metrics) == ["mse", "r2", "valid_mse", "valid_r2"]
+    assert all(len(values) == 6 for values in whole.history.metrics.values())
+
+
+def test_a_non_finite_loss_error_carries_the_lr_and_metrics_of_the_epochs_it_keeps(tmp_path):
+    model, params, x, y = _regression()
+    with pytest.raises(fnmlp.NonFiniteLossError) as info:
+        fnmlp.fit(model, params, x * 1e3, y * 1e6, epochs=50, batch_size=8,
+                  optimizer=fnmlp.sgd(1e3), metrics={"mse": fnmlp.metrics.mean_squared_error})
+    history = info.value.history
+    assert len(history.lr) == len(history.metrics["mse"]) == len(history.train_loss)
+
+    # the parameters overflow in epoch 2's last (only) step: that epoch is undone, its lr and
+    # metrics too, in the error's history and in the .nonfinite checkpoint
+    model = fnmlp.MLP(2, [fnmlp.Linear(1)])  # float32: one update by 1e36 overflows
+    params = model.init(torch.Generator().manual_seed(0))
+    x, y = torch.ones(4, 2), torch.full((4, 1), 1e3)
+    path = tmp_path / "run.fnmlp"
+
+    class Raise(fnmlp.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs):
+            if epoch == 1:
+                self.trainer.learning_rate = 1e36
+
+    with pytest.raises(fnmlp.NonFiniteLossError, match="last step of epoch 2") as info:
+        fnmlp.fit(model, params, x, y, epochs=4, batch_size=4, optimizer=fnmlp.sgd(1e-3),
+                  metrics={"mse": fnmlp.metrics.mean_squared_error}, callbacks=[Raise()],
+                  checkpoint=path)
+    history = info.value.history
+    assert len(history.train_loss) == len(history.lr) == len(history.metrics["mse"]) == 2
+    kept = fnmlp.load(f"{path}.nonfinite").metadata["fnmlp_fit"]
+    assert len(kept["extras"]["history"]["lr"]) == len(kept["train_loss"]) == 2
