@@ -111,6 +111,15 @@ def dense_rows(rows, name: str, like: Tensor) -> Tensor:
     return as_data(rows.toarray(), name, like)
 
 
+def dense_blocks(rows, like: Tensor, block: int | None = None):
+    """CSR rows (from ``as_rows``) as dense tensors like ``like`` (``dense_rows``), ``block``
+    rows at a time (default: 64 MiB of dense rows, ``block_rows``): bounded memory for
+    predictions on a sparse matrix."""
+    block = block or block_rows(rows.shape[1], like)
+    for start in range(0, rows.shape[0], block):
+        yield dense_rows(rows[start:start + block], "x", like)
+
+
 def is_sparse(value) -> bool:
     """Whether ``value`` is a SciPy sparse matrix or array (told by its type's module, so that
     SciPy is never imported for it)."""

@@ -1,4 +1,5 @@
-"""Shared test helpers: the seed workload, the twin's step, and relative differences."""
+"""Shared test helpers: the seed workload, the twin's step, relative differences, and a loss of
+one's own without row weights."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_structure, tree_unflatten
 
 import fnmlp
+from fnmlp.nn import Loss
 from fnmlp.workloads import SEED_LAYERS, seed_data, seed_model  # noqa: F401 (re-exported)
 
 
@@ -144,3 +146,17 @@ def assert_exact_where_checked(got: torch.Tensor, expected: torch.Tensor, *, rto
     else:
         torch.testing.assert_close(got, expected, rtol=rtol, atol=atol, msg=lambda m: (
             f"{what} at {cpu_capability()} (not a checked capability): {m}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Quartic(Loss):
+    """mean (p - y)⁴ over elements; its forward takes no row weights."""
+
+    def forward(self, pred, target):
+        diff = pred - target
+        return (diff ** 4).mean(), (diff, pred.numel())
+
+    def backward(self, residual, dvalue=None):
+        diff, count = residual
+        gradient = 4 * diff ** 3 / count
+        return gradient if dvalue is None else gradient * dvalue

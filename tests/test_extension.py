@@ -20,6 +20,7 @@ import fnmlp
 from fnmlp import _registry
 from fnmlp.interop import _spec
 from fnmlp.nn import Loss, check_loss_weights
+from helpers import Quartic
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,20 +99,6 @@ class TorchLogCosh(nn.Module):
     def forward(self, pred, target):
         per = self.scale * torch.log(torch.cosh(pred - target))
         return {"mean": per.mean, "sum": per.sum}.get(self.reduction, lambda: per)()
-
-
-@dataclasses.dataclass(frozen=True)
-class Quartic(Loss):
-    """mean (p - y)⁴ over elements; its forward takes no row weights."""
-
-    def forward(self, pred, target):
-        diff = pred - target
-        return (diff ** 4).mean(), (diff, pred.numel())
-
-    def backward(self, residual, dvalue=None):
-        diff, count = residual
-        gradient = 4 * diff ** 3 / count
-        return gradient if dvalue is None else gradient * dvalue
 
 
 def _model():

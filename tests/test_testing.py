@@ -10,6 +10,7 @@ import torch
 
 import fnmlp
 from fnmlp.nn import Loss
+from helpers import Quartic
 from fnmlp.testing import (AUTOGRAD, FINITE_DIFFERENCES, CheckResult, Tolerances,
                            check_loss, check_primitive)
 
@@ -274,18 +275,6 @@ class IgnoresWeights(LogCosh):
 class IgnoresDvalue(LogCosh):
     def backward(self, residual, dvalue=None):
         return super().backward(residual, None)
-
-
-@dataclasses.dataclass(frozen=True)
-class Quartic(Loss):
-    def forward(self, pred, target):
-        diff = pred - target
-        return (diff ** 4).mean(), (diff, pred.numel())
-
-    def backward(self, residual, dvalue=None):
-        diff, count = residual
-        gradient = 4 * diff ** 3 / count
-        return gradient if dvalue is None else gradient * dvalue
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

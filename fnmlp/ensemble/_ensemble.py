@@ -203,10 +203,8 @@ class Ensemble:
         _validate.check_no_autocast(like.device, "Ensemble.apply")
         x = self.check_inputs(x, like, sparse=not train)
         if _validate.is_sparse(x):
-            block = _validate.block_rows(x.shape[1], like)
-            return torch.cat([self.apply(params, _validate.dense_rows(x[start:start + block],
-                                                                      "x", like), state=state)
-                              for start in range(0, x.shape[0], block)], dim=1)
+            return torch.cat([self.apply(params, dense, state=state)
+                              for dense in _validate.dense_blocks(x, like)], dim=1)
         if state is None:
             if self.model.has_state and not train:
                 raise ValueError("this model keeps running statistics (BatchNorm): pass "

@@ -328,11 +328,8 @@ class MLP:
             like: a parameter leaf (dtype and device).
             block: rows densified at a time.
         """
-        block = block or _validate.block_rows(self.in_features, like)
-        parts = [self.unchecked_apply(params, _validate.dense_rows(rows[start:start + block],
-                                                                   "x", like),
-                                      like, state, False, None)
-                 for start in range(0, rows.shape[0], block)]
+        parts = [self.unchecked_apply(params, dense, like, state, False, None)
+                 for dense in _validate.dense_blocks(rows, like, block)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def unchecked_apply(self, params: Params, x: Tensor, like: Tensor, state, train: bool,

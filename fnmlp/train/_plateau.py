@@ -8,15 +8,15 @@ from __future__ import annotations
 import math
 import numbers
 
+from fnmlp._validate import check_positive_int
 from fnmlp.train._callbacks import Callback, Trainer
 
 
-def _number(value, name: str, *, low: float = 0.0, integer: bool = False) -> None:
-    kind = numbers.Integral if integer else numbers.Real
-    if (not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value)
-            or value < low):
-        raise ValueError(f"{name} must be {'an integer' if integer else 'a number'} >= {low}, "
-                         f"got {value!r}")
+def _number(value, name: str) -> None:
+    """A finite number >= 0, or a ValueError naming ``name``."""
+    if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+            or not math.isfinite(value) or value < 0):
+        raise ValueError(f"{name} must be a number >= 0.0, got {value!r}")
 
 
 class ReduceLROnPlateau(Callback):
@@ -60,11 +60,11 @@ class ReduceLROnPlateau(Callback):
         _number(factor, "factor")
         if not 0 < factor < 1:
             raise ValueError(f"factor must be in (0, 1), got {factor!r}")
-        _number(patience, "patience", integer=True)
+        check_positive_int(patience, "patience", allow_zero=True)
         _number(threshold, "threshold")
         if threshold_mode not in ("rel", "abs"):
             raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
-        _number(cooldown, "cooldown", integer=True)
+        check_positive_int(cooldown, "cooldown", allow_zero=True)
         for value in (min_lr if isinstance(min_lr, (list, tuple)) else [min_lr]):
             _number(value, "min_lr")
         if mode not in ("min", "max"):
